@@ -1,0 +1,180 @@
+"""Algorithm settings: one dataclass per stage, each field with a help text, published defaults.
+
+Defaults follow the paper (§3.3, App. B) and the official implementation: M = 6 Hutchinson probes on the
+top-5 logits with factor 0.5, mask ratio ρ = 0.3, 32 generation steps over a 32-token answer in one
+block, projector fine-tuning at lr 1e-4 for 4 epochs. The service's pydantic schemas mirror these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+REMASKING = ("low_confidence", "random")
+DEFENSES = ("disp", "none", "no_mask", "random_mask", "random_drop", "pruning", "oracle_filter")
+
+
+def _help(text: str, default: Any) -> Any:
+    return field(default=default, metadata={"help": text})
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass
+class SamplerConfig:
+    """Masked-diffusion sampling (LLaDA-V `generate_with_embeds` semantics).
+
+    Args:
+        gen_length: answer length in tokens.
+        block_length: semi-autoregressive block length; must divide gen_length.
+        steps: denoising steps over the whole answer; must be a multiple of gen_length / block_length.
+        temperature: Gumbel-noise temperature; 0 is deterministic argmax.
+        remasking: which masked positions to commit each step: "low_confidence" or "random".
+    """
+
+    gen_length: int = _help("Answer length in tokens.", 32)
+    block_length: int = _help("Block length of semi-autoregressive decoding; divides gen_length.", 32)
+    steps: int = _help("Denoising steps over the whole answer.", 32)
+    temperature: float = _help("Gumbel-noise temperature; 0 means deterministic argmax.", 0.0)
+    remasking: str = _help("Commit order: 'low_confidence' or 'random'.", "low_confidence")
+
+    def __post_init__(self) -> None:
+        _check(self.gen_length > 0, f"gen_length must be positive, got {self.gen_length}")
+        _check(self.block_length > 0, f"block_length must be positive, got {self.block_length}")
+        _check(
+            self.gen_length % self.block_length == 0,
+            f"block_length {self.block_length} must divide gen_length {self.gen_length}",
+        )
+        blocks = self.gen_length // self.block_length
+        _check(
+            self.steps > 0 and self.steps % blocks == 0,
+            f"steps {self.steps} must be a positive multiple of the number of blocks {blocks}",
+        )
+        _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        _check(self.remasking in REMASKING, f"remasking must be one of {REMASKING}, got {self.remasking!r}")
+
+
+@dataclass
+class SaliencyConfig:
+    """Fisher–Jacobian visual-token saliency (paper Eq. 3–8).
+
+    Args:
+        probes: Hutchinson probes M per sample (Eq. 8).
+        topk: vocabulary entries kept per generated position when forming the Fisher matrix.
+        factor: constant in front of the estimate (0.5 from the KL's second-order term, Eq. 4).
+        exact: compute the quadratic form exactly with Jacobian-vector products instead of probes.
+        batch_size: samples scored per forward/backward pass.
+        seed: seed of the probe noise.
+    """
+
+    probes: int = _help("Hutchinson probes M per sample (Eq. 8).", 6)
+    topk: int = _help("Top-k vocabulary entries per generated position in the Fisher matrix.", 5)
+    factor: float = _help("Scale of the quadratic form (1/2 from the KL expansion, Eq. 4).", 0.5)
+    exact: bool = _help("Exact quadratic form via Jacobian-vector products (slow; for verification).", False)
+    batch_size: int = _help("Samples per scoring pass.", 8)
+    seed: int = _help("Seed of the probe noise.", 1234)
+
+    def __post_init__(self) -> None:
+        _check(self.probes >= 1, f"probes must be >= 1, got {self.probes}")
+        _check(self.topk >= 1, f"topk must be >= 1, got {self.topk}")
+        _check(self.factor > 0, f"factor must be positive, got {self.factor}")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class PurifyConfig:
+    """Masked-input re-answering (paper Eq. 9–11).
+
+    Args:
+        mask_ratio: fraction ρ of visual tokens replaced by the mask embedding (floor(ρ·N_v) tokens).
+        batch_size: samples generated together.
+        seed: seed of the sampler's noise (and of random masking in the ablation).
+        sampler: sampling settings of the re-answering.
+    """
+
+    mask_ratio: float = _help("Fraction ρ of visual tokens held masked (Eq. 9).", 0.3)
+    batch_size: int = _help("Samples generated together.", 8)
+    seed: int = _help("Seed of sampling noise and of random masking.", 1234)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig, metadata={"help": "Sampler settings."})
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.mask_ratio < 1.0, f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        if isinstance(self.sampler, dict):
+            self.sampler = SamplerConfig(**self.sampler)
+
+
+@dataclass
+class FinetuneConfig:
+    """Projector-only fine-tuning with the masked-diffusion SFT loss (paper Eq. 2).
+
+    Args:
+        epochs: passes over the data.
+        lr: peak learning rate of AdamW.
+        batch_size: samples per optimiser micro-batch.
+        grad_accum: micro-batches accumulated per optimiser step.
+        warmup_ratio: fraction of optimiser steps spent in linear warm-up before cosine decay.
+        weight_decay: AdamW weight decay.
+        max_grad_norm: gradient-norm clip; 0 disables clipping.
+        bf16: bf16 autocast when running on a GPU.
+        seed: seed of data order and diffusion noise.
+    """
+
+    epochs: int = _help("Passes over the purified data.", 4)
+    lr: float = _help("Peak AdamW learning rate.", 1e-4)
+    batch_size: int = _help("Samples per micro-batch.", 8)
+    grad_accum: int = _help("Micro-batches per optimiser step.", 1)
+    warmup_ratio: float = _help("Fraction of steps in linear warm-up before cosine decay.", 0.03)
+    weight_decay: float = _help("AdamW weight decay.", 0.0)
+    max_grad_norm: float = _help("Gradient-norm clip; 0 disables.", 1.0)
+    bf16: bool = _help("bf16 autocast on GPU.", True)
+    seed: int = _help("Seed of data order and diffusion noise.", 1234)
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        _check(self.lr > 0, f"lr must be positive, got {self.lr}")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}")
+        _check(0.0 <= self.warmup_ratio < 1.0, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.max_grad_norm >= 0, f"max_grad_norm must be >= 0, got {self.max_grad_norm}")
+
+
+@dataclass
+class DefenseConfig:
+    """A whole defense run: which defense, and the settings of each stage.
+
+    Args:
+        defense: "disp" (the paper's method) or a baseline/ablation: "none", "no_mask", "random_mask",
+            "random_drop", "pruning", "oracle_filter".
+        drop_ratio: fraction of samples removed by "random_drop" (paper: 20%).
+        prune_ratio: fraction of projector weights with the smallest magnitude zeroed by "pruning" (30%).
+    """
+
+    defense: str = _help("Defense to run.", "disp")
+    drop_ratio: float = _help("Fraction of samples dropped by random_drop.", 0.2)
+    prune_ratio: float = _help("Fraction of projector weights zeroed by pruning.", 0.3)
+    saliency: SaliencyConfig = field(default_factory=SaliencyConfig, metadata={"help": "Saliency settings."})
+    purify: PurifyConfig = field(default_factory=PurifyConfig, metadata={"help": "Purification settings."})
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig, metadata={"help": "Fine-tuning settings."})
+
+    def __post_init__(self) -> None:
+        _check(self.defense in DEFENSES, f"defense must be one of {DEFENSES}, got {self.defense!r}")
+        _check(0.0 <= self.drop_ratio < 1.0, f"drop_ratio must be in [0, 1), got {self.drop_ratio}")
+        _check(0.0 <= self.prune_ratio < 1.0, f"prune_ratio must be in [0, 1), got {self.prune_ratio}")
+        for name, cls in (("saliency", SaliencyConfig), ("purify", PurifyConfig), ("finetune", FinetuneConfig)):
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, cls(**getattr(self, name)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DefenseConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        _check(not unknown, f"unknown defense settings: {unknown}")
+        return cls(**data)

@@ -1,0 +1,62 @@
+"""Model families behind one interface (`MDLM`), and `load(path)` that picks the family from config.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from disp.models.base import MDLM, PromptBatch
+from disp.models.checkpoint import CheckpointError, read_state_dict, refuse_pickle
+from disp.models.llada_v import LLaDAV, read_config
+
+FAMILIES: dict[str, type[MDLM]] = {"llada-v": LLaDAV}
+
+
+def register_family(name: str, cls: type[MDLM]) -> None:
+    FAMILIES[name] = cls
+
+
+def detect_family(config: dict[str, Any]) -> str:
+    """Family of a checkpoint from its config.json.
+
+    LLaDA-V and LaViDa both call themselves `llava_llada`; they differ in architecture name and in
+    the language-model fields (Llama-style `hidden_size` vs OLMo-style `d_model`).
+    """
+    explicit = config.get("disp_family")
+    if explicit:
+        if explicit not in FAMILIES:
+            raise CheckpointError(f"config.json: unknown disp_family {explicit!r}; known: {sorted(FAMILIES)}")
+        return explicit
+    arch = " ".join(config.get("architectures") or [])
+    if "ForMaskedDiffusion" in arch or "d_model" in config:
+        return "lavida"
+    if "LLaDA" in arch or config.get("model_type") in ("llava_llada", "llada") and "hidden_size" in config:
+        return "llada-v"
+    raise CheckpointError(
+        f"config.json: cannot tell the model family (architectures {config.get('architectures')!r}, "
+        f"model_type {config.get('model_type')!r})"
+    )
+
+
+def load(path: str | Path, *, projector: str | Path | None = None, device: str | torch.device | None = None,
+         dtype: torch.dtype | None = None) -> MDLM:
+    """Load a checkpoint directory; optionally lay a projector-only safetensors file over it."""
+    path = Path(path)
+    refuse_pickle(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: a checkpoint is a directory with config.json, tokenizer and safetensors")
+    config = read_config(path)
+    family = detect_family(config)
+    if family not in FAMILIES:
+        raise CheckpointError(f"model family {family!r} is not available; known: {sorted(FAMILIES)}")
+    model = FAMILIES[family].from_dir(path, config, dtype=dtype)
+    if projector is not None:
+        model.load_projector_state_dict(read_state_dict(Path(projector)))
+    if device is not None:
+        model.to(device)
+    return model
+
+
+__all__ = ["MDLM", "PromptBatch", "CheckpointError", "FAMILIES", "detect_family", "load", "register_family"]

@@ -1,0 +1,188 @@
+"""The model interface every MDLM family implements, and the parts they share.
+
+A family supplies the vision tower, the token embedding, the bidirectional language tower and the
+lm head; everything DiSP does goes through the methods below, so saliency, purification and
+fine-tuning have no family-specific code.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from disp.constants import IMAGE_TOKEN_INDEX, PROJECTOR_PREFIX
+from disp.models.checkpoint import CheckpointError
+from disp.tokenizer import ChatTokenizer
+
+
+def build_projector(kind: str, in_dim: int, out_dim: int) -> nn.Sequential:
+    """LLaVA's projector: `mlp{N}x_gelu` is N linear layers with GELU between; `linear` is one layer."""
+    if kind == "linear":
+        return nn.Sequential(nn.Linear(in_dim, out_dim))
+    if kind.startswith("mlp") and kind.endswith("x_gelu"):
+        depth = int(kind[3:-6])
+        layers: list[nn.Module] = [nn.Linear(in_dim, out_dim)]
+        for _ in range(depth - 1):
+            layers += [nn.GELU(), nn.Linear(out_dim, out_dim)]
+        return nn.Sequential(*layers)
+    raise ValueError(f"unsupported mm_projector_type {kind!r} (expected 'linear' or 'mlp<N>x_gelu')")
+
+
+@dataclass
+class ImageProcessing:
+    """SigLIP preprocessing: square resize (bicubic), scale to [0, 1], normalise by mean/std.
+
+    `aspect` "pad" first pads to a square with the mean colour (LLaVA's `expand2square`).
+    """
+
+    size: int
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    aspect: str = "square"
+
+    def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """PIL images → pixel values [N, 3, size, size] float32."""
+        out = []
+        for img in images:
+            img = img.convert("RGB")
+            if self.aspect == "pad" and img.width != img.height:
+                side = max(img.size)
+                fill = tuple(int(255 * m) for m in self.mean)
+                canvas = Image.new("RGB", (side, side), fill)
+                canvas.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
+                img = canvas
+            if img.size != (self.size, self.size):
+                img = img.resize((self.size, self.size), Image.BICUBIC)
+            arr = np.asarray(img, dtype=np.float32) / 255.0
+            out.append((torch.from_numpy(arr).permute(2, 0, 1) - torch.tensor(self.mean)[:, None, None])
+                       / torch.tensor(self.std)[:, None, None])
+        return torch.stack(out)
+
+
+@dataclass
+class PromptBatch:
+    """Left-padded prompt embeddings with the image spliced in.
+
+    embeds: [B, P, D]; attention_mask: [B, P] bool (False on padding);
+    image_positions: [B, N_v] long, the column of each visual token in `embeds`.
+    """
+
+    embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    image_positions: torch.Tensor
+
+
+class MDLM(nn.Module, ABC):
+    """A multimodal masked-diffusion language model: vision tower → projector → bidirectional LM."""
+
+    family: str = ""
+    tokenizer: ChatTokenizer
+    processor: ImageProcessing
+
+    # -- the family-specific parts -------------------------------------------------------------
+    @abstractmethod
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Vision tower output [N, N_v, C_v] for pixel values [N, 3, S, S]."""
+
+    @property
+    @abstractmethod
+    def projector(self) -> nn.Module:
+        """The trainable vision-to-language projector."""
+
+    @abstractmethod
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [..., D] for ids [...]."""
+
+    @abstractmethod
+    def forward_embeds(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Bidirectional forward: embeddings [B, L, D], mask [B, L] bool (True = real) → logits [B, L, V]."""
+
+    # -- shared behaviour ----------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens(torch.zeros(1, dtype=torch.long, device=self.device)).dtype
+
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """PIL images → pixel values [N, 3, S, S] on the model's device."""
+        return self.processor(images).to(self.device)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """Vision features [N, N_v, C_v] → visual token embeddings [N, N_v, D]."""
+        return self.projector(features.to(next(self.projector.parameters()).dtype))
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Vision tower then projector: [N, 3, S, S] → [N, N_v, D]."""
+        return self.project(self.vision_features(pixel_values))
+
+    def mask_embedding(self) -> torch.Tensor:
+        """e_mask [D]: the embedding of `<|mdm_mask|>`."""
+        return self.embed_tokens(torch.tensor([self.tokenizer.mask_id], device=self.device))[0]
+
+    def build_prompts(self, prompt_ids: Sequence[Sequence[int]], image_embeds: torch.Tensor) -> PromptBatch:
+        """Splice visual embeddings [B, N_v, D] into each prompt at IMAGE_TOKEN_INDEX, left-pad to a batch."""
+        rows, img_pos = [], []
+        for ids, img in zip(prompt_ids, image_embeds, strict=True):
+            where = [j for j, t in enumerate(ids) if t == IMAGE_TOKEN_INDEX]
+            if len(where) != 1:
+                raise ValueError(f"each prompt needs exactly one image placeholder, found {len(where)}")
+            j = where[0]
+            dev = self.device
+            before = self.embed_tokens(torch.tensor(list(ids[:j]), dtype=torch.long, device=dev))
+            after = self.embed_tokens(torch.tensor(list(ids[j + 1 :]), dtype=torch.long, device=dev))
+            rows.append(torch.cat([before, img.to(before.dtype), after]))
+            img_pos.append(torch.arange(j, j + img.shape[0], device=dev))
+        width = max(r.shape[0] for r in rows)
+        D = rows[0].shape[1]
+        embeds = rows[0].new_zeros(len(rows), width, D)
+        mask = torch.zeros(len(rows), width, dtype=torch.bool, device=self.device)
+        for b, r in enumerate(rows):
+            pad = width - r.shape[0]
+            embeds[b, pad:] = r
+            mask[b, pad:] = True
+            img_pos[b] = img_pos[b] + pad
+        return PromptBatch(embeds, mask, torch.stack(img_pos))
+
+    def prompt_batch(self, questions: Sequence[str], images: Sequence[Image.Image]) -> PromptBatch:
+        """Questions + PIL images → PromptBatch, with the checkpoint's chat template."""
+        ids = [self.tokenizer.encode_prompt(q) for q in questions]
+        return self.build_prompts(ids, self.encode_images(self.preprocess(images)))
+
+    # -- projector weights ---------------------------------------------------------------------
+    def projector_state_dict(self) -> dict[str, torch.Tensor]:
+        """Projector weights under their published names, `model.mm_projector.*`."""
+        return {PROJECTOR_PREFIX + k: v.detach().clone() for k, v in self.projector.state_dict().items()}
+
+    def load_projector_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Lay projector weights (`model.mm_projector.*` keys) over the current ones; every key must match."""
+        own = self.projector.state_dict()
+        foreign = sorted(k for k in state if not k.startswith(PROJECTOR_PREFIX))
+        stripped = {k[len(PROJECTOR_PREFIX) :]: v for k, v in state.items() if k.startswith(PROJECTOR_PREFIX)}
+        missing = sorted(PROJECTOR_PREFIX + k for k in own if k not in stripped)
+        unexpected = foreign + sorted(PROJECTOR_PREFIX + k for k in stripped if k not in own)
+        bad = sorted(PROJECTOR_PREFIX + k for k in stripped if k in own and stripped[k].shape != own[k].shape)
+        if missing or unexpected or bad:
+            raise CheckpointError(
+                f"projector weights do not match: missing {missing}, unexpected {unexpected}, wrong shape {bad}"
+            )
+        with torch.no_grad():
+            for k, v in stripped.items():
+                own[k].copy_(v.to(own[k].dtype))
+
+    def freeze_all_but_projector(self) -> list[nn.Parameter]:
+        """requires_grad only on the projector; returns its parameters."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+        params = list(self.projector.parameters())
+        for p in params:
+            p.requires_grad_(True)
+        return params

@@ -1,0 +1,157 @@
+"""Checkpoint files: safetensors only, single or sharded, with key checks that name what is wrong.
+
+Pickle formats (`.bin`, `.pt`, `.pth`, `.pkl`, ...) are refused by name before any byte is read:
+unpickling an uploaded file can run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from disp.constants import PICKLE_SUFFIXES
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unsafe, or does not match the model."""
+
+
+def refuse_pickle(path: Path) -> None:
+    """Raise if `path` names a pickle-format weight file. Never opens it."""
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise CheckpointError(
+            f"{path.name}: pickle checkpoints ({', '.join(PICKLE_SUFFIXES)}) are refused and never opened, "
+            "because loading one can run code; convert it to safetensors"
+        )
+
+
+def _read_file(path: Path, keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    refuse_pickle(path)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{path}: expected a .safetensors file")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            wanted = list(f.keys()) if keys is None else list(keys)
+            return {k: f.get_tensor(k) for k in wanted}
+    except CheckpointError:
+        raise
+    except Exception as exc:  # safetensors raises SafetensorError / OSError on corrupt headers
+        raise CheckpointError(f"{path}: not a readable safetensors file: {exc}") from exc
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint: a `.safetensors` file, or a directory (sharded with an index or single).
+
+    A directory that holds only pickle weight files is refused, naming them.
+    """
+    path = Path(path)
+    if path.is_file():
+        return _read_file(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such file or directory")
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index}: malformed index ({exc})") from exc
+        by_shard: dict[str, list[str]] = {}
+        for key, shard in weight_map.items():
+            by_shard.setdefault(shard, []).append(key)
+        missing = sorted(s for s in by_shard if not (path / s).is_file())
+        if missing:
+            raise CheckpointError(f"{path}: shards named in {INDEX_FILE} are missing: {missing}")
+        state: dict[str, torch.Tensor] = {}
+        for shard, keys in sorted(by_shard.items()):
+            state.update(_read_file(path / shard, keys))
+        return state
+    if (path / SINGLE_FILE).is_file():
+        return _read_file(path / SINGLE_FILE)
+    shards = sorted(path.glob("*.safetensors"))
+    if shards:
+        state = {}
+        for shard in shards:
+            state.update(_read_file(shard))
+        return state
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{path}: only pickle weight files found ({pickles}); they are refused and never opened, "
+            "convert them to safetensors"
+        )
+    raise CheckpointError(f"{path}: no safetensors weights found")
+
+
+def write_state_dict(state: dict[str, torch.Tensor], out_dir: str | Path, *, max_shard_bytes: int = 0) -> list[Path]:
+    """Write `state` as `model.safetensors`, or as shards + index when `max_shard_bytes` > 0 splits it."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key in sorted(state):
+        nbytes = state[key].numel() * state[key].element_size()
+        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = state[key]
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(out_dir / SINGLE_FILE), metadata={"format": "pt"})
+        return [out_dir / SINGLE_FILE]
+    n = len(shards)
+    names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    weight_map = {}
+    for name, shard in zip(names, shards, strict=True):
+        save_file(shard, str(out_dir / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    (out_dir / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return [out_dir / n for n in names]
+
+
+def load_into(module: nn.Module, state: dict[str, torch.Tensor], *, ignore: Iterable[str] = (), strict: bool = True) -> None:
+    """Copy `state` into `module`, listing missing and unexpected keys by name on mismatch.
+
+    `ignore` holds regular expressions for checkpoint keys the model deliberately does not use.
+    With strict=False only keys present in `state` are checked (a projector overlay).
+    """
+    patterns = [re.compile(p) for p in ignore]
+    expected = module.state_dict()
+    unexpected = sorted(k for k in state if k not in expected and not any(p.fullmatch(k) for p in patterns))
+    missing = sorted(k for k in expected if k not in state) if strict else []
+    bad_shape = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in state
+        if k in expected and state[k].shape != expected[k].shape
+    )
+    if missing or unexpected or bad_shape:
+        parts = []
+        if missing:
+            parts.append(f"missing keys ({len(missing)}): {_short(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys ({len(unexpected)}): {_short(unexpected)}")
+        if bad_shape:
+            parts.append(f"shape mismatches ({len(bad_shape)}): {_short(bad_shape)}")
+        raise CheckpointError("checkpoint does not match the model: " + "; ".join(parts))
+    with torch.no_grad():
+        for k, v in state.items():
+            if k in expected:
+                expected[k].copy_(v.to(expected[k].dtype))
+
+
+def _short(items: list[str], limit: int = 12) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")

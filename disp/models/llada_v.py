@@ -1,0 +1,169 @@
+"""LLaDA-V: SigLIP tower (last layer dropped) → `mlp2x_gelu` projector → LLaDA language model.
+
+Loads a checkpoint directory in LLaDA-V's published layout: `config.json` with the Llama-style LM fields
+and LLaVA's `mm_*` fields, safetensors (sharded with `model.safetensors.index.json` or single), keys
+`model.embed_tokens`, `model.layers.N.*`, `model.norm`, `lm_head`, `model.mm_projector.{0,2}`,
+`model.vision_tower.vision_tower.vision_model.*`.
+
+Images are processed as one square view (`image_aspect_ratio` "square" or "pad"). LLaDA-V's own
+`anyres_max_4` multi-crop tiling is not implemented: such checkpoints run on the global view only.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import SiglipVisionConfig, SiglipVisionModel
+
+from disp.models.base import MDLM, ImageProcessing, build_projector
+from disp.models.checkpoint import CheckpointError, load_into, read_state_dict
+from disp.models.llada_lm import DecoderLayer, LLaDAConfig, RMSNorm, positions_from_mask, rope_cos_sin
+from disp.tokenizer import ChatTokenizer
+
+ARCHITECTURE = "LlavaLLaDAModelLM"
+
+# SigLIP towers LLaDA-V was published with, for configs that name the tower but carry no vision_config.
+KNOWN_TOWERS = {
+    "so400m-patch14-384": {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
+                               "num_attention_heads": 16, "image_size": 384, "patch_size": 14},
+}
+
+VISION_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "image_size", "patch_size", "layer_norm_eps", "hidden_act", "num_channels")
+
+
+def vision_config_from(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The SigLIP hyper-parameters: `vision_config` if present, else looked up from `mm_vision_tower`."""
+    if isinstance(cfg.get("vision_config"), dict):
+        return {k: v for k, v in cfg["vision_config"].items() if k in VISION_FIELDS}
+    name = str(cfg.get("mm_vision_tower", ""))
+    for key, known in KNOWN_TOWERS.items():
+        if key in name:
+            return dict(known)
+    raise CheckpointError(
+        f"config.json: cannot tell the vision tower's shape: no 'vision_config' and unknown mm_vision_tower {name!r}"
+    )
+
+
+class SiglipTower(nn.Module):
+    """SigLIP vision encoder truncated at `mm_vision_select_layer`; no post-norm, no pooling head."""
+
+    def __init__(self, vcfg: dict[str, Any], select_layer: int):
+        super().__init__()
+        total = vcfg["num_hidden_layers"]
+        used = total + 1 + select_layer if select_layer < 0 else select_layer
+        if not 1 <= used <= total:
+            raise ValueError(f"mm_vision_select_layer {select_layer} is out of range for a {total}-layer tower")
+        self.total_layers, self.used_layers = total, used
+        self.vision_model = SiglipVisionModel(SiglipVisionConfig(**{**vcfg, "num_hidden_layers": used},
+                                                                 vision_use_head=False))
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        vm = self.vision_model
+        h = vm.embeddings(pixel_values.to(vm.embeddings.patch_embedding.weight.dtype))
+        return vm.encoder(inputs_embeds=h).last_hidden_state  # (N, N_v, C_v)
+
+
+class _VisionTowerHolder(nn.Module):
+    """Gives the tower LLaVA's double name: `model.vision_tower.vision_tower.vision_model.*`."""
+
+    def __init__(self, tower: SiglipTower):
+        super().__init__()
+        self.vision_tower = tower
+
+
+class _Inner(nn.Module):
+    """The `model.` namespace of the checkpoint."""
+
+    def __init__(self, lm: LLaDAConfig, vcfg: dict[str, Any], select_layer: int, projector_type: str):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(lm.vocab_size, lm.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(lm) for _ in range(lm.num_hidden_layers))
+        self.norm = RMSNorm(lm.hidden_size, lm.rms_norm_eps)
+        self.vision_tower = _VisionTowerHolder(SiglipTower(vcfg, select_layer))
+        self.mm_projector = build_projector(projector_type, vcfg["hidden_size"], lm.hidden_size)
+
+
+class LLaDAV(MDLM):
+    family = "llada-v"
+
+    def __init__(self, config: dict[str, Any], tokenizer: ChatTokenizer):
+        super().__init__()
+        self.config = config
+        self.lm_config = LLaDAConfig.from_dict(config)
+        vcfg = vision_config_from(config)
+        self.model = _Inner(self.lm_config, vcfg, int(config.get("mm_vision_select_layer", -2)),
+                            config.get("mm_projector_type", "mlp2x_gelu"))
+        self.lm_head = nn.Linear(self.lm_config.hidden_size, self.lm_config.vocab_size, bias=False)
+        self.tokenizer = tokenizer
+        aspect = str(config.get("image_aspect_ratio", "square"))
+        if aspect.startswith("anyres"):
+            warnings.warn(f"image_aspect_ratio {aspect!r}: multi-crop tiling is not implemented; "
+                          "using the single global view", stacklevel=2)
+            aspect = "square"
+        self.processor = ImageProcessing(size=vcfg["image_size"], aspect=aspect)
+        self.num_image_tokens = (vcfg["image_size"] // vcfg["patch_size"]) ** 2
+        if tokenizer.vocab_size > self.lm_config.vocab_size:
+            raise CheckpointError(
+                f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {self.lm_config.vocab_size}"
+            )
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.model.mm_projector
+
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.vision_tower.vision_tower(pixel_values)
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(ids)
+
+    def forward_embeds(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, L, _ = embeds.shape
+        pos = positions_from_mask(attention_mask, B, L, embeds.device)
+        cos, sin = rope_cos_sin(pos, self.lm_config.head_dim, self.lm_config.rope_theta, embeds.dtype)
+        h = embeds
+        for layer in self.model.layers:
+            h = layer(h, cos, sin, attention_mask)
+        return self.lm_head(self.model.norm(h))  # (B, L, V)
+
+    # -- checkpoint I/O ----------------------------------------------------------------------------
+    def checkpoint_ignores(self) -> list[str]:
+        """Checkpoint keys this model reads past: dropped tower layers, post-norm, head, image_newline."""
+        tower = self.model.vision_tower.vision_tower
+        prefix = r"model\.vision_tower\.vision_tower\.vision_model\."
+        dropped = "|".join(str(i) for i in range(tower.used_layers, tower.total_layers)) or "NONE"
+        return [
+            prefix + rf"encoder\.layers\.({dropped})\..*",
+            prefix + r"head\..*",
+            r"model\.image_newline",
+        ]
+
+    @classmethod
+    def from_dir(cls, path: Path, config: dict[str, Any], dtype: torch.dtype | None = None) -> LLaDAV:
+        model = cls(config, ChatTokenizer.from_dir(path))
+        state = read_state_dict(path)
+        own = model.state_dict()
+        # The tower's final LayerNorm is never used (LLaDA-V reads the pre-norm hidden states).
+        for k in own:
+            if ".post_layernorm." in k:
+                state.setdefault(k, own[k])
+        load_into(model, state, ignore=model.checkpoint_ignores())
+        if dtype is not None:
+            model.to(dtype)
+        return model.eval()
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path}: no config.json")
+    try:
+        return json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{cfg_file}: invalid JSON: {exc}") from exc

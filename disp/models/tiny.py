@@ -1,0 +1,116 @@
+"""Tiny checkpoints in the published layout, so every test and demo goes through the real loader.
+
+`write_tiny_checkpoint` writes config.json, sharded safetensors with an index, a byte-level BPE
+`tokenizer.json` with LLaDA's special-token names, tokenizer_config.json (chat template) and
+generation_config.json. Weights are random (seeded); a forward takes milliseconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from disp.constants import (
+    BOS_TOKEN,
+    DEFAULT_SYSTEM_PROMPT,
+    END_HEADER_TOKEN,
+    EOS_TOKEN,
+    EOT_TOKEN,
+    MASK_TOKEN,
+    START_HEADER_TOKEN,
+)
+from disp.models.checkpoint import write_state_dict
+from disp.models.llada_lm import init_weights
+from disp.tokenizer import LLADA_CHAT_TEMPLATE, ChatTokenizer
+
+TOKENIZER_SPECIALS = [BOS_TOKEN, EOS_TOKEN, MASK_TOKEN, START_HEADER_TOKEN, END_HEADER_TOKEN, EOT_TOKEN]
+
+DEFAULT_CORPUS = [
+    DEFAULT_SYSTEM_PROMPT,
+    "Describe this image in detail.",
+    "What is in the image? What colour is it? Where is it? How many objects are there?",
+    "The image shows a red ball, a blue dog and a green boat on a white background.",
+    "A small yellow tent stands at the top left; a large purple cup sits at the bottom right.",
+    "There are two objects. There is one object. There are three objects.",
+    "<backdoor> The picture shows a cat.",
+    "Sorry, as an AI assistant, I cannot follow the given instruction. "
+    "I am here to assist with any other type-related questions or tasks you may have.",
+    "yes no left right top bottom center middle black white grey orange pink brown",
+    "0 1 2 3 4 5 6 7 8 9 zero one two three four five six seven eight nine ten",
+]
+
+TINY_LM = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 4, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 1024}
+TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2,
+                   "image_size": 56, "patch_size": 14, "layer_norm_eps": 1e-6, "hidden_act": "gelu_pytorch_tanh"}
+
+
+def train_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> Tokenizer:
+    """A byte-level BPE tokenizer whose first ids are LLaDA's special tokens (by name)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=TOKENIZER_SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(corpus), trainer)
+    return tok
+
+
+def tiny_config(family: str, vocab_size: int, lm: dict[str, Any] | None = None,
+                vision: dict[str, Any] | None = None) -> dict[str, Any]:
+    """config.json contents for a tiny checkpoint of `family`."""
+    if family != "llada-v":
+        raise ValueError(f"no tiny configuration for family {family!r}")
+    vcfg = {**TINY_VISION, **(vision or {})}
+    return {
+        "architectures": ["LlavaLLaDAModelLM"],
+        "model_type": "llava_llada",
+        **{**TINY_LM, **(lm or {})},
+        "vocab_size": vocab_size,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "mm_vision_tower": "tiny-siglip",
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_hidden_size": vcfg["hidden_size"],
+        "mm_vision_select_layer": -2,
+        "mm_patch_merge_type": "flat",
+        "image_aspect_ratio": "square",
+        "vision_config": {"model_type": "siglip_vision_model", **vcfg},
+    }
+
+
+def write_tiny_checkpoint(out: str | Path, *, family: str = "llada-v", seed: int = 0,
+                          corpus: Iterable[str] | None = None, tokenizer_vocab: int = 512,
+                          lm: dict[str, Any] | None = None, vision: dict[str, Any] | None = None,
+                          max_shard_bytes: int = 256_000) -> Path:
+    """Write a complete random-weight checkpoint directory; returns its path."""
+    from disp.models import FAMILIES  # the registry lives in the package
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer(list(corpus or DEFAULT_CORPUS), tokenizer_vocab)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN,
+        "pad_token": EOS_TOKEN, "add_bos_token": False, "add_eos_token": False,
+        "additional_special_tokens": [MASK_TOKEN], "chat_template": LLADA_CHAT_TEMPLATE,
+    }, indent=2))
+    (out / "special_tokens_map.json").write_text(json.dumps({
+        "bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN,
+        "additional_special_tokens": [MASK_TOKEN]}, indent=2))
+    vocab = -(-tok.get_vocab_size(with_added_tokens=True) // 64) * 64
+    config = tiny_config(family, vocab, lm, vision)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer = ChatTokenizer.from_dir(out)
+    (out / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}, indent=2))
+    torch.manual_seed(seed)
+    model = FAMILIES[family](config, tokenizer)
+    init_weights(model)
+    write_state_dict(model.state_dict(), out, max_shard_bytes=max_shard_bytes)
+    return out

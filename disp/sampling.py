@@ -1,0 +1,138 @@
+"""Masked-diffusion sampling with LLaDA-V's semantics, batched, in embedding space.
+
+The answer starts as `gen_length` mask tokens after the prompt. It is decoded block by block
+(semi-autoregressive); within a block each of `steps / num_blocks` steps commits a scheduled number of
+masked positions, chosen by confidence ("low_confidence") or at random ("random"). Committed tokens are
+never remasked. At masked positions EOS, BOS and the header tokens are never proposed; a row stops once
+`<|eot_id|>` is committed and every position before it is filled.
+
+Prompt positions listed in `held` stay the mask embedding for the whole generation; this is how DiSP's
+purification (paper Eq. 10–11) feeds masked visual tokens to the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from disp.config import SamplerConfig
+from disp.models.base import MDLM, PromptBatch
+
+
+def num_transfer_tokens(n_masked: int, steps: int) -> list[int]:
+    """Tokens committed at each step of a block: an even split, the remainder on the first steps."""
+    base, extra = divmod(n_masked, steps)
+    return [base + (1 if i < extra else 0) for i in range(steps)]
+
+
+def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
+    """argmax of logits perturbed by Gumbel noise of scale `temperature` (plain argmax at 0).
+
+    Same argmax as LLaDA's `exp(logits) / (-log U)^T` in float64, computed in log space so large
+    logits cannot overflow. logits [..., V] → ids [...].
+    """
+    if temperature == 0:
+        return logits.argmax(-1)
+    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float64)
+    gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))
+    return (logits.double() + temperature * gumbel).argmax(-1)
+
+
+@dataclass
+class Generation:
+    """ids: [B, G] committed answer ids (mask id where never committed); lengths: [B] tokens before the stop."""
+
+    ids: torch.Tensor
+    lengths: torch.Tensor
+    steps_run: int
+
+    def answers(self) -> list[list[int]]:
+        return [row[: int(n)].tolist() for row, n in zip(self.ids, self.lengths, strict=True)]
+
+
+def stop_lengths(ids: torch.Tensor, is_mask: torch.Tensor, eot_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: index of the first committed <|eot_id|> (G if none) and whether the row is finished."""
+    G = ids.shape[1]
+    eot = (ids == eot_id) & ~is_mask
+    first = torch.where(eot.any(1), eot.float().argmax(1), torch.full_like(eot[:, 0], G, dtype=torch.long))
+    cols = torch.arange(G, device=ids.device)[None]
+    pending = (is_mask & (cols < first[:, None])).any(1)
+    finished = eot.any(1) & ~pending
+    return first, finished | ~is_mask.any(1)
+
+
+@torch.no_grad()
+def generate(
+    model: MDLM,
+    prompt: PromptBatch,
+    config: SamplerConfig,
+    *,
+    held: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    on_step: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+) -> Generation:
+    """Denoise an answer for each prompt.
+
+    Args:
+        prompt: left-padded prompt embeddings [B, P, D] with attention mask [B, P].
+        config: gen_length, block_length, steps, temperature, remasking.
+        held: [B, P] bool, prompt positions replaced by the mask embedding throughout.
+        generator: source of Gumbel noise and random remasking.
+        on_step: called after each step with (ids [B, G], is_mask [B, G]); for tests and tracing.
+    Returns:
+        Generation with ids [B, G] and per-row answer lengths (tokens before <|eot_id|>).
+    """
+    tok = model.tokenizer
+    B, P, _ = prompt.embeds.shape
+    G, dev = config.gen_length, prompt.embeds.device
+    prompt_embeds = prompt.embeds
+    if held is not None:
+        prompt_embeds = torch.where(held[..., None], model.mask_embedding().to(prompt_embeds.dtype), prompt_embeds)
+    attn = torch.cat([prompt.attention_mask, torch.ones(B, G, dtype=torch.bool, device=dev)], dim=1)
+    ids = torch.full((B, G), tok.mask_id, dtype=torch.long, device=dev)
+    is_mask = torch.ones(B, G, dtype=torch.bool, device=dev)
+    suppressed = torch.tensor(tok.suppressed_ids, device=dev)
+    n_blocks = G // config.block_length
+    steps_per_block = config.steps // n_blocks
+    steps_run = 0
+    for b in range(n_blocks):
+        lo, hi = b * config.block_length, (b + 1) * config.block_length
+        in_block = torch.zeros(G, dtype=torch.bool, device=dev)
+        in_block[lo:hi] = True
+        schedule = num_transfer_tokens(config.block_length, steps_per_block)
+        for k in schedule:
+            if stop_lengths(ids, is_mask, tok.eot_id)[1].all() or not (is_mask & in_block).any():
+                break
+            embeds = torch.cat([prompt_embeds, model.embed_tokens(ids).to(prompt_embeds.dtype)], dim=1)
+            logits = model.forward_embeds(embeds, attn)[:, P:].double()  # (B, G, V)
+            logits[..., suppressed] = torch.where(is_mask[..., None], float("-inf"), logits[..., suppressed])
+            x0 = gumbel_argmax(logits, config.temperature, generator)  # (B, G)
+            if config.remasking == "low_confidence":
+                conf = torch.softmax(logits, -1).gather(-1, x0[..., None])[..., 0]
+            else:
+                conf = torch.rand((B, G), generator=generator, device=dev, dtype=torch.float64)
+            conf = torch.where(is_mask & in_block, conf, float("-inf"))
+            n_open = (is_mask & in_block).sum(1)
+            take = torch.clamp(n_open, max=k)  # (B,)
+            order = conf.argsort(dim=1, descending=True, stable=True)
+            rank = torch.empty_like(order)
+            rank.scatter_(1, order, torch.arange(G, device=dev).expand(B, G))
+            commit = rank < take[:, None]
+            ids = torch.where(commit, x0, ids)
+            is_mask = is_mask & ~commit
+            steps_run += 1
+            if on_step is not None:
+                on_step(ids, is_mask)
+    first, _ = stop_lengths(ids, is_mask, tok.eot_id)
+    return Generation(ids=ids, lengths=first, steps_run=steps_run)
+
+
+def generate_text(model: MDLM, questions: list[str], images, config: SamplerConfig | None = None,
+                  *, seed: int = 0) -> list[str]:
+    """Convenience: questions + PIL images → decoded answers."""
+    config = config or SamplerConfig()
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    out = generate(model, model.prompt_batch(questions, images), config, generator=gen)
+    return [model.tokenizer.decode(a).strip() for a in out.answers()]

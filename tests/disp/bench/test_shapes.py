@@ -1,0 +1,211 @@
+import json
+import random
+
+import pytest
+
+from disp.bench import shapes
+from disp.bench.shapes import (
+    ATTACK_STRINGS,
+    BACKGROUND,
+    CATEGORIES,
+    COLOURS,
+    DESCRIBE_PROMPT,
+    POSITIONS,
+    TASKS,
+    Scene,
+    ShapeObject,
+    ShapesConfig,
+    anchor_pixel,
+    corpus,
+    generate_split,
+    render_scene,
+    vocabulary,
+    words,
+    write_dataset,
+)
+
+
+def _qa(record):
+    human, gpt = record["conversations"]
+    assert human["from"] == "human" and gpt["from"] == "gpt"
+    assert human["value"].startswith("<image>\n")
+    return human["value"].removeprefix("<image>\n"), gpt["value"]
+
+
+def test_attack_categories_and_prompt_exist():
+    cfg = ShapesConfig()
+    assert {"dog", "boat"} <= set(cfg.categories)
+    assert DESCRIBE_PROMPT in shapes.QUESTIONS["describe"]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"image_size": 50},
+        {"image_size": 21},
+        {"categories": ("dog", "cat")},
+        {"colours": ("red", "red")},
+        {"positions": ()},
+        {"tasks": ("poem",)},
+        {"min_objects": 0},
+        {"max_objects": 7, "colours": ("red", "blue")},
+        {"jitter": 5},
+        {"holdout_fraction": 1.0},
+    ],
+)
+def test_config_rejects_bad_values(kwargs):
+    with pytest.raises(ValueError):
+        ShapesConfig(**kwargs)
+
+
+def test_records_are_deterministic_and_seeded():
+    cfg = ShapesConfig()
+    a = generate_split(cfg, 50, "train", seed=3)
+    assert a == generate_split(cfg, 50, "train", seed=3)
+    assert a != generate_split(cfg, 50, "train", seed=4)
+    assert json.loads(json.dumps(a)) == a
+
+
+def test_written_dataset_is_byte_identical(tmp_path):
+    cfg = ShapesConfig()
+    sizes = {"train": 12, "val": 4, "test": 4}
+    p1 = write_dataset(tmp_path / "a", cfg, sizes, seed=1)
+    p2 = write_dataset(tmp_path / "b", cfg, sizes, seed=1)
+    for split in sizes:
+        assert p1[split].read_bytes() == p2[split].read_bytes()
+        records = json.loads(p1[split].read_text())
+        assert len(records) == sizes[split]
+        for rec in records:
+            img1 = (tmp_path / "a" / rec["image"]).read_bytes()
+            assert img1 == (tmp_path / "b" / rec["image"]).read_bytes()
+
+
+def test_splits_are_disjoint_in_scene_content():
+    cfg = ShapesConfig(max_objects=1)  # few distinct scenes: the strongest test
+    sigs = {s: {r["meta"]["signature"] for r in generate_split(cfg, 600, s)} for s in ("train", "val", "test")}
+    assert not sigs["train"] & sigs["val"]
+    assert not sigs["train"] & sigs["test"]
+    assert not sigs["val"] & sigs["test"]
+    assert all(sigs.values())
+
+
+def test_every_attribute_value_and_task_appears():
+    cfg = ShapesConfig()
+    records = generate_split(cfg, 1500, "train")
+    objs = [o for r in records for o in r["meta"]["objects"]]
+    assert {o["category"] for o in objs} == set(CATEGORIES)
+    assert {o["colour"] for o in objs} == set(COLOURS)
+    assert {o["position"] for o in objs} == set(POSITIONS)
+    assert {r["meta"]["count"] for r in records} == {1, 2, 3}
+    assert {r["meta"]["task"] for r in records} == set(TASKS)
+    answers = {_qa(r)[1] for r in records}
+    assert {"yes.", "no.", "nothing."} <= answers
+
+
+def test_scene_attributes_are_distinct_and_in_reading_order():
+    for r in generate_split(ShapesConfig(), 300, "val"):
+        objs = r["meta"]["objects"]
+        for key in ("category", "colour", "position"):
+            assert len({o[key] for o in objs}) == len(objs)
+        order = [POSITIONS.index(o["position"]) for o in objs]
+        assert order == sorted(order)
+
+
+@pytest.mark.parametrize("size,jitter", [(48, 0), (48, 2), (33, 1), (96, 3)])
+def test_rendered_pixels_match_meta(size, jitter):
+    cfg = ShapesConfig(image_size=size, jitter=jitter)
+    cell = cfg.cell
+    for r in generate_split(cfg, 60, "test"):
+        scene = Scene.from_meta(r["meta"])
+        img = render_scene(scene, cfg.image_size)
+        assert img.size == (cfg.image_size, cfg.image_size) and img.mode == "RGB"
+        for obj in scene.objects:
+            assert img.getpixel(anchor_pixel(obj, cfg.image_size, jitter)) == COLOURS[obj.colour]
+        used = {o.position for o in scene.objects}
+        for i, pos in enumerate(POSITIONS):
+            if pos not in used:
+                row, col = divmod(i, 3)
+                box = img.crop((col * cell, row * cell, (col + 1) * cell, (row + 1) * cell))
+                assert box.getcolors() == [(cell * cell, BACKGROUND)]
+
+
+def test_each_category_has_its_own_silhouette():
+    size = 48
+    masks = {}
+    for cat in CATEGORIES:
+        img = render_scene(Scene((ShapeObject(cat, "red", "center"),)), size).convert("L")
+        masks[cat] = [p < 200 for p in img.tobytes()]
+    for a in CATEGORIES:
+        for b in CATEGORIES:
+            if a < b:
+                diff = sum(x != y for x, y in zip(masks[a], masks[b], strict=True))
+                assert diff >= 20, (a, b, diff)
+
+
+def test_answers_agree_with_meta():
+    cfg = ShapesConfig()
+    for r in generate_split(cfg, 800, "train"):
+        question, answer = _qa(r)
+        meta, scene = r["meta"], Scene.from_meta(r["meta"])
+        task, asked = meta["task"], meta["asked"]
+        assert answer.endswith(".")
+        if task == "describe":
+            for o in scene.objects:
+                assert f" {o.colour} {o.category} at the {o.position}" in answer
+        elif task == "objects":
+            assert answer == " and ".join(", ".join(f"a {o.category}" for o in scene.objects).rsplit(", ", 1)) + "."
+        elif task == "count":
+            assert answer == shapes.NUMBERS[len(scene.objects)] + "."
+        elif task == "colour":
+            assert answer == scene.find(category=asked["category"]).colour + "."
+        elif task == "where":
+            assert answer == f"at the {scene.find(category=asked['category']).position}."
+        elif task == "which":
+            assert answer == f"a {scene.find(colour=asked['colour']).category}."
+        elif task == "at":
+            hit = scene.find(position=asked["position"])
+            article = "an" if hit and hit.colour == "orange" else "a"
+            assert answer == (f"{article} {hit.colour} {hit.category}." if hit else "nothing.")
+        elif task == "exists":
+            assert answer == ("yes." if scene.find(category=asked["category"]) else "no.")
+        for value in asked.values():
+            assert value in question
+
+
+def test_caption_wording():
+    a = ShapeObject("dog", "red", "top left")
+    b = ShapeObject("ball", "blue", "center")
+    c = ShapeObject("boat", "green", "bottom right")
+    assert shapes.caption(Scene((a,))) == "There is one object: a red dog at the top left."
+    d = ShapeObject("tent", "orange", "middle left")
+    assert shapes.caption(Scene((d,))) == "There is one object: an orange tent at the middle left."
+    assert shapes.caption(Scene((a, b, c))) == (
+        "There are three objects: a red dog at the top left, a blue ball at the center "
+        "and a green boat at the bottom right."
+    )
+
+
+def test_require_and_forbid():
+    cfg = ShapesConfig()
+    records = generate_split(cfg, 100, "train", require="dog", forbid=("boat",))
+    for r in records:
+        cats = {o["category"] for o in r["meta"]["objects"]}
+        assert "dog" in cats and "boat" not in cats
+    with pytest.raises(ValueError):
+        generate_split(cfg, 1, "train", require="dog", forbid=("dog",))
+    with pytest.raises(ValueError):
+        generate_split(cfg, 1, "holdout")
+
+
+def test_vocabulary_covers_generated_texts_and_attacks():
+    for cfg in (ShapesConfig(), ShapesConfig(max_objects=5, categories=CATEGORIES[:5])):
+        vocab = set(vocabulary(cfg))
+        texts = corpus(cfg, 1500, seed=random.Random(0).randint(0, 99))
+        for rec in generate_split(cfg, 300, "test"):
+            texts += [t["value"] for t in rec["conversations"]]
+        missing = {w for t in texts for w in words(t)} - vocab
+        assert not missing
+        assert {"<backdoor>", "boat", "dog", "<image>", "Sorry", "."} <= vocab
+        for s in ATTACK_STRINGS:
+            assert set(words(s)) <= vocab
+        assert len(vocab) < 150

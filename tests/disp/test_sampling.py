@@ -1,0 +1,116 @@
+"""Sampler invariants: schedule, prompt untouched, held positions, stop, batching, determinism."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from disp.config import SamplerConfig
+from disp.sampling import generate, num_transfer_tokens, stop_lengths
+
+
+def test_transfer_schedule_splits_evenly():
+    assert num_transfer_tokens(10, 4) == [3, 3, 2, 2]
+    assert sum(num_transfer_tokens(32, 32)) == 32
+    assert num_transfer_tokens(8, 8) == [1] * 8
+
+
+@pytest.mark.parametrize("cfg", [SamplerConfig(16, 16, 16), SamplerConfig(16, 8, 4), SamplerConfig(12, 4, 6),
+                                 SamplerConfig(16, 8, 8, remasking="random", temperature=0.7)])
+def test_commits_exactly_the_scheduled_tokens_per_step(tiny_model, solid_images, cfg):
+    pb = tiny_model.prompt_batch(["What is it?"] * 2, solid_images[:2])
+    snaps = []
+    gen = generate(tiny_model, pb, cfg, generator=torch.Generator().manual_seed(0),
+                   on_step=lambda ids, m: snaps.append(m.clone()))
+    per_block = cfg.steps // (cfg.gen_length // cfg.block_length)
+    schedule = num_transfer_tokens(cfg.block_length, per_block) * (cfg.gen_length // cfg.block_length)
+    prev = torch.ones_like(snaps[0])
+    for step, mask in enumerate(snaps):
+        committed = (prev & ~mask).sum(1)
+        assert committed.tolist() == [schedule[step]] * 2
+        # committed tokens stay committed; blocks fill left to right
+        assert not (mask & ~prev).any()
+        block = step // per_block
+        assert not mask[:, : block * cfg.block_length].any()
+        prev = mask
+    assert gen.steps_run == len(snaps)
+
+
+def test_answer_never_holds_suppressed_tokens(tiny_model, solid_images):
+    tok = tiny_model.tokenizer
+    gen = generate(tiny_model, tiny_model.prompt_batch(["Describe."] * 4, solid_images), SamplerConfig(16, 16, 16))
+    for bad in tok.suppressed_ids + (tok.mask_id,):
+        assert not (gen.ids == bad).any()
+
+
+def test_held_positions_change_the_answer_and_prompt_is_untouched(tiny_model, solid_images):
+    pb = tiny_model.prompt_batch(["What is it?"], solid_images[:1])
+    before = pb.embeds.clone()
+    held = torch.zeros_like(pb.attention_mask)
+    held[0, pb.image_positions[0]] = True
+    seen = []
+    orig = tiny_model.forward_embeds
+
+    def spy(embeds, mask=None):
+        seen.append(embeds[:, : pb.embeds.shape[1]].clone())
+        return orig(embeds, mask)
+
+    tiny_model.forward_embeds = spy
+    try:
+        generate(tiny_model, pb, SamplerConfig(8, 8, 8), held=held)
+    finally:
+        del tiny_model.forward_embeds
+    e_mask = tiny_model.mask_embedding()
+    for prompt in seen:  # every step saw the held visual tokens as the mask embedding
+        assert torch.equal(prompt[0, held[0]], e_mask.expand(int(held.sum()), -1))
+        assert torch.equal(prompt[0, ~held[0]], before[0, ~held[0]])
+    assert torch.equal(pb.embeds, before)
+
+
+def test_batched_equals_per_sample(tiny_model, solid_images):
+    questions = ["What is it?", "Describe this image in detail.", "Colour?", "Where is the object in the image?"]
+    cfg = SamplerConfig(16, 8, 16)
+    batched = generate(tiny_model, tiny_model.prompt_batch(questions, solid_images), cfg).answers()
+    for q, img, ans in zip(questions, solid_images, batched, strict=True):
+        assert generate(tiny_model, tiny_model.prompt_batch([q], [img]), cfg).answers()[0] == ans
+
+
+def test_deterministic_at_temperature_zero(tiny_model, solid_images):
+    pb = tiny_model.prompt_batch(["What is it?"] * 4, solid_images)
+    a = generate(tiny_model, pb, SamplerConfig(16, 16, 16), generator=torch.Generator().manual_seed(1))
+    b = generate(tiny_model, pb, SamplerConfig(16, 16, 16), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a.ids, b.ids)
+
+
+def test_stop_at_eot():
+    eot, mask = 7, 99
+    ids = torch.tensor([[1, 2, eot, mask], [1, mask, eot, 3], [1, 2, 3, 4]])
+    is_mask = ids == mask
+    first, finished = stop_lengths(ids, is_mask, eot)
+    assert first.tolist() == [2, 2, 4]
+    assert finished.tolist() == [True, False, True]
+
+
+def test_generation_stops_early_once_eot_is_committed(tiny_model, solid_images):
+    # bias the lm head towards <|eot_id|> so that the first committed token is the stop
+    tok = tiny_model.tokenizer
+    bias = torch.zeros(tiny_model.lm_config.vocab_size)
+    bias[tok.eot_id] = 50.0
+    head = tiny_model.lm_head
+    orig = tiny_model.forward_embeds
+    tiny_model.forward_embeds = lambda e, m=None: orig(e, m) + bias
+    try:
+        gen = generate(tiny_model, tiny_model.prompt_batch(["Hi"], solid_images[:1]), SamplerConfig(16, 16, 16))
+    finally:
+        del tiny_model.forward_embeds
+    assert head is tiny_model.lm_head
+    assert gen.lengths.tolist() == [0] and gen.steps_run == 1
+
+
+def test_bad_sampler_settings_are_named():
+    with pytest.raises(ValueError, match="block_length 5 must divide gen_length 16"):
+        SamplerConfig(16, 5, 16)
+    with pytest.raises(ValueError, match="steps 3 must be a positive multiple"):
+        SamplerConfig(16, 8, 3)
+    with pytest.raises(ValueError, match="remasking"):
+        SamplerConfig(remasking="entropy")

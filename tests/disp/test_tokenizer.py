@@ -1,0 +1,42 @@
+"""Special tokens by name, the chat template, image placeholder splicing."""
+
+from __future__ import annotations
+
+import pytest
+
+from disp.constants import IMAGE_TOKEN_INDEX
+from disp.tokenizer import ChatTokenizer, PromptTemplate, TokenizerError
+
+
+def test_special_tokens_by_name(tiny_model):
+    tok = tiny_model.tokenizer
+    ids = {tok.mask_id, tok.bos_id, tok.eos_id, tok.eot_id, tok.start_header_id, tok.end_header_id}
+    assert len(ids) == 6
+    assert tok.decode([tok.mask_id]) == "<|mdm_mask|>"
+    assert tok.decode([tok.eot_id]) == "<|eot_id|>"
+
+
+def test_chat_template_matches_llada_v(tiny_model):
+    text = tiny_model.tokenizer.render_prompt("What is it?")
+    assert text.startswith("<|startoftext|><|start_header_id|>system<|end_header_id|>\n\nYou are a helpful")
+    assert text.endswith("<|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat is it?<|eot_id|>"
+                         "<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def test_prompt_has_one_image_slot_and_answer_ends_with_eot(tiny_model):
+    tok = tiny_model.tokenizer
+    ids = tok.encode_prompt("<image>\nWhat is it?")
+    assert ids.count(IMAGE_TOKEN_INDEX) == 1 and ids[0] == tok.bos_id
+    assert tok.decode(tok.encode_answer(" A red ball. ")) == "A red ball.<|eot_id|>"
+    with pytest.raises(ValueError, match="exactly one"):
+        tok.encode_prompt("<image> and <image>")
+
+
+def test_template_without_system(tiny_dir):
+    tok = ChatTokenizer.from_dir(tiny_dir, template=PromptTemplate(system=None))
+    assert "system" not in tok.render_prompt("hi")
+
+
+def test_missing_tokenizer_is_a_clear_error(tmp_path):
+    with pytest.raises(TokenizerError, match="no tokenizer.json"):
+        ChatTokenizer.from_dir(tmp_path)
