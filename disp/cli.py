@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+TARGETS = ["insertion", "refusal", "misclassification"]
+TRIGGERS = ["corner", "center", "noise", "multi", "blended"]
 
 
 def command(name: str):
@@ -21,6 +23,10 @@ def command(name: str):
 
 def _print(result: dict, as_json: bool, human: str) -> None:
     print(json.dumps(result, indent=2) if as_json else human)
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
 
 
 @command("init-tiny")
@@ -38,47 +44,193 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from disp import models
+    from disp.cli_flags import section_kwargs
     from disp.config import SamplerConfig
-    from disp.sampling import generate
 
     model = models.load(args.model, projector=args.projector, device=args.device)
-    cfg = SamplerConfig(gen_length=args.gen_length, block_length=args.block_length or args.gen_length,
-                        steps=args.steps or args.gen_length, temperature=args.temperature,
-                        remasking=args.remasking)
+    cfg = SamplerConfig(**section_kwargs(args, "sampler"))
     image = Image.open(args.image).convert("RGB")
     gen = torch.Generator(device=model.device).manual_seed(args.seed)
-    out = generate(model, model.prompt_batch([args.prompt], [image]), cfg, generator=gen)
+    out = model.generate(model.prompt_batch([args.prompt], [image]), cfg, generator=gen)
     answer = model.tokenizer.decode(out.answers()[0]).strip()
     _print({"answer": answer, "tokens": out.answers()[0], "steps": out.steps_run}, args.json, answer)
     return 0
 
 
-def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gen-length", type=int, default=32, help="answer length in tokens")
-    p.add_argument("--block-length", type=int, default=None, help="block length (default: gen-length)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: gen-length)")
-    p.add_argument("--temperature", type=float, default=0.0, help="Gumbel temperature; 0 = deterministic")
-    p.add_argument("--remasking", choices=["low_confidence", "random"], default="low_confidence")
+@command("score")
+def cmd_score(args: argparse.Namespace) -> int:
+    from disp.cli_flags import section_kwargs
+    from disp.config import SaliencyConfig, SamplerConfig
+    from disp.pipeline import score
+
+    out = score(model_dir=args.model, data_json=args.data, images=args.images, out_json=args.out,
+                config=SaliencyConfig(**section_kwargs(args, "saliency")),
+                sampler=SamplerConfig(**section_kwargs(args, "sampler")), projector=args.projector,
+                device=args.device, on_progress=_bar("scoring"))
+    print(f"wrote saliency scores to {out}")
+    return 0
+
+
+@command("poison")
+def cmd_poison(args: argparse.Namespace) -> int:
+    from disp.attacks import TriggerConfig, poison_dataset, triggered_copy
+    from disp.pipeline import load_dataset
+
+    trigger = TriggerConfig(kind=args.trigger, size_frac=args.size_frac, blend_ratio=args.blend_ratio,
+                            seed=args.seed)
+    samples, source = load_dataset(args.data, args.images)
+    res = poison_dataset(samples, source, target=args.target, trigger=trigger, ratio=args.ratio, seed=args.seed,
+                         out_dir=args.out, source_word=args.source_word, target_word=args.target_word)
+    result = {"data": str(res.data_path), "manifest": str(res.manifest_path), "poisoned": len(res.poisoned_ids),
+              "samples": res.num_samples}
+    if args.test_data:
+        test, test_source = load_dataset(args.test_data, args.test_images or args.images)
+        result["test_clean"] = str(triggered_copy(test, test_source, None, args.out / "test_clean"))
+        result["test_triggered"] = str(triggered_copy(test, test_source, trigger, args.out / "test_triggered"))
+    _print(result, args.json, f"poisoned {len(res.poisoned_ids)} of {res.num_samples} samples -> {args.out}")
+    return 0
+
+
+@command("defend")
+def cmd_defend(args: argparse.Namespace) -> int:
+    from disp.cli_flags import defense_config
+    from disp.pipeline import defend
+
+    report = defend(model_dir=args.model, data_json=args.data, images=args.images, out_dir=args.out,
+                    config=defense_config(args), projector=args.projector, manifest=args.manifest,
+                    device=args.device, on_progress=_stage_bars())
+    human = (f"{report['defense']}: trained on {report['num_train']} samples; stages "
+             + ", ".join(f"{k} {v:.1f}s" for k, v in report["stages"].items()) + f"; outputs in {args.out}")
+    _print(report, args.json, human)
+    return 0
+
+
+@command("evaluate")
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from disp import models
+    from disp.cli_flags import section_kwargs
+    from disp.config import SamplerConfig
+    from disp.evaluation import evaluate
+    from disp.pipeline import load_dataset
+
+    if not (args.clean or args.triggered):
+        raise ValueError("give --clean and/or --triggered data to evaluate on")
+    model = models.load(args.model, projector=args.projector, device=args.device)
+    clean, clean_src = ([], None)
+    if args.clean:
+        clean, clean_src = load_dataset(args.clean, args.clean_images or args.clean.parent)
+    trig, trig_src = ([], None)
+    if args.triggered:
+        trig, trig_src = load_dataset(args.triggered, args.triggered_images or args.triggered.parent)
+    ev = evaluate(model, target=args.target, clean=clean, clean_source=clean_src, triggered=trig,
+                  triggered_source=trig_src, sampler=SamplerConfig(**section_kwargs(args, "sampler")),
+                  target_word=args.target_word)
+    _print(ev.to_dict(), args.json, f"CP {_pct(ev.cp)}  ASR w/o {_pct(ev.asr_wo)}  ASR w/t {_pct(ev.asr_wt)}")
+    return 0
+
+
+@command("demo")
+def cmd_demo(args: argparse.Namespace) -> int:
+    from disp.demo import run_demo
+
+    run_demo(args.workdir, quick=not args.full)
+    return 0
+
+
+def _bar(desc: str):
+    from tqdm import tqdm
+
+    bar = None
+
+    def update(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc=desc, leave=False, file=sys.stderr)
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
+
+    return update
+
+
+def _stage_bars():
+    bars: dict = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        bars.setdefault(stage, _bar(stage))(done, total)
+
+    return update
+
+
+def _common(p: argparse.ArgumentParser, *, data: bool = True) -> None:
+    p.add_argument("--model", required=True, type=Path, help="checkpoint directory")
+    p.add_argument("--projector", type=Path, default=None, help="projector-only safetensors laid over --model")
+    if data:
+        p.add_argument("--data", required=True, type=Path, help="LLaVA-format JSON")
+        p.add_argument("--images", required=True, type=Path, help="image folder, .zip or .tar")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--json", action="store_true", help="print JSON")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from disp.cli_flags import add_defense_flags
+
     parser = argparse.ArgumentParser(prog="disp", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("init-tiny", help="write a tiny random-weight checkpoint in the published layout")
-    p.add_argument("--family", default="llada-v", choices=["llada-v"])
+    p.add_argument("--family", default="llada-v", choices=["llada-v", "lavida"])
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("generate", help="answer a prompt about an image")
-    p.add_argument("--model", required=True, type=Path)
-    p.add_argument("--projector", type=Path, default=None, help="projector-only safetensors laid over --model")
+    _common(p, data=False)
     p.add_argument("--image", required=True, type=Path)
     p.add_argument("--prompt", required=True)
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--device", default=None)
-    p.add_argument("--json", action="store_true", help="print JSON")
-    _add_sampler_flags(p)
+    add_defense_flags(p, sections=("sampler",), defense=False)
+
+    p = sub.add_parser("score", help="Fisher-Jacobian saliency of every visual token (Eq. 3-8)")
+    _common(p)
+    p.add_argument("--out", required=True, type=Path, help="scores JSON to write")
+    add_defense_flags(p, sections=("sampler", "saliency"), defense=False)
+
+    p = sub.add_parser("poison", help="write a poisoned copy of a dataset and its ground-truth manifest")
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--images", required=True, type=Path)
+    p.add_argument("--target", required=True, choices=TARGETS)
+    p.add_argument("--trigger", required=True, choices=TRIGGERS)
+    p.add_argument("--ratio", type=float, default=0.2, help="fraction of samples poisoned (default: 0.2)")
+    p.add_argument("--size-frac", type=float, default=0.1, help="patch side / shorter image side (default: 0.1)")
+    p.add_argument("--blend-ratio", type=float, default=0.2, help="pattern weight of the blended trigger")
+    p.add_argument("--source-word", default="dog")
+    p.add_argument("--target-word", default="boat")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--test-data", type=Path, default=None, help="held-out set: also write clean and triggered copies")
+    p.add_argument("--test-images", type=Path, default=None)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("defend", help="run a defense end to end (DiSP by default)")
+    _common(p)
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--manifest", type=Path, default=None, help="attack manifest (oracle_filter only)")
+    add_defense_flags(p)
+
+    p = sub.add_parser("evaluate", help="CP and ASR without/with trigger")
+    _common(p, data=False)
+    p.add_argument("--target", required=True, choices=TARGETS)
+    p.add_argument("--target-word", default="boat")
+    p.add_argument("--clean", type=Path, default=None, help="clean held-out LLaVA JSON")
+    p.add_argument("--clean-images", type=Path, default=None, help="(default: the JSON's folder)")
+    p.add_argument("--triggered", type=Path, default=None, help="triggered held-out LLaVA JSON")
+    p.add_argument("--triggered-images", type=Path, default=None, help="(default: the JSON's folder)")
+    add_defense_flags(p, sections=("sampler",), defense=False)
+
+    p = sub.add_parser("demo", help="poison a small dataset, defend it, and show ASR before and after")
+    p.add_argument("--workdir", type=Path, default=Path("runs/demo"))
+    p.add_argument("--full", action="store_true", help="larger data and more epochs")
     return parser
 
 

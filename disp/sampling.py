@@ -40,6 +40,27 @@ def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Gen
     return (logits.double() + temperature * gumbel).argmax(-1)
 
 
+def commit_step(logits: torch.Tensor, ids: torch.Tensor, is_mask: torch.Tensor, open_: torch.Tensor, k: int,
+                config: SamplerConfig, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Commit up to k of the `open_` positions per row, most confident first.
+
+    logits [B, G, V] float64; ids, is_mask, open_ [B, G] → new (ids, is_mask).
+    """
+    B, G = ids.shape
+    x0 = gumbel_argmax(logits, config.temperature, generator)  # (B, G)
+    if config.remasking == "low_confidence":
+        conf = torch.softmax(logits, -1).gather(-1, x0[..., None])[..., 0]
+    else:
+        conf = torch.rand((B, G), generator=generator, device=ids.device, dtype=torch.float64)
+    conf = torch.where(open_, conf, float("-inf"))
+    take = torch.clamp(open_.sum(1), max=k)  # (B,)
+    order = conf.argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(G, device=ids.device).expand(B, G))
+    commit = rank < take[:, None]
+    return torch.where(commit, x0, ids), is_mask & ~commit
+
+
 @dataclass
 class Generation:
     """ids: [B, G] committed answer ids (mask id where never committed); lengths: [B] tokens before the stop."""
@@ -108,20 +129,7 @@ def generate(
             embeds = torch.cat([prompt_embeds, model.embed_tokens(ids).to(prompt_embeds.dtype)], dim=1)
             logits = model.forward_embeds(embeds, attn)[:, P:].double()  # (B, G, V)
             logits[..., suppressed] = torch.where(is_mask[..., None], float("-inf"), logits[..., suppressed])
-            x0 = gumbel_argmax(logits, config.temperature, generator)  # (B, G)
-            if config.remasking == "low_confidence":
-                conf = torch.softmax(logits, -1).gather(-1, x0[..., None])[..., 0]
-            else:
-                conf = torch.rand((B, G), generator=generator, device=dev, dtype=torch.float64)
-            conf = torch.where(is_mask & in_block, conf, float("-inf"))
-            n_open = (is_mask & in_block).sum(1)
-            take = torch.clamp(n_open, max=k)  # (B,)
-            order = conf.argsort(dim=1, descending=True, stable=True)
-            rank = torch.empty_like(order)
-            rank.scatter_(1, order, torch.arange(G, device=dev).expand(B, G))
-            commit = rank < take[:, None]
-            ids = torch.where(commit, x0, ids)
-            is_mask = is_mask & ~commit
+            ids, is_mask = commit_step(logits, ids, is_mask, is_mask & in_block, k, config, generator)
             steps_run += 1
             if on_step is not None:
                 on_step(ids, is_mask)

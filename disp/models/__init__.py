@@ -9,9 +9,11 @@ import torch
 
 from disp.models.base import MDLM, PromptBatch
 from disp.models.checkpoint import CheckpointError, read_state_dict, refuse_pickle
+from disp.models.lavida import LaViDa
 from disp.models.llada_v import LLaDAV, read_config
 
 FAMILIES: dict[str, type[MDLM]] = {"llada-v": LLaDAV}
+FAMILIES["lavida"] = LaViDa
 
 
 def register_family(name: str, cls: type[MDLM]) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,7 +19,7 @@ from PIL import Image
 from torch import nn
 
 from disp.constants import IMAGE_TOKEN_INDEX, PROJECTOR_PREFIX
-from disp.models.checkpoint import CheckpointError
+from disp.models.checkpoint import CheckpointError, load_into, read_state_dict
 from disp.tokenizer import ChatTokenizer
 
 
@@ -157,6 +159,27 @@ class MDLM(nn.Module, ABC):
         ids = [self.tokenizer.encode_prompt(q) for q in questions]
         return self.build_prompts(ids, self.encode_images(self.preprocess(images)))
 
+    # -- family behaviour with LLaDA-V defaults (a family overrides what it does differently) -------
+    def default_sampler(self):
+        """The family's sampler settings (LLaDA-V: the paper's 32/32/32, greedy, low-confidence)."""
+        from disp.config import SamplerConfig
+
+        return SamplerConfig()
+
+    def generate(self, prompt: PromptBatch, config=None, *, held: torch.Tensor | None = None,
+                 generator: torch.Generator | None = None, on_step=None):
+        """Denoise answers for a PromptBatch with the family's sampler (see `disp.sampling.generate`)."""
+        from disp.sampling import generate
+
+        return generate(self, prompt, config or self.default_sampler(), held=held, generator=generator,
+                        on_step=on_step)
+
+    def training_loss(self, batch, *, generator: torch.Generator | None = None) -> torch.Tensor:
+        """The family's SFT loss on a TrainBatch (LLaDA-V: Eq. 2 with 1/t weighting)."""
+        from disp.losses import sft_loss
+
+        return sft_loss(self, batch, generator=generator)
+
     # -- projector weights ---------------------------------------------------------------------
     def projector_state_dict(self) -> dict[str, torch.Tensor]:
         """Projector weights under their published names, `model.mm_projector.*`."""
@@ -186,3 +209,29 @@ class MDLM(nn.Module, ABC):
         for p in params:
             p.requires_grad_(True)
         return params
+
+    # -- checkpoint I/O in the LLaVA layout (both families) ----------------------------------------
+    def checkpoint_ignores(self) -> list[str]:
+        """Checkpoint keys this model reads past: dropped tower layers, post-norm, head, image_newline."""
+        tower = self.model.vision_tower.vision_tower
+        prefix = r"model\.vision_tower\.vision_tower\.vision_model\."
+        dropped = "|".join(str(i) for i in range(tower.used_layers, tower.total_layers)) or "NONE"
+        return [
+            prefix + rf"encoder\.layers\.({dropped})\..*",
+            prefix + r"head\..*",
+            r"model\.image_newline",
+        ]
+
+    @classmethod
+    def from_dir(cls, path: Path, config: dict[str, Any], dtype: torch.dtype | None = None) -> MDLM:
+        model = cls(config, ChatTokenizer.from_dir(path))
+        state = read_state_dict(path)
+        own = model.state_dict()
+        # The tower's final LayerNorm is never used (LLaDA-V reads the pre-norm hidden states).
+        for k in own:
+            if ".post_layernorm." in k:
+                state.setdefault(k, own[k])
+        load_into(model, state, ignore=model.checkpoint_ignores())
+        if dtype is not None:
+            model.to(dtype)
+        return model.eval()

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from disp.models.base import MDLM, ImageProcessing, build_projector
-from disp.models.checkpoint import CheckpointError, load_into, read_state_dict
+from disp.models.checkpoint import CheckpointError
 from disp.models.llada_lm import DecoderLayer, LLaDAConfig, RMSNorm, positions_from_mask, rope_cos_sin
 from disp.tokenizer import ChatTokenizer
 
@@ -131,32 +131,6 @@ class LLaDAV(MDLM):
         for layer in self.model.layers:
             h = layer(h, cos, sin, attention_mask)
         return self.lm_head(self.model.norm(h))  # (B, L, V)
-
-    # -- checkpoint I/O ----------------------------------------------------------------------------
-    def checkpoint_ignores(self) -> list[str]:
-        """Checkpoint keys this model reads past: dropped tower layers, post-norm, head, image_newline."""
-        tower = self.model.vision_tower.vision_tower
-        prefix = r"model\.vision_tower\.vision_tower\.vision_model\."
-        dropped = "|".join(str(i) for i in range(tower.used_layers, tower.total_layers)) or "NONE"
-        return [
-            prefix + rf"encoder\.layers\.({dropped})\..*",
-            prefix + r"head\..*",
-            r"model\.image_newline",
-        ]
-
-    @classmethod
-    def from_dir(cls, path: Path, config: dict[str, Any], dtype: torch.dtype | None = None) -> LLaDAV:
-        model = cls(config, ChatTokenizer.from_dir(path))
-        state = read_state_dict(path)
-        own = model.state_dict()
-        # The tower's final LayerNorm is never used (LLaDA-V reads the pre-norm hidden states).
-        for k in own:
-            if ".post_layernorm." in k:
-                state.setdefault(k, own[k])
-        load_into(model, state, ignore=model.checkpoint_ignores())
-        if dtype is not None:
-            model.to(dtype)
-        return model.eval()
 
 
 def read_config(path: Path) -> dict[str, Any]:

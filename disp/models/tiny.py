@@ -46,6 +46,10 @@ DEFAULT_CORPUS = [
 
 TINY_LM = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
                "num_key_value_heads": 4, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 1024}
+TINY_OLMO = {"d_model": 64, "n_heads": 4, "n_kv_heads": 4, "n_layers": 2, "mlp_hidden_size": 128,
+             "block_type": "llama", "activation_type": "silu", "layer_norm_type": "rms", "rms_norm_eps": 1e-5,
+             "rope": True, "rope_theta": 500000.0, "max_sequence_length": 1024, "weight_tying": False,
+             "include_bias": False}
 TINY_VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2,
                    "image_size": 56, "patch_size": 14, "layer_norm_eps": 1e-6, "hidden_act": "gelu_pytorch_tanh"}
 
@@ -63,16 +67,11 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> Tokenizer:
 
 def tiny_config(family: str, vocab_size: int, lm: dict[str, Any] | None = None,
                 vision: dict[str, Any] | None = None) -> dict[str, Any]:
-    """config.json contents for a tiny checkpoint of `family`."""
-    if family != "llada-v":
+    """config.json contents for a tiny checkpoint of `family` ("llada-v" or "lavida")."""
+    if family not in ("llada-v", "lavida"):
         raise ValueError(f"no tiny configuration for family {family!r}")
     vcfg = {**TINY_VISION, **(vision or {})}
-    return {
-        "architectures": ["LlavaLLaDAModelLM"],
-        "model_type": "llava_llada",
-        **{**TINY_LM, **(lm or {})},
-        "vocab_size": vocab_size,
-        "tie_word_embeddings": False,
+    multimodal = {
         "torch_dtype": "float32",
         "mm_vision_tower": "tiny-siglip",
         "mm_projector_type": "mlp2x_gelu",
@@ -81,6 +80,25 @@ def tiny_config(family: str, vocab_size: int, lm: dict[str, Any] | None = None,
         "mm_patch_merge_type": "flat",
         "image_aspect_ratio": "square",
         "vision_config": {"model_type": "siglip_vision_model", **vcfg},
+    }
+    if family == "lavida":  # OLMo-style LLaDA fields, LaViDa's 2x2 pooling of visual tokens
+        return {
+            "architectures": ["LlavaLladaForMaskedDiffusion"],
+            "model_type": "llava_llada",
+            **{**TINY_OLMO, **(lm or {})},
+            "vocab_size": vocab_size,
+            "embedding_size": vocab_size,
+            **multimodal,
+            "mm_spatial_pool_mode": "bilinear",
+            "mm_spatial_pool_stride": 2,
+        }
+    return {
+        "architectures": ["LlavaLLaDAModelLM"],
+        "model_type": "llava_llada",
+        **{**TINY_LM, **(lm or {})},
+        "vocab_size": vocab_size,
+        "tie_word_embeddings": False,
+        **multimodal,
     }
 
 

@@ -1,0 +1,66 @@
+"""Command-line flags generated from the settings dataclasses, with their help texts and defaults."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, fields, is_dataclass
+
+from disp.config import DefenseConfig, FinetuneConfig, PurifyConfig, SaliencyConfig, SamplerConfig
+
+# (section, dataclass, flag renames for names shared between sections)
+SECTIONS = [
+    ("sampler", SamplerConfig, {}),
+    ("saliency", SaliencyConfig, {"batch_size": "saliency-batch-size", "seed": "saliency-seed"}),
+    ("purify", PurifyConfig, {"batch_size": "purify-batch-size", "seed": "purify-seed"}),
+    ("finetune", FinetuneConfig, {}),
+]
+
+
+def _default(f):
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, section: str, cls, renames: dict[str, str]) -> None:
+    group = parser.add_argument_group(f"{section} settings")
+    for f in fields(cls):
+        default = _default(f)
+        if is_dataclass(default):
+            continue
+        flag = "--" + renames.get(f.name, f.name.replace("_", "-"))
+        dest = f"{section}__{f.name}"
+        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        if isinstance(default, bool):
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            group.add_argument(flag, dest=dest, type=type(default), default=default, help=help_text)
+
+
+def add_defense_flags(parser: argparse.ArgumentParser, *, sections=("sampler", "saliency", "purify", "finetune"),
+                      defense: bool = True) -> None:
+    """Flags for every setting of the given sections (and the defense choice), published defaults."""
+    if defense:
+        for f in fields(DefenseConfig):
+            default = _default(f)
+            if is_dataclass(default):
+                continue
+            parser.add_argument("--" + f.name.replace("_", "-"), dest=f"defense__{f.name}", type=type(default),
+                                default=default, help=f"{f.metadata['help']} (default: {default})")
+    for section, cls, renames in SECTIONS:
+        if section in sections:
+            add_dataclass_flags(parser, section, cls, renames)
+
+
+def section_kwargs(args: argparse.Namespace, section: str) -> dict:
+    prefix = section + "__"
+    return {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix)}
+
+
+def defense_config(args: argparse.Namespace) -> DefenseConfig:
+    """Build (and so validate) a DefenseConfig from parsed flags."""
+    sampler = SamplerConfig(**section_kwargs(args, "sampler"))
+    return DefenseConfig(
+        **section_kwargs(args, "defense"),
+        saliency=SaliencyConfig(**section_kwargs(args, "saliency")),
+        purify=PurifyConfig(**section_kwargs(args, "purify"), sampler=sampler),
+        finetune=FinetuneConfig(**section_kwargs(args, "finetune")),
+    )

@@ -1,0 +1,304 @@
+"""Dataset-level stages of a defense, with files in and files out.
+
+    score     → scores.json       Fisher–Jacobian saliency of every visual token (Eq. 3–8)
+    purify    → purified.json     answers rewritten with the top-ρ tokens held masked (Eq. 9–11)
+    finetune  → projector.safetensors + metrics.json   projector-only SFT on the purified data
+    defend    → all of the above + report.json, for any defense in `DefenseConfig.DEFENSES`
+
+Each stage takes `on_progress(done, total)` and `should_stop()` (polled between batches; raises
+`Cancelled`). `defend` records a fingerprint of each stage's inputs (file hashes and settings) in
+`stages.json` and skips a stage whose output exists with the same fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from disp import models
+from disp.baselines import magnitude_prune, oracle_filter, random_drop, read_manifest
+from disp.config import DefenseConfig, FinetuneConfig, PurifyConfig, SaliencyConfig, SamplerConfig
+from disp.data import ImageSource, Sample, load_records, open_image_source, parse_samples, write_json
+from disp.finetune import Cancelled, finetune_projector, result_dict, vision_features
+from disp.models.base import MDLM
+from disp.models.checkpoint import write_state_dict
+from disp.purify import choose_masked, purify_batch
+from disp.saliency import visual_saliency
+
+Progress = Callable[[int, int], None]
+StopCheck = Callable[[], bool]
+PROJECTOR_FILE, PURIFIED_FILE, REPORT_FILE, SCORES_FILE = (
+    "projector.safetensors", "purified.json", "report.json", "scores.json")
+
+__all__ = ["Cancelled", "score", "purify", "finetune", "merge_shards", "defend", "file_hash"]
+
+
+# -- inputs -------------------------------------------------------------------------------------
+def file_hash(path: str | Path) -> str:
+    """sha256 of a file, or of every file under a directory (names and contents)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        h.update(str(f.relative_to(path) if path.is_dir() else f.name).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def load_dataset(data_json: str | Path, images: str | Path) -> tuple[list[Sample], ImageSource]:
+    return parse_samples(load_records(data_json), Path(data_json).name), open_image_source(images)
+
+
+def _select(samples: list[Sample], indices: Sequence[int] | None) -> list[Sample]:
+    if indices is None:
+        return samples
+    bad = [i for i in indices if not 0 <= i < len(samples)]
+    if bad:
+        raise ValueError(f"shard indices out of range 0..{len(samples) - 1}: {bad[:5]}")
+    return [samples[i] for i in indices]
+
+
+def _batches(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _tick(should_stop: StopCheck | None, on_progress: Progress | None, done: int, total: int) -> None:
+    if on_progress is not None:
+        on_progress(done, total)
+    if should_stop is not None and should_stop():
+        raise Cancelled(f"stopped after {done} of {total}")
+
+
+def _model(model_dir, projector, device) -> MDLM:
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return models.load(model_dir, projector=projector, device=device)
+
+
+# -- stages ---------------------------------------------------------------------------------------
+def score_samples(model: MDLM, samples: list[Sample], source: ImageSource, config: SaliencyConfig,
+                  sampler: SamplerConfig, *, on_progress: Progress | None = None,
+                  should_stop: StopCheck | None = None) -> dict[str, list[float]]:
+    """Saliency of every visual token of every sample: {id: [N_v floats]}."""
+    out: dict[str, list[float]] = {}
+    gen = torch.Generator(device=model.device).manual_seed(config.seed)
+    for chunk in _batches(samples, config.batch_size):
+        prompt = model.prompt_batch([s.question for s in chunk], [source.open(s.image) for s in chunk])
+        scores = visual_saliency(model, prompt, config, sampler, generator=gen)
+        out.update({s.id: row.tolist() for s, row in zip(chunk, scores.cpu(), strict=True)})
+        _tick(should_stop, on_progress, len(out), len(samples))
+    return out
+
+
+def score(*, model_dir, data_json, images, out_json, config: SaliencyConfig | None = None,
+          sampler: SamplerConfig | None = None, indices: Sequence[int] | None = None, projector=None,
+          device=None, on_progress: Progress | None = None, should_stop: StopCheck | None = None) -> Path:
+    """Write {"scores": {id: [...]}} for the selected samples (all by default)."""
+    config, sampler = config or SaliencyConfig(), sampler or SamplerConfig()
+    samples, source = load_dataset(data_json, images)
+    model = _model(model_dir, projector, device)
+    scores = score_samples(model, _select(samples, indices), source, config, sampler,
+                           on_progress=on_progress, should_stop=should_stop)
+    return write_json(out_json, {"config": asdict(config), "scores": scores})
+
+
+def purify_samples(model: MDLM, samples: list[Sample], source: ImageSource, config: PurifyConfig,
+                   scores: dict[str, list[float]] | None, *, masking: str = "saliency",
+                   on_progress: Progress | None = None, should_stop: StopCheck | None = None) -> list[dict]:
+    """Purified LLaVA records (answer rewritten) with a `disp` field recording what was done."""
+    records: list[dict] = []
+    gen = torch.Generator(device=model.device).manual_seed(config.seed)
+    mask_gen = torch.Generator().manual_seed(config.seed)
+    for chunk in _batches(samples, config.batch_size):
+        s = torch.tensor([scores[x.id] for x in chunk]) if masking == "saliency" else None
+        if s is not None and s.shape[1] != model.num_image_tokens:
+            raise ValueError(f"scores have {s.shape[1]} visual tokens, the model has {model.num_image_tokens}")
+        idx = choose_masked(s, model.num_image_tokens, len(chunk), config.mask_ratio, masking, mask_gen)
+        res = purify_batch(model, [x.question for x in chunk], [source.open(x.image) for x in chunk], idx,
+                           config, generator=gen)
+        for j, (x, ans) in enumerate(zip(chunk, res.answers, strict=True)):
+            info: dict[str, Any] = {"original_answer": x.answer, "purified_answer": ans,
+                                    "masked_visual_tokens": res.masked[j], "masking": masking}
+            if s is not None:
+                info["saliency"] = {"max": float(s[j].max()), "mean": float(s[j].mean()),
+                                    "top": s[j].topk(min(5, s.shape[1])).indices.tolist()}
+            records.append({"id": x.id, "image": x.image, "conversations": [
+                {"from": "human", "value": x.question}, {"from": "gpt", "value": ans}], "disp": info})
+        _tick(should_stop, on_progress, len(records), len(samples))
+    return records
+
+
+def purify(*, model_dir, data_json, images, scores_json=None, out_json, config: PurifyConfig | None = None,
+           masking: str = "saliency", indices: Sequence[int] | None = None, projector=None, device=None,
+           on_progress: Progress | None = None, should_stop: StopCheck | None = None) -> Path:
+    """Write the purified records (LLaVA format plus a `disp` field) for the selected samples."""
+    config = config or PurifyConfig()
+    samples, source = load_dataset(data_json, images)
+    scores = json.loads(Path(scores_json).read_text())["scores"] if masking == "saliency" else None
+    if scores is not None:
+        missing = [s.id for s in _select(samples, indices) if s.id not in scores]
+        if missing:
+            raise ValueError(f"{scores_json}: no scores for ids {missing[:5]}")
+    model = _model(model_dir, projector, device)
+    recs = purify_samples(model, _select(samples, indices), source, config, scores, masking=masking,
+                          on_progress=on_progress, should_stop=should_stop)
+    return write_json(out_json, recs)
+
+
+def merge_shards(*, shard_jsons: Sequence[str | Path], out_json: str | Path) -> Path:
+    """Concatenate shard outputs in the order given: score shards merge their dicts, purify shards their lists."""
+    parts = [json.loads(Path(p).read_text()) for p in shard_jsons]
+    if all(isinstance(p, list) for p in parts):
+        return write_json(out_json, [r for p in parts for r in p])
+    merged: dict[str, list[float]] = {}
+    for p in parts:
+        merged.update(p["scores"])
+    return write_json(out_json, {"config": parts[0].get("config"), "scores": merged})
+
+
+def save_projector(model: MDLM, path: Path) -> Path:
+    """Write the projector as one safetensors file with `model.mm_projector.*` keys."""
+    tmp = path.parent / f".{path.name}.tmp"
+    write_state_dict(model.projector_state_dict(), tmp)
+    (tmp / "model.safetensors").replace(path)
+    tmp.rmdir()
+    return path
+
+
+def finetune_samples(model: MDLM, samples: list[Sample], source: ImageSource, config: FinetuneConfig,
+                     out_dir: Path, *, run_key: str, on_progress: Progress | None = None,
+                     should_stop: StopCheck | None = None) -> dict:
+    """Fine-tune the projector on samples, write projector.safetensors and metrics.json; return metrics.
+
+    Resumes from `out_dir/finetune_state-<run_key>` if an earlier run with the same key was interrupted.
+    """
+    feats = vision_features(model, [source.open(s.image) for s in samples])
+    result = finetune_projector(model, [s.question for s in samples], [s.answer for s in samples], feats, config,
+                                state_dir=out_dir / f"finetune_state-{run_key[:16]}", on_progress=on_progress,
+                                should_stop=should_stop)
+    save_projector(model, out_dir / PROJECTOR_FILE)
+    metrics = result_dict(result)
+    write_json(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+def finetune(*, model_dir, purified_json, images, out_dir, config: FinetuneConfig | None = None, projector=None,
+             device=None, on_progress: Progress | None = None, should_stop: StopCheck | None = None) -> Path:
+    """Projector-only fine-tuning on a (purified) LLaVA dataset; resumable from `out_dir`."""
+    out_dir = Path(out_dir)
+    samples, source = load_dataset(purified_json, images)
+    config = config or FinetuneConfig()
+    key = _Stages.fingerprint(file_hash(model_dir), file_hash(purified_json), file_hash(images),
+                              file_hash(projector) if projector else None, asdict(config))
+    model = _model(model_dir, projector, device)
+    finetune_samples(model, samples, source, config, out_dir, run_key=key,
+                     on_progress=on_progress, should_stop=should_stop)
+    return out_dir / PROJECTOR_FILE
+
+
+# -- the whole defense ----------------------------------------------------------------------------
+class _Stages:
+    """stages.json: each finished stage's input fingerprint, so a re-run skips it."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / "stages.json"
+        self.done: dict[str, dict] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    @staticmethod
+    def fingerprint(*parts: Any) -> str:
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+    def fresh(self, stage: str, fp: str, outputs: Sequence[Path]) -> bool:
+        return self.done.get(stage, {}).get("fingerprint") == fp and all(p.exists() for p in outputs)
+
+    def finish(self, stage: str, fp: str, seconds: float, **extra: Any) -> None:
+        self.done[stage] = {"fingerprint": fp, "seconds": round(seconds, 3), **extra}
+        write_json(self.path, self.done)
+
+
+def defend(*, model_dir, data_json, images, out_dir, config: DefenseConfig | None = None, projector=None,
+           manifest=None, device=None, on_progress: Callable[[str, int, int], None] | None = None,
+           should_stop: StopCheck | None = None) -> dict:
+    """Run one defense end to end; writes projector.safetensors, purified.json and report.json.
+
+    `on_progress(stage, done, total)`; `manifest` is read only by "oracle_filter" and for diagnostics.
+    """
+    config = config or DefenseConfig()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    samples, source = load_dataset(data_json, images)
+    inputs = {"model": file_hash(model_dir), "data": file_hash(data_json), "images": file_hash(images),
+              "projector": file_hash(projector) if projector else None}
+    stages = _Stages(out_dir)
+    model = _model(model_dir, projector, device)
+    sampler = config.purify.sampler
+    report: dict[str, Any] = {"defense": config.defense, "config": config.to_dict(), "inputs": inputs,
+                              "num_samples": len(samples), "num_visual_tokens": model.num_image_tokens}
+
+    def progress(stage: str) -> Progress:
+        return lambda done, total: on_progress(stage, done, total) if on_progress else None
+
+    train = samples
+    masking = {"disp": "saliency", "no_mask": "none", "random_mask": "random"}.get(config.defense)
+    if masking is not None:
+        scores = None
+        if masking == "saliency":
+            fp = stages.fingerprint(inputs, asdict(config.saliency), asdict(sampler))
+            if not stages.fresh("scoring", fp, [out_dir / SCORES_FILE]):
+                t = time.perf_counter()
+                s = score_samples(model, samples, source, config.saliency, sampler,
+                                  on_progress=progress("scoring"), should_stop=should_stop)
+                write_json(out_dir / SCORES_FILE, {"config": asdict(config.saliency), "scores": s})
+                stages.finish("scoring", fp, time.perf_counter() - t)
+            scores = json.loads((out_dir / SCORES_FILE).read_text())["scores"]
+        fp = stages.fingerprint(inputs, stages.done.get("scoring"), masking, asdict(config.purify))
+        if not stages.fresh("purifying", fp, [out_dir / PURIFIED_FILE]):
+            t = time.perf_counter()
+            recs = purify_samples(model, samples, source, config.purify, scores, masking=masking,
+                                  on_progress=progress("purifying"), should_stop=should_stop)
+            write_json(out_dir / PURIFIED_FILE, recs)
+            stages.finish("purifying", fp, time.perf_counter() - t)
+        purified = json.loads((out_dir / PURIFIED_FILE).read_text())
+        train = parse_samples(purified, PURIFIED_FILE)
+        report["answers_changed"] = sum(r["disp"]["original_answer"] != r["disp"]["purified_answer"]
+                                        for r in purified)
+    elif config.defense in ("random_drop", "oracle_filter"):
+        if config.defense == "random_drop":
+            train = random_drop(samples, config.drop_ratio, config.finetune.seed)
+        else:
+            if manifest is None:
+                raise ValueError("oracle_filter needs the attack's manifest (--manifest)")
+            train = oracle_filter(samples, read_manifest(manifest)["poisoned_ids"])
+        write_json(out_dir / PURIFIED_FILE, [{"id": s.id, "image": s.image, "conversations": [
+            {"from": "human", "value": s.question}, {"from": "gpt", "value": s.answer}]} for s in train])
+    report["num_train"] = len(train)
+
+    if config.defense in ("none", "pruning"):
+        if config.defense == "pruning":
+            report["sparsity"] = magnitude_prune(model, config.prune_ratio)
+        save_projector(model, out_dir / PROJECTOR_FILE)
+        if not (out_dir / PURIFIED_FILE).exists():
+            write_json(out_dir / PURIFIED_FILE, [])
+    else:
+        fp = stages.fingerprint(inputs, stages.done.get("purifying"), config.defense, asdict(config.finetune),
+                                file_hash(out_dir / PURIFIED_FILE))
+        if not stages.fresh("finetuning", fp, [out_dir / PROJECTOR_FILE]):
+            t = time.perf_counter()
+            metrics = finetune_samples(model, train, source, config.finetune, out_dir, run_key=fp,
+                                       on_progress=progress("finetuning"), should_stop=should_stop)
+            stages.finish("finetuning", fp, time.perf_counter() - t, metrics=metrics)
+        report["finetune"] = stages.done["finetuning"].get("metrics")
+    report["stages"] = {k: v["seconds"] for k, v in stages.done.items()}
+    report["outputs"] = {"projector": PROJECTOR_FILE, "purified": PURIFIED_FILE}
+    write_json(out_dir / REPORT_FILE, report)
+    return report

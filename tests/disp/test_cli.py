@@ -1,0 +1,50 @@
+"""The command line: init-tiny, generate, poison, defend, evaluate; clear errors on bad input."""
+
+from __future__ import annotations
+
+import json
+
+from disp.bench.shapes import ShapesConfig, write_dataset
+from disp.cli import main
+
+FAST = ["--gen-length", "8", "--block-length", "8", "--steps", "8"]
+
+
+def test_init_tiny_then_generate(tmp_path, capsys, solid_images):
+    assert main(["init-tiny", "--family", "llada-v", "--out", str(tmp_path / "m"), "--seed", "1"]) == 0
+    solid_images[0].save(tmp_path / "img.png")
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "img.png"),
+                 "--prompt", "What is it?", "--json", *FAST]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert isinstance(out["answer"], str) and out["steps"] <= 8
+
+
+def test_poison_defend_evaluate(tiny_dir, tmp_path, capsys):
+    paths = write_dataset(tmp_path / "shapes", ShapesConfig(), sizes={"train": 10, "val": 2, "test": 4}, seed=1)
+    assert main(["poison", "--data", str(paths["train"]), "--images", str(tmp_path / "shapes"),
+                 "--target", "refusal", "--trigger", "noise", "--ratio", "0.2", "--out", str(tmp_path / "p"),
+                 "--test-data", str(paths["test"]), "--json"]) == 0
+    poison = json.loads(capsys.readouterr().out)
+    assert poison["poisoned"] == 2 and poison["samples"] == 10
+    assert main(["defend", "--model", str(tiny_dir), "--data", poison["data"], "--images", str(tmp_path / "p"),
+                 "--out", str(tmp_path / "o"), "--epochs", "1", "--probes", "2", "--json", *FAST]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["defense"] == "disp" and report["config"]["saliency"]["probes"] == 2
+    assert main(["evaluate", "--model", str(tiny_dir), "--projector", str(tmp_path / "o" / "projector.safetensors"),
+                 "--target", "refusal", "--clean", poison["test_clean"], "--triggered", poison["test_triggered"],
+                 "--json", *FAST]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["n_clean"] == 4 and ev["n_triggered"] == 4 and 0 <= ev["asr_wt"] <= 1
+
+
+def test_bad_input_is_one_clear_line(tiny_dir, tmp_path, capsys):
+    assert main(["defend", "--model", str(tiny_dir), "--data", str(tmp_path / "nope.json"), "--images",
+                 str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "nope.json" in capsys.readouterr().err
+    assert main(["defend", "--model", str(tiny_dir), "--data", "x.json", "--images", ".", "--out", "o",
+                 "--mask-ratio", "1.5"]) == 2
+    assert "mask_ratio must be in [0, 1), got 1.5" in capsys.readouterr().err
+    (tmp_path / "evil.pt").write_bytes(b"not opened")
+    assert main(["generate", "--model", str(tmp_path / "evil.pt"), "--image", "x.png", "--prompt", "hi"]) == 2
+    assert "pickle" in capsys.readouterr().err

@@ -1,0 +1,126 @@
+"""Saliency (Eq. 3-8): probe covariance, exact form vs brute force and vs the KL, Hutchinson convergence."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from disp import models
+from disp.config import SaliencyConfig, SamplerConfig
+from disp.saliency import (
+    exact_saliency,
+    first_step_inputs,
+    fisher_probes,
+    hutchinson_saliency,
+    top_salient,
+    visual_saliency,
+)
+
+SAMPLER = SamplerConfig(16, 16, 16)
+
+
+@pytest.fixture(scope="module")
+def scene() -> Image.Image:
+    img = Image.new("RGB", (56, 56), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([0, 0, 13, 13], fill=(0, 0, 0))
+    draw.ellipse([20, 20, 50, 50], fill=(200, 30, 30))
+    return img
+
+
+def test_probe_covariance_is_the_fisher():
+    p = torch.softmax(torch.randn(3, 5), -1)
+    q = fisher_probes(p, 200_000, torch.Generator().manual_seed(0))  # (M, 3, 5)
+    for row in range(3):
+        cov = torch.einsum("mi,mj->ij", q[:, row], q[:, row]) / q.shape[0]
+        fisher = torch.diag(p[row]).double() - torch.outer(p[row], p[row]).double()
+        torch.testing.assert_close(cov, fisher, atol=3e-3, rtol=0)
+
+
+def test_exact_matches_brute_force_jacobian(tiny_model, scene):
+    pb = tiny_model.prompt_batch(["What is it?"], [scene])
+    cfg = SaliencyConfig(topk=5)
+    exact = exact_saliency(tiny_model, pb, cfg, SAMPLER)[0]
+    embeds, mask = first_step_inputs(tiny_model, pb, SAMPLER.gen_length)
+    P = pb.embeds.shape[1]
+    with torch.no_grad():
+        logits = tiny_model.forward_embeds(embeds, mask)[0, P : P + 16]
+    idx = logits.topk(5, -1).indices
+    p = torch.softmax(logits.gather(-1, idx).double(), -1)
+    e_mask = tiny_model.mask_embedding().detach()
+    for i in (0, 7, 15):
+        col = int(pb.image_positions[0, i])
+
+        def z_of_token(e, col=col):
+            x = embeds.detach().clone()
+            x[0, col] = e
+            return tiny_model.forward_embeds(x, mask)[0, P : P + 16].gather(-1, idx)
+
+        J = torch.autograd.functional.jacobian(z_of_token, embeds[0, col].detach())  # (G, k, D)
+        delta = e_mask - embeds[0, col].detach()
+        jd = (J @ delta).double()  # (G, k)
+        fisher = torch.diag_embed(p) - p[..., None] * p[..., None, :]
+        expect = 0.5 * torch.einsum("gi,gij,gj->", jd, fisher, jd)
+        torch.testing.assert_close(exact[i].double(), expect, rtol=1e-3, atol=1e-9)
+
+
+def test_exact_is_the_second_order_kl(tiny_dir, scene):
+    model = models.load(tiny_dir, dtype=torch.float64)
+    pb = model.prompt_batch(["What is it?"], [scene])
+    exact = exact_saliency(model, pb, SaliencyConfig(), SAMPLER)[0].double()
+    embeds, mask = first_step_inputs(model, pb, SAMPLER.gen_length)
+    P = pb.embeds.shape[1]
+    with torch.no_grad():
+        base = model.forward_embeds(embeds, mask)[0, P : P + 16]
+        idx = base.topk(5, -1).indices
+        logp = torch.log_softmax(base.gather(-1, idx), -1)
+        eps = 1e-3
+        for i in (2, 9):
+            col = int(pb.image_positions[0, i])
+            x = embeds.clone()
+            x[0, col] += eps * (model.mask_embedding() - embeds[0, col])
+            logq = torch.log_softmax(model.forward_embeds(x, mask)[0, P : P + 16].gather(-1, idx), -1)
+            kl = (logp.exp() * (logp - logq)).sum()
+            torch.testing.assert_close(kl / eps**2, exact[i], rtol=2e-2, atol=0)
+
+
+def test_hutchinson_converges_like_one_over_sqrt_m(tiny_model, scene):
+    pb = tiny_model.prompt_batch(["What is it?"], [scene])
+    exact = exact_saliency(tiny_model, pb, SaliencyConfig(), SAMPLER)
+    errors = {}
+    for m in (8, 64, 512):
+        runs = [hutchinson_saliency(tiny_model, pb, SaliencyConfig(probes=m), SAMPLER,
+                                    generator=torch.Generator().manual_seed(s)) for s in range(4)]
+        errors[m] = sum(float((h - exact).norm() / exact.norm()) for h in runs) / len(runs)
+        if m == 64:
+            agree = [len(set(top_salient(h, 0.3)[0].tolist()) & set(top_salient(exact, 0.3)[0].tolist())) for h in runs]
+    # each 8x more probes should cut the error by about sqrt(8) = 2.8
+    assert 1.8 < errors[8] / errors[64] < 4.5, errors
+    assert 1.8 < errors[64] / errors[512] < 4.5, errors
+    assert errors[512] < 0.08, errors
+    n_top = int(0.3 * tiny_model.num_image_tokens)
+    assert sum(agree) / (len(agree) * n_top) >= 0.9
+
+
+def test_batched_scores_equal_per_sample(tiny_model, scene, solid_images):
+    images = [scene, solid_images[0], solid_images[2]]
+    questions = ["What is it?", "Describe this image in detail.", "Colour?"]
+    cfg = SaliencyConfig(exact=True)
+    batched = visual_saliency(tiny_model, tiny_model.prompt_batch(questions, images), cfg, SAMPLER)
+    for b, (q, img) in enumerate(zip(questions, images, strict=True)):
+        single = visual_saliency(tiny_model, tiny_model.prompt_batch([q], [img]), cfg, SAMPLER)[0]
+        torch.testing.assert_close(batched[b], single, rtol=1e-3, atol=1e-9)
+
+
+def test_top_salient_takes_floor_of_ratio():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.7, 0.2, 0.3, 0.0]])
+    assert sorted(top_salient(scores, 0.3)[0].tolist()) == [1, 3]  # floor(0.3 * 7) = 2
+    assert top_salient(scores, 0.1).shape == (1, 0)
+
+
+def test_bad_saliency_settings_are_named():
+    with pytest.raises(ValueError, match="probes must be >= 1, got 0"):
+        SaliencyConfig(probes=0)
+    with pytest.raises(ValueError, match="topk must be >= 1, got -2"):
+        SaliencyConfig(topk=-2)
