@@ -137,6 +137,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("bench")
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.bench == "pretrain":
+        from disp.bench.pretrain import main as pretrain_main
+
+        return pretrain_main(args.rest)
+    from disp.bench.reproduce import ReproduceConfig, check_quick, reproduce
+
+    base = str(args.base or "")
+    cfg = ReproduceConfig.quick(base=base) if args.quick else ReproduceConfig(base=base)
+    result = reproduce(cfg, args.work, log=lambda line: print(line, file=sys.stderr))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    print(f"{'target':<18}{'trigger':<9}{'defense':<15}{'CP':>7}{'ASR w/o':>9}{'ASR w/t':>9}")
+    for r in result["rows"]:
+        print(f"{r['target']:<18}{r['trigger']:<9}{r['defense']:<15}{_pct(r['cp']):>7}{_pct(r['asr_wo']):>9}"
+              f"{_pct(r['asr_wt']):>9}")
+    print(f"total {result['seconds']:.0f}s")
+    if args.quick:
+        failures = check_quick(result["rows"])
+        for f in failures:
+            print(f"quick check failed: {f}", file=sys.stderr)
+        return 1 if failures else 0
+    return 0
+
+
 def _bar(desc: str):
     from tqdm import tqdm
 
@@ -227,6 +254,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--triggered", type=Path, default=None, help="triggered held-out LLaVA JSON")
     p.add_argument("--triggered-images", type=Path, default=None, help="(default: the JSON's folder)")
     add_defense_flags(p, sections=("sampler",), defense=False)
+
+    p = sub.add_parser("bench", help="reproduction experiments (reproduce) and the SHAPES base recipe (pretrain)")
+    bench = p.add_subparsers(dest="bench", required=True)
+    b = bench.add_parser("reproduce", help="the paper's protocol on the SHAPES base model")
+    b.add_argument("--quick", action="store_true", help="one target, one trigger; asserts the paper's effect")
+    b.add_argument("--json", type=Path, default=None, help="write the results JSON here")
+    b.add_argument("--base", type=Path, default=None, help="base checkpoint (default: the committed SHAPES base)")
+    b.add_argument("--work", type=Path, default=Path("runs/reproduce"), help="working directory (cached stages)")
+    b = bench.add_parser("pretrain", help="train the SHAPES base model (flags: disp bench pretrain -- -h)")
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="the recipe's own flags")
 
     p = sub.add_parser("demo", help="poison a small dataset, defend it, and show ASR before and after")
     p.add_argument("--workdir", type=Path, default=Path("runs/demo"))

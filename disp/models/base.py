@@ -20,7 +20,7 @@ from torch import nn
 
 from disp.constants import IMAGE_TOKEN_INDEX, PROJECTOR_PREFIX
 from disp.models.checkpoint import CheckpointError, load_into, read_state_dict
-from disp.tokenizer import ChatTokenizer
+from disp.tokenizer import ChatTokenizer, PromptTemplate
 
 
 def build_projector(kind: str, in_dim: int, out_dim: int) -> nn.Sequential:
@@ -78,6 +78,16 @@ class PromptBatch:
     embeds: torch.Tensor
     attention_mask: torch.Tensor
     image_positions: torch.Tensor
+
+
+def prompt_template(config: dict[str, Any]) -> PromptTemplate:
+    """The checkpoint's declared prompt format: config.json `disp_prompt_template` ({"system": ...}),
+    else LLaDA-V's `llava_llada` template with its system prompt."""
+    fields = config.get("disp_prompt_template") or {}
+    unknown = sorted(set(fields) - {"system", "image_first"})
+    if unknown:
+        raise CheckpointError(f"config.json: unknown disp_prompt_template fields {unknown}")
+    return PromptTemplate(**fields)
 
 
 class MDLM(nn.Module, ABC):
@@ -224,7 +234,7 @@ class MDLM(nn.Module, ABC):
 
     @classmethod
     def from_dir(cls, path: Path, config: dict[str, Any], dtype: torch.dtype | None = None) -> MDLM:
-        model = cls(config, ChatTokenizer.from_dir(path))
+        model = cls(config, ChatTokenizer.from_dir(path, template=prompt_template(config)))
         state = read_state_dict(path)
         own = model.state_dict()
         # The tower's final LayerNorm is never used (LLaDA-V reads the pre-norm hidden states).

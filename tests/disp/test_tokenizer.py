@@ -40,3 +40,20 @@ def test_template_without_system(tiny_dir):
 def test_missing_tokenizer_is_a_clear_error(tmp_path):
     with pytest.raises(TokenizerError, match="no tokenizer.json"):
         ChatTokenizer.from_dir(tmp_path)
+
+
+def test_checkpoint_declares_its_prompt_template(tmp_path):
+    import json
+
+    from disp import models
+    from disp.models.checkpoint import CheckpointError
+    from disp.models.tiny import write_tiny_checkpoint
+
+    d = write_tiny_checkpoint(tmp_path / "m")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "disp_prompt_template": {"system": None}}))
+    text = models.load(d).tokenizer.render_prompt("hi")
+    assert text.startswith("<|startoftext|><|start_header_id|>user<|end_header_id|>")
+    (d / "config.json").write_text(json.dumps({**cfg, "disp_prompt_template": {"sistem": None}}))
+    with pytest.raises(CheckpointError, match="sistem"):
+        models.load(d)
