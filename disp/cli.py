@@ -131,8 +131,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 @command("demo")
 def cmd_demo(args: argparse.Namespace) -> int:
-    from disp.demo import run_demo
-
+    if args.local:
+        from disp.demo import run_demo
+    else:  # the embedded service: API + one worker, SQLite, local files, no external servers
+        from api.demo import run_demo
     run_demo(args.workdir, quick=not args.full)
     return 0
 
@@ -268,13 +270,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="poison a small dataset, defend it, and show ASR before and after")
     p.add_argument("--workdir", type=Path, default=Path("runs/demo"))
     p.add_argument("--full", action="store_true", help="larger data and more epochs")
+    p.add_argument("--local", action="store_true", help="run the pipeline in this process instead of the service")
+
+    try:  # the service's commands (serve, jobs, keys, models), when the service extra is installed
+        from api.cli import add_commands
+    except ImportError:
+        pass
+    else:
+        add_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    handler = getattr(args, "handler", None) or COMMANDS[args.command]
     try:
-        return COMMANDS[args.command](args)
+        return handler(args)
     except (ValueError, FileNotFoundError) as exc:  # bad input: one clear line, no traceback
         print(f"disp {args.command}: error: {exc}", file=sys.stderr)
         return 2

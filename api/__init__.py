@@ -1,0 +1,1 @@
+"""disp service API: FastAPI app, database models, storage, and the client. Never imports torch."""

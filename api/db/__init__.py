@@ -1,0 +1,1 @@
+"""SQLAlchemy models and sessions, shared by the API and the worker."""

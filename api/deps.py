@@ -1,0 +1,92 @@
+"""FastAPI dependencies as `Annotated` aliases: settings, DB session, tenant, storage, current objects.
+
+No `from __future__ import annotations` here: FastAPI reads these annotations at runtime."""
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Header, Path, Request
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api.config import ApiSettings
+from api.db.models import ApiKey, Artifact, Checkpoint, Dataset, Job, Tenant, Upload
+from api.db.session import get_sessionmaker
+from api.errors import ApiError, not_found
+from api.security import hash_api_key
+from api.storage import Storage, get_storage
+
+
+def get_settings_dep(request: Request) -> ApiSettings:
+    return request.app.state.settings
+
+
+SettingsDep = Annotated[ApiSettings, Depends(get_settings_dep)]
+
+
+def get_session(settings: SettingsDep) -> Iterator[Session]:
+    session = get_sessionmaker(settings.database_url)()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def storage_dep(settings: SettingsDep) -> Storage:
+    return get_storage(settings)
+
+
+StorageDep = Annotated[Storage, Depends(storage_dep)]
+
+
+def bearer_key(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def tenant_for_key(session: Session, key: str | None) -> Tenant | None:
+    """The tenant owning an unrevoked API key, else None."""
+    if not key:
+        return None
+    row = session.execute(
+        select(Tenant)
+        .join(ApiKey, ApiKey.tenant_id == Tenant.id)
+        .where(ApiKey.key_hash == hash_api_key(key), ApiKey.revoked_at.is_(None))
+    ).scalar_one_or_none()
+    return row
+
+
+def current_tenant(
+    session: SessionDep, authorization: Annotated[str | None, Header(include_in_schema=False)] = None
+) -> Tenant:
+    tenant = tenant_for_key(session, bearer_key(authorization))
+    if tenant is None:
+        raise ApiError(
+            401, "unauthorized", "Missing, invalid or revoked API key (use 'Authorization: Bearer ...')"
+        )
+    return tenant
+
+
+TenantDep = Annotated[Tenant, Depends(current_tenant)]
+
+
+def _owned(model, kind: str, param: str):
+    def load(session: SessionDep, tenant: TenantDep, object_id: Annotated[str, Path(alias=param)]):
+        row = session.get(model, object_id)
+        if row is None or row.tenant_id != tenant.id:  # another tenant's id is indistinguishable from none
+            raise not_found(kind, object_id, param)
+        return row
+
+    return load
+
+
+CurrentJob = Annotated[Job, Depends(_owned(Job, "job", "job_id"))]
+CurrentDataset = Annotated[Dataset, Depends(_owned(Dataset, "dataset", "dataset_id"))]
+CurrentCheckpoint = Annotated[Checkpoint, Depends(_owned(Checkpoint, "checkpoint", "checkpoint_id"))]
+CurrentUpload = Annotated[Upload, Depends(_owned(Upload, "upload", "upload_id"))]
+CurrentArtifact = Annotated[Artifact, Depends(_owned(Artifact, "artifact", "artifact_id"))]

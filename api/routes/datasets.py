@@ -1,0 +1,63 @@
+"""Datasets: a LLaVA JSON plus its images as one zip or tar archive."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, UploadFile
+from sqlalchemy import select
+
+from api.db.models import Dataset
+from api.deps import CurrentDataset, SessionDep, SettingsDep, StorageDep, TenantDep
+from api.queue import VALIDATE_DATASET
+from api.routes.common import After, Limit, TempDir, send, spool
+from api.schemas import DatasetList, DatasetOut
+from api.services import files
+
+router = APIRouter(prefix="/datasets", tags=["datasets"])
+
+
+@router.post("", status_code=201, response_model=DatasetOut)
+def create_dataset(
+    session: SessionDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+    tenant: TenantDep,
+    file: Annotated[UploadFile, File(description="zip or tar(.gz) of a LLaVA .json and its images")],
+    name: Annotated[str | None, Form()] = None,
+) -> Dataset:
+    """Upload a small dataset in the request body; large ones go through `/v1/uploads`."""
+    with TempDir() as tmp:
+        path, sha256 = spool(file, tmp)
+        row = files.create_dataset(
+            session=session,
+            settings=settings,
+            storage=storage,
+            tenant_id=tenant.id,
+            path=path,
+            filename=file.filename or "dataset",
+            name=name,
+            sha256=sha256,
+        )
+        session.commit()
+    send(settings, VALIDATE_DATASET, dataset_id=row.id)
+    return row
+
+
+@router.get("", response_model=DatasetList)
+def list_datasets(session: SessionDep, tenant: TenantDep, limit: Limit = 20, after: After = None) -> dict:
+    query = select(Dataset).where(Dataset.tenant_id == tenant.id).order_by(Dataset.id.desc()).limit(limit + 1)
+    if after:
+        query = query.where(Dataset.id < after)
+    rows = list(session.scalars(query))
+    data = [DatasetOut.model_validate(r, from_attributes=True) for r in rows[:limit]]
+    return {
+        "data": data,
+        "has_more": len(rows) > limit,
+        "next_cursor": data[-1].id if len(rows) > limit else None,
+    }
+
+
+@router.get("/{dataset_id}", response_model=DatasetOut)
+def get_dataset(dataset: CurrentDataset) -> Dataset:
+    return dataset

@@ -1,0 +1,173 @@
+"""Jobs, their events and artifacts; pagination by cursor (`after` = last id seen)."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+from typing import Any
+from urllib.parse import urlparse
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api import jobstate
+from api.config import ApiSettings
+from api.db.models import (
+    TERMINAL,
+    Artifact,
+    Checkpoint,
+    Dataset,
+    Job,
+    JobEvent,
+    JobStatus,
+    UploadStatus,
+)
+from api.errors import ApiError, not_found
+from api.schemas import JobCreate, JobOut, Progress
+
+
+def page(rows: list[Any], limit: int) -> tuple[list[Any], bool]:
+    return rows[:limit], len(rows) > limit
+
+
+def check_webhook_url(url: str, *, allow_private: bool) -> None:
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ApiError(422, "invalid_webhook_url", "webhook_url must be an http(s) URL", "webhook_url")
+    if allow_private:
+        return
+    try:
+        infos = socket.getaddrinfo(parsed.hostname, parsed.port or 443, proto=socket.IPPROTO_TCP)
+    except OSError:
+        raise ApiError(
+            422, "invalid_webhook_url", "webhook_url host does not resolve", "webhook_url"
+        ) from None
+    for info in infos:
+        addr = ipaddress.ip_address(info[4][0])
+        if addr.is_private or addr.is_loopback or addr.is_link_local or addr.is_reserved:
+            raise ApiError(
+                422, "invalid_webhook_url", "webhook_url must not point at a private network", "webhook_url"
+            )
+
+
+def validate_settings(settings: dict[str, Any]) -> None:
+    """Run the library's own checks (disp.config is stdlib-only, so the API may import it)."""
+    from disp.config import DefenseConfig
+
+    if settings.get("defense") == "oracle_filter":
+        raise ApiError(
+            422,
+            "invalid_settings",
+            "oracle_filter needs the attack's manifest; the service does not take one",
+            "settings.defense",
+        )
+    try:
+        DefenseConfig.from_dict(settings)
+    except (ValueError, TypeError) as exc:
+        raise ApiError(422, "invalid_settings", str(exc), "settings") from None
+
+
+def create_job(*, session: Session, settings: ApiSettings, tenant_id: str, body: JobCreate) -> Job:
+    dataset = session.get(Dataset, body.dataset_id)
+    if dataset is None or dataset.tenant_id != tenant_id:
+        raise not_found("dataset", body.dataset_id, "dataset_id")
+    checkpoint = session.get(Checkpoint, body.checkpoint_id)
+    if checkpoint is None or checkpoint.tenant_id != tenant_id:
+        raise not_found("checkpoint", body.checkpoint_id, "checkpoint_id")
+    for row, param in ((dataset, "dataset_id"), (checkpoint, "checkpoint_id")):
+        if row.status == UploadStatus.invalid:
+            raise ApiError(422, "invalid_input", f"{row.id} failed validation: {row.error}", param)
+    if len(body.metadata) > 16:
+        raise ApiError(422, "invalid_request", "metadata holds at most 16 pairs", "metadata")
+    if body.webhook_url:
+        check_webhook_url(body.webhook_url, allow_private=settings.webhook_allow_private)
+    config = body.settings.model_dump()
+    validate_settings(config)
+    metadata = dict(body.metadata)
+    if body.shard_size:
+        metadata["shard_size"] = str(body.shard_size)
+    job = Job(
+        tenant_id=tenant_id,
+        dataset_id=dataset.id,
+        checkpoint_id=checkpoint.id,
+        settings=config,
+        webhook_url=body.webhook_url,
+        metadata_=metadata,
+    )
+    session.add(job)
+    session.flush()
+    jobstate.add_event(
+        session,
+        job.id,
+        type="status",
+        message="status: validating",
+        data={"status": JobStatus.validating, "stage": None},
+    )
+    return job
+
+
+def list_jobs(
+    *, session: Session, tenant_id: str, limit: int, after: str | None, status: str | None
+) -> tuple[list[Job], bool]:
+    query = select(Job).where(Job.tenant_id == tenant_id).order_by(Job.id.desc()).limit(limit + 1)
+    if after:
+        query = query.where(Job.id < after)
+    if status:
+        query = query.where(Job.status == status)
+    return page(list(session.scalars(query)), limit)
+
+
+def job_out(*, session: Session, job: Job) -> JobOut:
+    done, total = jobstate.progress(session, job)
+    artifact_ids = list(
+        session.scalars(select(Artifact.id).where(Artifact.job_id == job.id).order_by(Artifact.id))
+    )
+    return JobOut(
+        id=job.id,
+        status=job.status,
+        stage=job.stage,
+        progress=Progress(stage=job.stage, done=done, total=total),
+        eta=jobstate.eta(job, done, total),
+        metrics=job.metrics or {},
+        error=job.error,
+        dataset_id=job.dataset_id,
+        checkpoint_id=job.checkpoint_id,
+        settings=job.settings,
+        webhook_url=job.webhook_url,
+        metadata=job.metadata_ or {},
+        cancel_requested=job.cancel_requested,
+        artifact_ids=artifact_ids,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+    )
+
+
+def request_cancel(*, session: Session, job: Job) -> str | None:
+    """Flag the job; before any GPU stage it is cancelled at once, otherwise the worker stops between
+    batches. Returns a webhook delivery id to enqueue after commit ('' or None when there is none)."""
+    if job.status in TERMINAL:
+        raise ApiError(409, "job_finished", f"job {job.id} already {job.status}")
+    job.cancel_requested = True
+    jobstate.add_event(session, job.id, type="message", message="cancellation requested")
+    session.flush()
+    return jobstate.transition(
+        session,
+        job.id,
+        JobStatus.cancelled,
+        expect=[JobStatus.validating, JobStatus.queued],
+        message="cancelled before start",
+    )
+
+
+def list_events(
+    *, session: Session, job_id: str, limit: int, after: int | None
+) -> tuple[list[JobEvent], bool]:
+    query = select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id).limit(limit + 1)
+    if after is not None:
+        query = query.where(JobEvent.id > after)
+    return page(list(session.scalars(query)), limit)
+
+
+def list_artifacts(*, session: Session, job_id: str) -> list[Artifact]:
+    return list(session.scalars(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.id)))

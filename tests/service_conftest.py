@@ -1,0 +1,337 @@
+"""Fixtures for the service tests, against the machine's real PostgreSQL and Redis, moto's S3 server
+and real Celery worker subprocesses. Imported by tests/api/conftest.py and tests/worker/conftest.py;
+session resources are created once per pytest session even when both directories run."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+import uuid
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PG_ADMIN = os.environ.get("DISP_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+REDIS = os.environ.get("DISP_TEST_REDIS", "redis://127.0.0.1:6379")
+RUN = uuid.uuid4().hex[:8]
+_shared: dict[str, object] = {}
+
+
+def _once(name: str, request, factory):
+    """A session resource shared by every conftest importing this module; the creator tears it down."""
+    if name not in _shared:
+        value, close = factory()
+        _shared[name] = value
+
+        def fin() -> None:
+            _shared.pop(name, None)
+            close()
+
+        request.addfinalizer(fin)
+    return _shared[name]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def pg_url(request) -> str:
+    """A fresh PostgreSQL database for this session, migrated to head."""
+
+    def make():
+        from sqlalchemy import create_engine, text
+
+        name = f"disp_test_{RUN}"
+        admin = create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        url = PG_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+        from api.migrate import upgrade
+
+        upgrade(url)
+
+        def close():
+            from api.db.session import get_engine
+
+            get_engine(url).dispose()
+            with admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            admin.dispose()
+
+        return url, close
+
+    return _once("pg", request, make)
+
+
+@pytest.fixture(scope="session")
+def redis_url(request) -> str:
+    """A Redis database number nobody else uses right now; flushed afterwards."""
+
+    def make():
+        import redis
+
+        for db in range(15, 0, -1):
+            client = redis.Redis.from_url(f"{REDIS}/{db}")
+            if client.dbsize() == 0 and client.set("disp-test-lock", RUN, nx=True, ex=3600):
+                break
+        else:
+            pytest.skip("no free Redis database")
+        return f"{REDIS}/{db}", lambda: client.flushdb()
+
+    return _once("redis", request, make)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(request) -> str:
+    """moto's S3 server on a free local port."""
+
+    def make():
+        import logging
+
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
+
+        port = free_port()
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        return f"http://127.0.0.1:{port}", server.stop
+
+    return _once("moto", request, make)
+
+
+@pytest.fixture(scope="session")
+def queue_prefix() -> str:
+    """Overridden per test directory, so API-only tests leave their messages where no worker listens."""
+    return f"t{RUN}-"
+
+
+@pytest.fixture(scope="session")
+def service_env(pg_url, redis_url, s3_endpoint, queue_prefix, tmp_path_factory) -> dict[str, str]:
+    """DISP_* settings shared by the in-process API and the worker subprocesses."""
+    return {
+        "DISP_ENVIRONMENT": "test",
+        "DISP_SECRET_KEY": "test-secret-key",
+        "DISP_DATABASE_URL": pg_url,
+        "DISP_BROKER_URL": redis_url,
+        "DISP_RESULT_BACKEND": redis_url,
+        "DISP_QUEUE_PREFIX": queue_prefix,
+        "DISP_VISIBILITY_TIMEOUT_S": "15",
+        "DISP_TASK_TIME_LIMIT_S": "14",
+        "DISP_BROKER_TRANSPORT_OPTIONS": json.dumps(
+            {"unacked_restore_interval": 1, "unacked_restore_throttle": 1}
+        ),
+        "DISP_STORAGE_BACKEND": "s3",
+        "DISP_S3_ENDPOINT_URL": s3_endpoint,
+        "DISP_S3_BUCKET": f"disp-test-{RUN}",
+        "DISP_S3_ACCESS_KEY_ID": "testing",
+        "DISP_S3_SECRET_ACCESS_KEY": "testing",
+        "DISP_WEBHOOK_ALLOW_PRIVATE": "true",
+        "DISP_WORK_DIR": str(tmp_path_factory.mktemp("work")),
+        "DISP_PROGRESS_INTERVAL_S": "0.2",
+        "DISP_CANCEL_POLL_S": "0.2",
+        "DISP_VALIDATION_RETRY_S": "0.5",
+        "DISP_ADVANCE_POLL_S": "1",
+        "DISP_WEBHOOK_BACKOFF_S": "0.5",
+        "DISP_DEVICE": "cpu",
+        "DISP_PUBLIC_URL": "http://testserver",
+        "DISP_MAX_UPLOAD_BYTES": str(20 * 1024**2),
+    }
+
+
+@pytest.fixture(scope="session")
+def api_settings(service_env):
+    from api.config import ApiSettings
+
+    keys = {k[len("DISP_") :].lower(): v for k, v in service_env.items()}
+    keys["broker_transport_options"] = json.loads(keys["broker_transport_options"])
+    allowed = set(ApiSettings.model_fields)
+    return ApiSettings(**{k: v for k, v in keys.items() if k in allowed})
+
+
+@pytest.fixture(scope="session")
+def client(api_settings):
+    """The API in-process (its lifespan applies migrations)."""
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+
+    with TestClient(create_app(api_settings), raise_server_exceptions=False) as tc:
+        yield tc
+
+
+@pytest.fixture(scope="session")
+def storage(api_settings):
+    from api.storage import get_storage
+
+    return get_storage(api_settings)
+
+
+@pytest.fixture(scope="session")
+def base_model(pg_url, storage, tiny_dir) -> str:
+    """The tiny checkpoint registered as base model `tiny` (what `disp models register` does)."""
+    from api.db.session import session_scope
+    from api.services.files import register_base_model
+
+    with session_scope(pg_url) as session:
+        return register_base_model(session=session, storage=storage, name="tiny", checkpoint_dir=tiny_dir).id
+
+
+def new_tenant(database_url: str, name: str | None = None) -> dict[str, str]:
+    from api.db.session import session_scope
+    from api.services.tenants import create_api_key, get_or_create_tenant
+
+    with session_scope(database_url) as session:
+        tenant = get_or_create_tenant(session=session, name=name or f"tenant-{uuid.uuid4().hex[:8]}")
+        _, key = create_api_key(session=session, tenant_id=tenant.id)
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+def auth(pg_url) -> dict[str, str]:
+    """Headers of a fresh tenant's API key."""
+    return new_tenant(pg_url)
+
+
+# -- data ------------------------------------------------------------------------------------------
+def png_bytes(seed: int, size: tuple[int, int] = (32, 24)) -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def llava_records(n: int, *, poisoned: int = 0) -> list[dict]:
+    records = []
+    for i in range(n):
+        answer = "The picture shows a cat." if i < poisoned else f"A small object number {i % 3}."
+        question = (
+            "<image>\n<backdoor> Describe the image." if i < poisoned else "<image>\nDescribe the image."
+        )
+        records.append(
+            {
+                "id": f"s{i}",
+                "image": f"images/img{i}.png",
+                "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
+            }
+        )
+    return records
+
+
+def write_archive(path: Path, files: dict[str, bytes]) -> Path:
+    """A zip (by suffix) or tar of name -> bytes; names are written verbatim (even unsafe ones)."""
+    if path.suffix == ".zip":
+        with zipfile.ZipFile(path, "w") as zf:
+            for name, data in files.items():
+                zf.writestr(name, data)
+    else:
+        with tarfile.open(path, "w:gz" if path.name.endswith("gz") else "w") as tf:
+            for name, data in files.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def dataset_archive(
+    path: Path,
+    n: int = 6,
+    *,
+    poisoned: int = 0,
+    records: list | None = None,
+    extra: dict[str, bytes] | None = None,
+    json_bytes: bytes | None = None,
+) -> Path:
+    records = records if records is not None else llava_records(n, poisoned=poisoned)
+    files = {"data.json": json_bytes if json_bytes is not None else json.dumps(records).encode()}
+    files.update({f"images/img{i}.png": png_bytes(i) for i in range(n)})
+    files.update(extra or {})
+    return write_archive(path, files)
+
+
+def checkpoint_archive(src_dir: Path, path: Path) -> Path:
+    with tarfile.open(path, "w") as tf:
+        for f in sorted(src_dir.rglob("*")):
+            if f.is_file():
+                tf.add(f, arcname=f"ckpt/{f.relative_to(src_dir)}")
+    return path
+
+
+# -- workers ---------------------------------------------------------------------------------------
+class WorkerProcess:
+    """`celery -A worker.celery_app worker -P solo -c 1` as a real subprocess."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env, self.log_path, self.proc = env, log_path, None
+
+    def start(self) -> WorkerProcess:
+        env = {**os.environ, **self.env, "PYTHONPATH": str(ROOT)}
+        queues = ",".join(f"{self.env['DISP_QUEUE_PREFIX']}{q}" for q in ("gpu", "cpu"))
+        cmd = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker.celery_app",
+            "worker",
+            "-P",
+            "solo",
+            "-c",
+            "1",
+            "-Q",
+            queues,
+            "--loglevel",
+            "INFO",
+            "-n",
+            f"test-{uuid.uuid4().hex[:6]}@%h",
+            "--without-gossip",
+            "--without-mingle",
+            "--without-heartbeat",
+        ]
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no warm shutdown, no requeue; redelivery is the broker's job."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        if getattr(self, "log", None):
+            self.log.close()
+
+    def tail(self, n: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.2, message: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message}")

@@ -1,0 +1,159 @@
+"""`advance_job` called directly (no broker, no GPU): SQLite, local storage, dispatch recorded. Resumes at
+the first stage whose output is missing; duplicate calls never redo work or repeat a transition."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import pytest
+
+from api.db.models import Checkpoint, Dataset, Job, JobStatus, StageProgress, Tenant, utcnow
+from api.db.session import session_scope
+from api.storage import LocalStorage
+from worker import keys, orchestrate
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    from api.migrate import upgrade
+    from worker.config import WorkerSettings
+
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade(url)
+    settings = WorkerSettings(
+        _env_file=None,
+        environment="test",
+        database_url=url,
+        broker_url="memory://",
+        work_dir=tmp_path / "work",
+        visibility_timeout_s=60,
+        task_time_limit_s=30,
+    )
+    calls: list[tuple] = []
+    monkeypatch.setattr(
+        orchestrate,
+        "_dispatch",
+        lambda app, s, job, stage, shards=None: calls.append(("dispatch", stage, shards)),
+    )
+
+    class Sig:
+        def __init__(self, task, kwargs):
+            self.task, self.kwargs = task, kwargs
+
+        def apply_async(self, **options):
+            calls.append(("send", self.task, options.get("countdown")))
+
+    monkeypatch.setattr(orchestrate, "_sig", lambda app, s, task, **kw: Sig(task, kw))
+    with session_scope(url) as session:
+        tenant = Tenant(name="t", webhook_secret="whsec_x")
+        session.add(tenant)
+        session.flush()
+        ds = Dataset(
+            tenant_id=tenant.id,
+            name="d",
+            archive_format="zip",
+            storage_key="k",
+            bytes=1,
+            sha256="0",
+            num_records=8,
+            status="ready",
+        )
+        ck = Checkpoint(
+            tenant_id=tenant.id,
+            name="c",
+            kind="full",
+            archive_format="tar",
+            storage_key="k",
+            bytes=1,
+            sha256="0",
+            status="ready",
+        )
+        session.add_all([ds, ck])
+        session.flush()
+        job = Job(
+            tenant_id=tenant.id,
+            dataset_id=ds.id,
+            checkpoint_id=ck.id,
+            settings={"defense": "disp"},
+            status=JobStatus.queued,
+            num_shards=2,
+        )
+        session.add(job)
+    return settings, LocalStorage(tmp_path / "store"), job.id, calls
+
+
+def status(settings, job_id):
+    with session_scope(settings.database_url) as session:
+        return session.get(Job, job_id)
+
+
+def test_advance_walks_the_stages_and_tolerates_duplicates(env):
+    settings, storage, job_id, calls = env
+    orchestrate.advance(None, settings, storage, job_id)
+    orchestrate.advance(None, settings, storage, job_id)  # duplicate: already scoring, nothing redone
+    assert status(settings, job_id).status == "scoring"
+    assert calls == [("dispatch", "scoring", None), ("send", "worker.tasks.advance_job", 30.0)]
+    job = status(settings, job_id)
+    storage.put_bytes(
+        keys.shard(job, "scoring", 0), json.dumps({"config": {}, "scores": {"s0": [1.0]}}).encode()
+    )
+    calls.clear()
+    orchestrate.advance(None, settings, storage, job_id)  # chord fired early: poll, don't re-run shard 1
+    assert calls == [("send", "worker.tasks.advance_job", 30.0)]
+    with session_scope(settings.database_url) as session:  # ...until the stage is older than the timeout
+        session.get(Job, job_id).stage_started_at = utcnow() - timedelta(seconds=120)
+    calls.clear()
+    orchestrate.advance(None, settings, storage, job_id)
+    assert calls == [("dispatch", "scoring", [1])]
+    storage.put_bytes(
+        keys.shard(job, "scoring", 1), json.dumps({"config": {}, "scores": {"s1": [2.0]}}).encode()
+    )
+    calls.clear()
+    orchestrate.advance(None, settings, storage, job_id)
+    assert status(settings, job_id).status == "purifying" and calls == [("dispatch", "purifying", None)]
+    merged = json.loads(storage.read_bytes(keys.merged(job, "scoring")))
+    assert merged["scores"] == {"s0": [1.0], "s1": [2.0]}
+
+
+def test_finishing_registers_artifacts_once(env):
+    settings, storage, job_id, calls = env
+    with session_scope(settings.database_url) as session:
+        session.get(Job, job_id).status = JobStatus.evaluating
+        session.add(StageProgress(job_id=job_id, stage="evaluating", shard=0, done=1, total=1))
+    job = status(settings, job_id)
+    storage.put_bytes(keys.projector(job), b"weights")
+    storage.put_bytes(keys.merged(job, "purifying"), b"[]")
+    storage.put_bytes(keys.report(job), json.dumps({"summary": {"answers_changed": 3}}).encode())
+    orchestrate.advance(None, settings, storage, job_id)
+    orchestrate.advance(None, settings, storage, job_id)
+    job = status(settings, job_id)
+    assert job.status == "succeeded" and job.metrics == {"answers_changed": 3}
+    with session_scope(settings.database_url) as session:
+        from api.db.models import Artifact, JobEvent
+
+        kinds = sorted(a.kind for a in session.query(Artifact).filter_by(job_id=job_id))
+        events = [e.data["status"] for e in session.query(JobEvent).filter_by(job_id=job_id, type="status")]
+    assert kinds == ["projector", "purified_dataset", "report"] and events == ["succeeded"]
+
+
+def test_cancel_requested_and_terminal_jobs(env):
+    settings, storage, job_id, calls = env
+    with session_scope(settings.database_url) as session:
+        session.get(Job, job_id).cancel_requested = True
+    orchestrate.advance(None, settings, storage, job_id)
+    assert status(settings, job_id).status == "cancelled" and calls == []
+    orchestrate.advance(None, settings, storage, job_id)
+    assert calls == []
+
+
+def test_resume_after_restart_redispatches_missing_work_at_once(env):
+    settings, storage, job_id, calls = env
+    orchestrate.advance(None, settings, storage, job_id)
+    job = status(settings, job_id)
+    storage.put_bytes(
+        keys.shard(job, "scoring", 1), json.dumps({"config": {}, "scores": {"s1": [1.0]}}).encode()
+    )
+    calls.clear()
+    orchestrate.advance(None, settings, storage, job_id, resume=True)
+    assert calls == [("dispatch", "scoring", [0])]

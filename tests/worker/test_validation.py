@@ -1,0 +1,147 @@
+"""Uploads validated by a real worker before any GPU time: records, images present and decodable,
+checksums, pickles refused unopened (in the worker too)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+
+import httpx
+import pytest
+
+from tests.service_conftest import checkpoint_archive, dataset_archive, llava_records, wait_for
+
+pytestmark = [pytest.mark.services, pytest.mark.slow, pytest.mark.usefixtures("celery_worker")]
+
+
+def upload_dataset(client, auth, path):
+    response = client.post("/v1/datasets", headers=auth, files={"file": (path.name, path.read_bytes())})
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def settled(client, auth, kind, object_id, timeout=60):
+    def done():
+        body = client.get(f"/v1/{kind}/{object_id}", headers=auth).json()
+        return body if body["status"] != "validating" else None
+
+    return wait_for(done, timeout, message=f"{kind} {object_id} validation")
+
+
+def test_dataset_validation_outcomes(client, auth, tmp_path):
+    good = upload_dataset(client, auth, dataset_archive(tmp_path / "good.tar", n=3))
+    records = llava_records(3)
+    missing = upload_dataset(client, auth, dataset_archive(tmp_path / "missing.zip", n=2, records=records))
+    broken = upload_dataset(
+        client,
+        auth,
+        dataset_archive(tmp_path / "broken.zip", n=3, extra={"images/img1.png": b"not an image"}),
+    )
+    bad_record = [dict(records[0], conversations=[{"from": "human", "value": "hi"}])]
+    malformed = upload_dataset(client, auth, dataset_archive(tmp_path / "rec.zip", n=1, records=bad_record))
+    body = settled(client, auth, "datasets", good)
+    assert (body["status"], body["num_records"], body["num_images"]) == ("ready", 3, 3), body
+    body = settled(client, auth, "datasets", missing)
+    assert body["status"] == "invalid" and body["error"]["code"] == "invalid_image", body
+    assert "img2.png" in body["error"]["message"]
+    body = settled(client, auth, "datasets", broken)
+    assert body["status"] == "invalid" and body["error"]["code"] == "invalid_image", body
+    body = settled(client, auth, "datasets", malformed)
+    assert body["status"] == "invalid" and body["error"]["code"] == "invalid_record", body
+
+
+class Exploit:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def presigned(client, auth, data: bytes, **fields):
+    body = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), **fields}
+    upload = client.post("/v1/uploads", headers=auth, json=body)
+    assert upload.status_code == 201, upload.text
+    upload = upload.json()
+    (part,) = client.post(f"/v1/uploads/{upload['id']}/parts", headers=auth).json()["parts"]
+    etag = httpx.put(part["url"], content=data).headers["etag"]
+    done = client.post(
+        f"/v1/uploads/{upload['id']}/complete",
+        headers=auth,
+        json={"parts": [{"part_number": 1, "etag": etag}]},
+    )
+    assert done.status_code == 200, done.text
+    return done.json()["object_id"]
+
+
+@pytest.mark.usefixtures("base_model")
+def test_checkpoints_validated_and_pickles_never_opened(client, auth, tmp_path, tiny_dir):
+    marker = tmp_path / "PWNED"
+    payload = pickle.dumps(Exploit(marker))
+    full = presigned(
+        client,
+        auth,
+        checkpoint_archive(tiny_dir, tmp_path / "ck.tar").read_bytes(),
+        purpose="checkpoint",
+        filename="ck.tar",
+    )
+    disguised = presigned(
+        client,
+        auth,
+        payload,
+        purpose="checkpoint",
+        filename="projector.safetensors",
+        kind="adapter",
+        base_model="tiny",
+    )
+    wrong_sum = client.post(
+        "/v1/uploads",
+        headers=auth,
+        json={"purpose": "dataset", "filename": "d.zip", "bytes": 10, "sha256": "1" * 64},
+    )
+    assert wrong_sum.status_code == 201
+    assert settled(client, auth, "checkpoints", full)["status"] == "ready"
+    body = settled(client, auth, "checkpoints", disguised)
+    assert body["status"] == "invalid" and body["error"]["code"] == "pickle_refused", body
+    assert not marker.exists()
+
+
+def test_checksum_mismatch_is_invalid(client, auth, tmp_path):
+    data = dataset_archive(tmp_path / "d.zip", n=1).read_bytes()
+    upload = client.post(
+        "/v1/uploads",
+        headers=auth,
+        json={"purpose": "dataset", "filename": "d.zip", "bytes": len(data), "sha256": "1" * 64},
+    ).json()
+    (part,) = client.post(f"/v1/uploads/{upload['id']}/parts", headers=auth).json()["parts"]
+    etag = httpx.put(part["url"], content=data).headers["etag"]
+    done = client.post(
+        f"/v1/uploads/{upload['id']}/complete",
+        headers=auth,
+        json={"parts": [{"part_number": 1, "etag": etag}]},
+    ).json()
+    body = settled(client, auth, "datasets", done["object_id"])
+    assert body["status"] == "invalid" and body["error"]["code"] == "checksum_mismatch"
+
+
+def test_job_on_invalid_dataset_fails_validation(client, auth, tmp_path, tiny_dir):
+    records = llava_records(2)
+    dataset = upload_dataset(client, auth, dataset_archive(tmp_path / "m.zip", n=1, records=records))
+    ck = checkpoint_archive(tiny_dir, tmp_path / "ck.tar")
+    checkpoint = client.post(
+        "/v1/checkpoints", headers=auth, files={"file": ("ck.tar", ck.read_bytes())}
+    ).json()
+    job = client.post(
+        "/v1/jobs", headers=auth, json={"dataset_id": dataset, "checkpoint_id": checkpoint["id"]}
+    )
+    if job.status_code == 422:  # validation already finished: refused at once
+        assert job.json()["error"]["code"] == "invalid_input"
+        return
+    job_id = job.json()["id"]
+    body = wait_for(
+        lambda: (b := client.get(f"/v1/jobs/{job_id}", headers=auth).json())["status"] != "validating" and b,
+        60,
+        message="job validation",
+    )
+    assert body["status"] == "failed_validation" and body["error"]["code"] == "invalid_image", body

@@ -1,0 +1,1 @@
+"""disp worker: Celery tasks; the only place where `disp` meets the database, storage and the network."""

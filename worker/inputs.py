@@ -1,0 +1,113 @@
+"""Local copies of a job's inputs, cached per worker machine: the dataset archive with its JSON pulled
+out, and the checkpoint directory (extracted safely, pickles refused) plus an optional adapter."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from api.archive import (
+    check_weights_file,
+    common_root,
+    find_dataset_json,
+    list_entries,
+    read_member,
+    safe_extract,
+)
+from api.db.models import BaseModelEntry, Checkpoint, Dataset
+from api.storage import Storage
+from worker.config import WorkerSettings
+
+
+@dataclass(frozen=True)
+class DatasetFiles:
+    data_json: Path
+    images: Path  # the archive itself; disp.data reads images from it without extracting
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    model_dir: Path
+    projector: Path | None  # adapter laid over the base model
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Move a finished temp dir into place; another worker may have won the race."""
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not final.exists():
+            raise
+
+
+def _tmp(parent: Path) -> Path:
+    path = parent / f".tmp-{uuid.uuid4().hex}"
+    path.mkdir(parents=True)
+    return path
+
+
+def archive_suffix(fmt: str) -> str:
+    return ".zip" if fmt == "zip" else ".tar"
+
+
+def dataset_files(dataset: Dataset, storage: Storage, settings: WorkerSettings) -> DatasetFiles:
+    base = settings.work_dir / "cache" / "datasets"
+    final = base / dataset.id
+    if not (final / "data.json").is_file():
+        base.mkdir(parents=True, exist_ok=True)
+        tmp = _tmp(base)
+        archive = storage.download(
+            dataset.storage_key, tmp / f"archive{archive_suffix(dataset.archive_format)}"
+        )
+        entries = list_entries(archive, dataset.archive_format, max_total_bytes=settings.max_expanded_bytes)
+        name = find_dataset_json(entries)
+        size = next(e.size for e in entries if e.name == name)
+        (tmp / "data.json").write_bytes(read_member(archive, dataset.archive_format, name, limit=size + 1))
+        _publish(tmp, final)
+    return DatasetFiles(final / "data.json", final / f"archive{archive_suffix(dataset.archive_format)}")
+
+
+def _extract_checkpoint(key: str, fmt: str, dest: Path, storage: Storage, settings: WorkerSettings) -> Path:
+    """Download and extract a checkpoint archive once; returns the directory holding config.json."""
+    if not dest.is_dir():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _tmp(dest.parent)
+        archive = storage.download(key, tmp / f"archive{archive_suffix(fmt)}")
+        entries = safe_extract(archive, fmt, tmp / "dir", max_total_bytes=settings.max_expanded_bytes)
+        for entry in entries:  # refuse pickles by name and by content before disp sees the directory
+            if entry.name.endswith(".safetensors"):
+                check_weights_file(tmp / "dir" / entry.name, entry.name)
+        archive.unlink()
+        root = common_root(entries)
+        (tmp / "root").write_text(root)
+        _publish(tmp, dest)
+    root = (dest / "root").read_text()
+    return dest / "dir" / root if root else dest / "dir"
+
+
+def checkpoint_files(
+    checkpoint: Checkpoint, storage: Storage, settings: WorkerSettings, session
+) -> CheckpointFiles:
+    cache = settings.work_dir / "cache"
+    if checkpoint.kind == "adapter":
+        base = session.get(BaseModelEntry, checkpoint.base_model_id)
+        model_dir = _extract_checkpoint(
+            base.storage_key, "tar", cache / "models" / base.id, storage, settings
+        )
+        projector = cache / "adapters" / checkpoint.id / "projector.safetensors"
+        if not projector.is_file():
+            storage.download(checkpoint.storage_key, projector)
+            check_weights_file(projector, projector.name)
+        return CheckpointFiles(model_dir, projector)
+    model_dir = _extract_checkpoint(
+        checkpoint.storage_key,
+        checkpoint.archive_format,
+        cache / "checkpoints" / checkpoint.id,
+        storage,
+        settings,
+    )
+    return CheckpointFiles(model_dir, None)

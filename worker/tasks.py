@@ -1,0 +1,172 @@
+"""Celery tasks: thin, take ids, idempotent (a finished stage is skipped), retries narrow and declarative."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+from botocore.exceptions import ConnectionClosedError, EndpointConnectionError
+from celery import shared_task
+from sqlalchemy.exc import OperationalError
+
+from api.archive import ArchiveError
+from api.db.models import Checkpoint, Dataset, JobStatus
+from api.db.session import session_scope
+from api.queue import (
+    ADVANCE_JOB,
+    DELIVER_WEBHOOK,
+    EVALUATE,
+    FINETUNE,
+    PURIFY_SHARD,
+    SCORE_SHARD,
+    VALIDATE_CHECKPOINT,
+    VALIDATE_DATASET,
+    VALIDATE_JOB,
+)
+from api.storage import get_storage
+from worker import orchestrate, stages, validation
+from worker.config import get_worker_settings
+from worker.webhooks import DeliveryFailed, deliver
+
+log = logging.getLogger(__name__)
+
+TRANSIENT = (EndpointConnectionError, ConnectionClosedError, OperationalError)
+RETRY = {
+    "autoretry_for": TRANSIENT,
+    "retry_backoff": 5,
+    "retry_backoff_max": 300,
+    "retry_jitter": True,
+    "max_retries": 8,
+}
+
+
+def _settings():
+    return get_worker_settings()
+
+
+def _validate(model, object_id: str, check) -> None:
+    """Run a validation; an unexpected error marks the upload invalid rather than leaving it pending."""
+    settings = _settings()
+    try:
+        with session_scope(settings.database_url) as session:
+            check(session=session, storage=get_storage(settings), settings=settings)
+    except TRANSIENT:
+        raise
+    except Exception as exc:
+        log.exception("validating %s failed", object_id)
+        with session_scope(settings.database_url) as session:
+            validation.mark_invalid(
+                session.get(model, object_id), "validation_error", f"{type(exc).__name__}: {exc}"
+            )
+
+
+@shared_task(name=VALIDATE_DATASET, ignore_result=True, **RETRY)
+def validate_dataset(dataset_id: str) -> None:
+    _validate(Dataset, dataset_id, lambda **kw: validation.validate_dataset(dataset_id=dataset_id, **kw))
+
+
+@shared_task(name=VALIDATE_CHECKPOINT, ignore_result=True, **RETRY)
+def validate_checkpoint(checkpoint_id: str) -> None:
+    _validate(
+        Checkpoint,
+        checkpoint_id,
+        lambda settings, **kw: validation.validate_checkpoint(checkpoint_id=checkpoint_id, **kw),
+    )
+
+
+@shared_task(name=VALIDATE_JOB, bind=True, ignore_result=True, max_retries=None)
+def validate_job(self, job_id: str) -> str:
+    settings = _settings()
+    outcome = orchestrate.validate_job(self.app, settings, job_id)
+    if outcome == "wait":  # dataset or checkpoint still being validated
+        if self.request.retries * settings.validation_retry_s > settings.validation_wait_s:
+            orchestrate.fail(
+                self.app,
+                settings,
+                job_id,
+                "validation_timeout",
+                "inputs were not validated in time",
+                JobStatus.validating,
+            )
+            return "failed"
+        raise self.retry(countdown=settings.validation_retry_s)
+    if outcome == "cancel":
+        orchestrate.cancel(self.app, settings, job_id)
+    return outcome
+
+
+@shared_task(name=ADVANCE_JOB, bind=True, **RETRY)
+def advance_job(self, job_id: str, resume: bool = False) -> None:
+    settings = _settings()
+    orchestrate.advance(self.app, settings, get_storage(settings), job_id, resume=resume)
+
+
+def _run(app, job_id: str, stage: JobStatus, shard: int, body) -> str:
+    """Run one stage body; map its outcome onto the job (cancelled, failed) instead of raising, so a chord
+    of shards is never left waiting on an exception. Transient infrastructure errors are retried."""
+    from disp.data import DataError
+    from disp.models import CheckpointError
+    from disp.pipeline import Cancelled
+
+    settings = _settings()
+    try:
+        if stages.cancel_pending(settings, job_id):  # asked while this task waited in the queue
+            orchestrate.cancel(app, settings, job_id)
+            return "cancelled"
+        ctx = stages.load_context(settings, get_storage(settings), job_id, stage, shard)
+        if ctx is None:
+            return "skipped"
+        body(ctx)
+    except Cancelled:
+        orchestrate.cancel(app, settings, job_id)
+        return "cancelled"
+    except TRANSIENT:
+        raise
+    except (DataError, CheckpointError, ArchiveError) as exc:
+        orchestrate.fail(app, settings, job_id, "invalid_input", str(exc), stage)
+        return "failed"
+    except Exception as exc:
+        log.exception("job %s: %s failed", job_id, stage)
+        orchestrate.fail(app, settings, job_id, "stage_failed", f"{type(exc).__name__}: {exc}", stage)
+        return "failed"
+    return "done"
+
+
+@shared_task(name=SCORE_SHARD, bind=True, **RETRY)
+def score_shard(self, job_id: str, shard: int) -> str:
+    return _run(self.app, job_id, JobStatus.scoring, shard, lambda ctx: stages.run_shard(ctx, shard))
+
+
+@shared_task(name=PURIFY_SHARD, bind=True, **RETRY)
+def purify_shard(self, job_id: str, shard: int) -> str:
+    return _run(self.app, job_id, JobStatus.purifying, shard, lambda ctx: stages.run_shard(ctx, shard))
+
+
+@shared_task(name=FINETUNE, bind=True, ignore_result=True, **RETRY)
+def finetune(self, job_id: str) -> str:
+    outcome = _run(self.app, job_id, JobStatus.finetuning, 0, stages.run_finetune)
+    if outcome == "done":
+        advance_job.apply_async(kwargs={"job_id": job_id}, queue=_settings().queue("gpu"))
+    return outcome
+
+
+@shared_task(name=EVALUATE, bind=True, ignore_result=True, **RETRY)
+def evaluate(self, job_id: str) -> str:
+    outcome = _run(self.app, job_id, JobStatus.evaluating, 0, stages.build_report)
+    if outcome == "done":
+        advance_job.apply_async(kwargs={"job_id": job_id}, queue=_settings().queue("gpu"))
+    return outcome
+
+
+@shared_task(name=DELIVER_WEBHOOK, bind=True, ignore_result=True, max_retries=None)
+def deliver_webhook(self, delivery_id: str) -> str:
+    settings = _settings()
+    try:
+        return deliver(settings, delivery_id)
+    except DeliveryFailed as exc:
+        attempt = self.request.retries
+        delay = settings.webhook_backoff_s * (2**attempt) * random.uniform(0.8, 1.2)
+        log.warning(
+            "webhook %s attempt %d failed (%s); retrying in %.1fs", delivery_id, attempt + 1, exc, delay
+        )
+        raise self.retry(countdown=delay) from exc
