@@ -48,3 +48,25 @@ def test_bad_input_is_one_clear_line(tiny_dir, tmp_path, capsys):
     (tmp_path / "evil.pt").write_bytes(b"not opened")
     assert main(["generate", "--model", str(tmp_path / "evil.pt"), "--image", "x.png", "--prompt", "hi"]) == 2
     assert "pickle" in capsys.readouterr().err
+
+
+def test_lavida_end_to_end_through_the_cli(tmp_path, capsys):
+    """init-tiny --family lavida, then poison, defend (every stage) and evaluate on it, as for LLaDA-V."""
+    model = tmp_path / "lavida"
+    assert main(["init-tiny", "--family", "lavida", "--out", str(model)]) == 0
+    assert "lavida" in capsys.readouterr().out
+    paths = write_dataset(tmp_path / "shapes", ShapesConfig(), sizes={"train": 8, "val": 2, "test": 2}, seed=2)
+    assert main(["poison", "--data", str(paths["train"]), "--images", str(tmp_path / "shapes"), "--target",
+                 "insertion", "--trigger", "corner", "--ratio", "0.25", "--out", str(tmp_path / "p"),
+                 "--test-data", str(paths["test"]), "--json"]) == 0
+    poison = json.loads(capsys.readouterr().out)
+    assert main(["defend", "--model", str(model), "--data", poison["data"], "--images", str(tmp_path / "p"),
+                 "--out", str(tmp_path / "o"), "--epochs", "1", "--json", *FAST]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["stages"]) == {"scoring", "purifying", "finetuning"}
+    for name in ("projector.safetensors", "purified.json", "report.json"):
+        assert (tmp_path / "o" / name).is_file()
+    assert main(["evaluate", "--model", str(model), "--projector", str(tmp_path / "o" / "projector.safetensors"),
+                 "--target", "insertion", "--clean", poison["test_clean"], "--triggered", poison["test_triggered"],
+                 "--json", *FAST]) == 0
+    assert json.loads(capsys.readouterr().out)["n_triggered"] == 2
