@@ -8,6 +8,10 @@
 Each stage takes `on_progress(done, total)` and `should_stop()` (polled between batches; raises
 `Cancelled`). `defend` records a fingerprint of each stage's inputs (file hashes and settings) in
 `stages.json` and skips a stage whose output exists with the same fingerprint.
+
+Scoring and purification batch samples of similar prompt length together (outputs keep the input
+order), decode the next batch's images on a background thread while the model works, and run the
+vision tower once per distinct image: pass one `VisionCache` to both stages to share its outputs.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -85,19 +90,77 @@ def _model(model_dir, projector, device) -> MDLM:
     return models.load(model_dir, projector=projector, device=device)
 
 
+# -- batching, image loading and the vision-feature cache ------------------------------------------
+class VisionCache:
+    """Vision-tower outputs by image name, kept on the CPU, so each distinct image goes through the tower
+    once however many samples and stages use it. Features are those of the tower, before the projector
+    (which fine-tuning changes), so scoring, purification and fine-tuning can all share them."""
+
+    def __init__(self) -> None:
+        self.features: dict[str, torch.Tensor] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.features
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    @torch.no_grad()
+    def add(self, model: MDLM, names: Sequence[str], pixels: torch.Tensor | None) -> None:
+        """Run the tower on pixel values [n, 3, S, S] of images `names` (those not cached yet)."""
+        if names:
+            feats = model.vision_features(pixels.to(model.device))
+            self.features.update(zip(names, feats.detach().cpu(), strict=True))
+
+    def embeds(self, model: MDLM, names: Sequence[str]) -> torch.Tensor:
+        """Projected visual embeddings [B, N_v, D] of cached images, on the model's device."""
+        with torch.no_grad():
+            return model.project(torch.stack([self.features[n] for n in names]).to(model.device))
+
+
+def _length_buckets(prompt_ids: list[list[int]], size: int) -> list[list[int]]:
+    """Sample positions in batches of `size`, ordered by prompt length so a batch carries little padding."""
+    order = sorted(range(len(prompt_ids)), key=lambda i: (len(prompt_ids[i]), i))
+    return [order[i : i + size] for i in range(0, len(order), size)]
+
+
+def _loaded_batches(model: MDLM, samples: list[Sample], source: ImageSource, batches: list[list[int]],
+                    cache: VisionCache) -> Iterator[list[int]]:
+    """Yield each batch once the tower outputs of its images are in `cache`. The next batch's images are
+    decoded and preprocessed on a background thread while the caller works on the current batch."""
+
+    def load(batch: list[int]) -> tuple[list[str], torch.Tensor | None]:
+        names = list(dict.fromkeys(samples[i].image for i in batch if samples[i].image not in cache))
+        return names, model.processor([source.open(n) for n in names]) if names else None
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="disp-images") as pool:
+        pending = pool.submit(load, batches[0]) if batches else None
+        for k, batch in enumerate(batches):
+            names, pixels = pending.result()
+            cache.add(model, names, pixels)
+            pending = pool.submit(load, batches[k + 1]) if k + 1 < len(batches) else None
+            yield batch
+
+
 # -- stages ---------------------------------------------------------------------------------------
 def score_samples(model: MDLM, samples: list[Sample], source: ImageSource, config: SaliencyConfig,
                   sampler: SamplerConfig, *, on_progress: Progress | None = None,
-                  should_stop: StopCheck | None = None) -> dict[str, list[float]]:
-    """Saliency of every visual token of every sample: {id: [N_v floats]}."""
+                  should_stop: StopCheck | None = None,
+                  cache: VisionCache | None = None) -> dict[str, list[float]]:
+    """Saliency of every visual token of every sample: {id: [N_v floats]}, in the order of `samples`.
+
+    A sample's scores do not depend on the batch it is scored in (the probe noise is seeded per batch).
+    """
+    cache = cache if cache is not None else VisionCache()
+    ids = [model.tokenizer.encode_prompt(s.question) for s in samples]
     out: dict[str, list[float]] = {}
-    gen = torch.Generator(device=model.device).manual_seed(config.seed)
-    for chunk in _batches(samples, config.batch_size):
-        prompt = model.prompt_batch([s.question for s in chunk], [source.open(s.image) for s in chunk])
-        scores = visual_saliency(model, prompt, config, sampler, generator=gen)
-        out.update({s.id: row.tolist() for s, row in zip(chunk, scores.cpu(), strict=True)})
+    for batch in _loaded_batches(model, samples, source, _length_buckets(ids, config.batch_size), cache):
+        embeds = cache.embeds(model, [samples[i].image for i in batch])
+        prompt = model.build_prompts([ids[i] for i in batch], embeds)
+        scores = visual_saliency(model, prompt, config, sampler)
+        out.update({samples[i].id: row.tolist() for i, row in zip(batch, scores.cpu(), strict=True)})
         _tick(should_stop, on_progress, len(out), len(samples))
-    return out
+    return {s.id: out[s.id] for s in samples}
 
 
 def score(*, model_dir, data_json, images, out_json, config: SaliencyConfig | None = None,
@@ -114,28 +177,38 @@ def score(*, model_dir, data_json, images, out_json, config: SaliencyConfig | No
 
 def purify_samples(model: MDLM, samples: list[Sample], source: ImageSource, config: PurifyConfig,
                    scores: dict[str, list[float]] | None, *, masking: str = "saliency",
-                   on_progress: Progress | None = None, should_stop: StopCheck | None = None) -> list[dict]:
-    """Purified LLaVA records (answer rewritten) with a `disp` field recording what was done."""
-    records: list[dict] = []
+                   on_progress: Progress | None = None, should_stop: StopCheck | None = None,
+                   cache: VisionCache | None = None) -> list[dict]:
+    """Purified LLaVA records (answer rewritten) with a `disp` field recording what was done, in input order."""
+    cache = cache if cache is not None else VisionCache()
     gen = torch.Generator(device=model.device).manual_seed(config.seed)
     mask_gen = torch.Generator().manual_seed(config.seed)
+    # which tokens to hold, chosen per sample in input order (random masking draws as it always did)
+    held: list[torch.Tensor] = []
+    sal: list[torch.Tensor | None] = []
     for chunk in _batches(samples, config.batch_size):
         s = torch.tensor([scores[x.id] for x in chunk]) if masking == "saliency" else None
         if s is not None and s.shape[1] != model.num_image_tokens:
             raise ValueError(f"scores have {s.shape[1]} visual tokens, the model has {model.num_image_tokens}")
-        idx = choose_masked(s, model.num_image_tokens, len(chunk), config.mask_ratio, masking, mask_gen)
-        res = purify_batch(model, [x.question for x in chunk], [source.open(x.image) for x in chunk], idx,
-                           config, generator=gen)
-        for j, (x, ans) in enumerate(zip(chunk, res.answers, strict=True)):
+        held += list(choose_masked(s, model.num_image_tokens, len(chunk), config.mask_ratio, masking, mask_gen))
+        sal += list(s) if s is not None else [None] * len(chunk)
+    ids = [model.tokenizer.encode_prompt(x.question) for x in samples]
+    out: dict[int, dict] = {}
+    for batch in _loaded_batches(model, samples, source, _length_buckets(ids, config.batch_size), cache):
+        idx = torch.stack([held[i] for i in batch])
+        res = purify_batch(model, [samples[i].question for i in batch], None, idx, config, generator=gen,
+                           image_embeds=cache.embeds(model, [samples[i].image for i in batch]))
+        for j, (i, ans) in enumerate(zip(batch, res.answers, strict=True)):
+            x, s_i = samples[i], sal[i]
             info: dict[str, Any] = {"original_answer": x.answer, "purified_answer": ans,
                                     "masked_visual_tokens": res.masked[j], "masking": masking}
-            if s is not None:
-                info["saliency"] = {"max": float(s[j].max()), "mean": float(s[j].mean()),
-                                    "top": s[j].topk(min(5, s.shape[1])).indices.tolist()}
-            records.append({"id": x.id, "image": x.image, "conversations": [
-                {"from": "human", "value": x.question}, {"from": "gpt", "value": ans}], "disp": info})
-        _tick(should_stop, on_progress, len(records), len(samples))
-    return records
+            if s_i is not None:
+                info["saliency"] = {"max": float(s_i.max()), "mean": float(s_i.mean()),
+                                    "top": s_i.topk(min(5, s_i.shape[0])).indices.tolist()}
+            out[i] = {"id": x.id, "image": x.image, "conversations": [
+                {"from": "human", "value": x.question}, {"from": "gpt", "value": ans}], "disp": info}
+        _tick(should_stop, on_progress, len(out), len(samples))
+    return [out[i] for i in range(len(samples))]
 
 
 def purify(*, model_dir, data_json, images, scores_json=None, out_json, config: PurifyConfig | None = None,

@@ -8,12 +8,19 @@ embedding is the perturbation δ_i = e_mask − e_i; the KL divergence it causes
     s_i = c · Σ_g δ_iᵀ J_{g,i}ᵀ F_g J_{g,i} δ_i,      J_{g,i} = ∂z_g / ∂e_i      (Eq. 4–5, c = 1/2)
 
 Hutchinson's estimator (Eq. 6–8) draws q_g ~ N(0, F_g), backpropagates the scalar Σ_g q_g·z_g to the
-input embeddings, and averages (∇_{e_i} · δ_i)² over M probes: E[(qᵀ J δ)²] = δᵀ Jᵀ F J δ. The M
-backward passes run as one batched vector-Jacobian product. `exact_saliency` computes the quadratic
-form with one Jacobian-vector product per visual token, for verification.
+input embeddings, and averages (∇_{e_i} · δ_i)² over M probes: E[(qᵀ J δ)²] = δᵀ Jᵀ F J δ. One
+forward serves every probe; the M backward passes run as batched vector-Jacobian products, as many
+probes at a time as pay (`probe_chunk`). The probe noise is drawn from a generator seeded with
+`SaliencyConfig.seed` for every batch, so a sample's scores do not depend on the batch or shard it is
+scored in (the official code re-seeds with the same seed before every sample).
+`exact_saliency` computes the quadratic form with one Jacobian-vector product per visual token, for
+verification.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -30,22 +37,66 @@ def first_step_inputs(model: MDLM, prompt: PromptBatch, gen_length: int) -> tupl
     return torch.cat([prompt.embeds, masks], 1), torch.cat([prompt.attention_mask, ones], 1)
 
 
+# How many probes one backward takes. GPU: as many as keep the [m, B, L, V] logits cotangent within
+# PROBE_GRAD_BYTES (LLaDA-V's 126k vocabulary: one at a time; a small vocabulary: all at once). CPU: the
+# batched (vmap) backward only saves per-operator overhead, so probes are stacked only while a backward
+# covers fewer than CPU_PROBE_ROWS token rows (B·L); above that one backward per probe measured 5-25%
+# faster, below it (small models, many probes) stacking is up to 10x faster.
+PROBE_GRAD_BYTES = 1 << 30
+CPU_PROBE_ROWS = 2048
+
+
+def probe_noise(n: int, shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+    """n standard-normal draws of `shape`, one draw per probe, float64 on the generator's device: [n, *shape]."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    return torch.stack([torch.randn(shape, generator=generator, device=device, dtype=torch.float64)
+                        for _ in range(n)])
+
+
+def fisher_probes_from_noise(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """q = u ⊙ (y − (y·u) u) with u = √p: q ~ N(0, diag(p) − ppᵀ) when y ~ N(0, I). Broadcasts; float64."""
+    u = p.double().clamp_min(1e-40).sqrt()
+    y = y.to(device=u.device, dtype=torch.float64)
+    return u * (y - (y * u).sum(-1, keepdim=True) * u)
+
+
 def fisher_probes(p: torch.Tensor, n: int, generator: torch.Generator | None) -> torch.Tensor:
     """n draws q ~ N(0, diag(p) − ppᵀ) per row of p [..., k] → [n, ..., k] (float64).
 
     With u = √p (a unit vector), q = u ⊙ (y − (y·u) u), y ~ N(0, I) has exactly that covariance,
     because I − uuᵀ is a projection.
     """
-    u = p.double().sqrt()
     y = torch.randn((n, *p.shape), generator=generator, device=p.device, dtype=torch.float64)
-    return u * (y - (y * u).sum(-1, keepdim=True) * u)
+    return fisher_probes_from_noise(p, y)
+
+
+@contextmanager
+def input_grads_only(model: MDLM) -> Iterator[None]:
+    """Parameters stop requiring grad for the duration, so the forward keeps only what input gradients need."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def probe_chunk(probes: int, logits_shape: torch.Size, element_size: int, device: torch.device) -> int:
+    """Probes per backward for logits of `logits_shape` [B, L, V] (see `PROBE_GRAD_BYTES`)."""
+    if device.type == "cpu":
+        return max(1, min(probes, CPU_PROBE_ROWS // max(1, logits_shape[0] * logits_shape[1])))
+    return max(1, min(probes, PROBE_GRAD_BYTES // max(1, logits_shape.numel() * element_size)))
 
 
 def _topk_logits(model: MDLM, embeds: torch.Tensor, mask: torch.Tensor, P: int, G: int, k: int):
-    """Logits of the first G answer positions restricted to their top-k entries: z [B, G, k], idx."""
-    logits = model.forward_embeds(embeds, mask)[:, P : P + G]  # (B, G, V)
+    """Logits of the first G answer positions restricted to their top-k entries: z [B, G, k], idx, and the
+    shape of the full logits [B, L, V]."""
+    full = model.forward_embeds(embeds, mask)
+    logits = full[:, P : P + G]  # (B, G, V)
     idx = logits.detach().topk(k, dim=-1).indices
-    return logits.gather(-1, idx), idx
+    return logits.gather(-1, idx), idx, full.shape
 
 
 def _perturbations(model: MDLM, embeds: torch.Tensor, prompt: PromptBatch) -> torch.Tensor:
@@ -55,27 +106,51 @@ def _perturbations(model: MDLM, embeds: torch.Tensor, prompt: PromptBatch) -> to
     return model.mask_embedding().detach().to(e_vis.dtype) - e_vis
 
 
+def _probe_grads(z: torch.Tensor, embeds: torch.Tensor, q: torch.Tensor, chunk: int) -> Iterator[torch.Tensor]:
+    """∂(q_m · z)/∂embeds for the probes q [M, B, G, k], `chunk` probes per backward: yields [m, B, L, D]."""
+    M = len(q)
+    for lo in range(0, M, chunk):
+        qc, last = q[lo : lo + chunk], lo + chunk >= M
+        if chunk > 1:
+            try:  # the graph is kept: a failure part-way must leave it whole for the per-probe fallback
+                g = torch.autograd.grad(z, embeds, grad_outputs=qc, retain_graph=True, is_grads_batched=True)[0]
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError:  # an op without a batching rule: one backward per probe from here on
+                chunk = 1
+            else:
+                yield g
+                continue
+        for j in range(len(qc)):
+            yield torch.autograd.grad(z, embeds, qc[j], retain_graph=not (last and j == len(qc) - 1))[0][None]
+
+
 def hutchinson_saliency(model: MDLM, prompt: PromptBatch, config: SaliencyConfig, sampler: SamplerConfig,
                         *, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Estimated s_i (Eq. 8) for every visual token: prompt of B samples → scores [B, N_v] (float32)."""
+    """Estimated s_i (Eq. 8) for every visual token: prompt of B samples → scores [B, N_v] (float32).
+
+    The probe noise y [M, G, k] is drawn from `generator` (default: a CPU generator seeded with
+    `config.seed`) and shared by the rows, so each row's scores are those it gets when scored alone.
+    """
     B, P, _ = prompt.embeds.shape
     G = min(sampler.block_length, sampler.gen_length)
     embeds, mask = first_step_inputs(model, prompt, sampler.gen_length)
     embeds = embeds.detach().requires_grad_(True)
-    with torch.enable_grad():
-        z, _ = _topk_logits(model, embeds, mask, P, G, config.topk)  # (B, G, k)
+    if generator is None:
+        generator = torch.Generator().manual_seed(config.seed)
+    delta = _perturbations(model, embeds, prompt).double()  # (B, N_v, D)
+    cols = prompt.image_positions[None, ..., None].expand(-1, -1, -1, embeds.shape[-1])  # (1, B, N_v, D)
+    energy = torch.zeros(prompt.image_positions.shape, dtype=torch.float64, device=embeds.device)
+    with torch.enable_grad(), input_grads_only(model):
+        z, _, logits_shape = _topk_logits(model, embeds, mask, P, G, config.topk)  # (B, G, k)
         p = torch.softmax(z.detach().double(), -1)
-        q = fisher_probes(p, config.probes, generator).to(z.dtype)  # (M, B, G, k)
-        try:
-            (grads,) = torch.autograd.grad(z, embeds, grad_outputs=q, is_grads_batched=True)  # (M, B, L, D)
-        except RuntimeError:  # an op without a batching rule: fall back to M backward passes
-            grads = torch.stack([torch.autograd.grad(z, embeds, q[m], retain_graph=m < len(q) - 1)[0]
-                                 for m in range(len(q))])
-    cols = prompt.image_positions[None, ..., None].expand(grads.shape[0], -1, -1, grads.shape[-1])
-    g_vis = grads.gather(2, cols)  # (M, B, N_v, D)
-    delta = _perturbations(model, embeds, prompt)  # (B, N_v, D)
-    proj = (g_vis.double() * delta.double()).sum(-1)  # (M, B, N_v): q^T J_i δ_i
-    return (config.factor * proj.pow(2).mean(0)).float()
+        y = probe_noise(config.probes, tuple(z.shape[1:]), generator)  # (M, G, k), the same for every row
+        q = fisher_probes_from_noise(p, y[:, None]).to(z.dtype)  # (M, B, G, k)
+        chunk = probe_chunk(config.probes, logits_shape, z.element_size(), z.device)
+        for g in _probe_grads(z, embeds, q, chunk):
+            g_vis = g.gather(2, cols.expand(len(g), -1, -1, -1))  # (m, B, N_v, D)
+            energy += ((g_vis.double() * delta).sum(-1) ** 2).sum(0)  # Σ_m (q_mᵀ J_i δ_i)²
+    return (config.factor * energy / config.probes).float()
 
 
 def exact_saliency(model: MDLM, prompt: PromptBatch, config: SaliencyConfig, sampler: SamplerConfig) -> torch.Tensor:
@@ -88,7 +163,7 @@ def exact_saliency(model: MDLM, prompt: PromptBatch, config: SaliencyConfig, sam
     embeds, mask = first_step_inputs(model, prompt, sampler.gen_length)
     embeds = embeds.detach()
     with torch.no_grad():
-        _, idx = _topk_logits(model, embeds, mask, P, G, config.topk)
+        _, idx, _ = _topk_logits(model, embeds, mask, P, G, config.topk)
     delta = _perturbations(model, embeds, prompt)  # (B, N_v, D)
 
     def z_of(x: torch.Tensor) -> torch.Tensor:

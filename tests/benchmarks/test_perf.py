@@ -1,0 +1,109 @@
+"""benchmarks/perf.py on a tiny model: the JSON it writes, its checks, and the reference it measures against.
+
+No timing is asserted: the figures depend on the machine.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import perf
+from benchmarks.reference import encode_one, reference_generate, reference_saliency
+from disp.config import SaliencyConfig, SamplerConfig
+from disp.purify import held_positions
+from disp.saliency import hutchinson_saliency
+
+SAMPLER = SamplerConfig(8, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def workload(tmp_path_factory):
+    return perf.cpu_workload(tmp_path_factory.mktemp("perf"), 4, 1, size="tiny", gen_length=8)
+
+
+def test_quick_run_writes_every_field_and_passes(tmp_path):
+    out = tmp_path / "perf.json"
+    rc = perf.main(
+        [
+            "--quick",
+            "--samples",
+            "4",
+            "--model",
+            "tiny",
+            "--gen-length",
+            "8",
+            "--no-warm-up",
+            "--json",
+            str(out),
+        ]
+    )
+    data = json.loads(out.read_text())
+    assert rc == 0, data["checks"]
+    assert data["device"].startswith("cpu")
+    assert data["outputs_identical"] is True
+    for stage in perf.STAGES:
+        entry = data[stage]
+        for key in ("reference_sps", "product_sps", "speedup", "peak_mem_bytes"):
+            assert isinstance(entry[key], (int, float)) and entry[key] > 0, (stage, key, entry[key])
+        assert entry["speedup"] == pytest.approx(entry["product_sps"] / entry["reference_sps"])
+    assert data["checks"]["saliency_ok"] and data["checks"]["answers_identical"] == "4/4"
+    assert data["workload"]["samples"] == 4
+
+
+def test_reference_saliency_is_the_products_estimator(workload):
+    model, s = workload.model, workload.samples[0]
+    prompt = encode_one(model, s.question, workload.source.open(s.image))
+    ref = reference_saliency(model, prompt, SaliencyConfig(), SAMPLER)
+    prod = hutchinson_saliency(model, prompt, SaliencyConfig(), SAMPLER)[0].double()
+    torch.testing.assert_close(prod, ref, rtol=1e-4, atol=1e-12)
+    # the official code differentiates the probes too: a different estimate at the same cost
+    official = reference_saliency(model, prompt, SaliencyConfig(), SAMPLER, official_undetached_probes=True)
+    assert not torch.allclose(official, ref, rtol=1e-3)
+
+
+def test_reference_generation_is_the_products_sampler(workload):
+    model = workload.model
+    for s in workload.samples[:2]:
+        prompt = encode_one(model, s.question, workload.source.open(s.image))
+        idx = torch.tensor([[0, 3, 5]])
+        held = held_positions(prompt, idx)
+        ids = reference_generate(model, prompt.embeds, held[0], SAMPLER)
+        gen = model.generate(prompt, SAMPLER, held=held)
+        assert ids == gen.answers()[0]
+
+
+def test_llada_v_8b_shape_builder(tmp_path):
+    assert perf.LLADA_V_8B_LM["hidden_size"] == 4096 and perf.LLADA_V_8B_LM["num_hidden_layers"] == 32
+    assert perf.SIGLIP_SO400M["image_size"] // perf.SIGLIP_SO400M["patch_size"] == 27  # 729 visual tokens
+    tok = perf.write_benchmark_checkpoint(tmp_path / "tok", perf.SHAPES_BASE_LM, perf.SHAPES_BASE_VISION)
+    small = {
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+    }
+    model = perf.build_llada_v_8b_shape(
+        tok,
+        "cpu",
+        torch.bfloat16,
+        lm=small,
+        vision={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 28,
+        },
+    )
+    assert torch.get_default_dtype() == torch.float32  # restored
+    assert model.lm_config.vocab_size == perf.LLADA_V_VOCAB and model.lm_config.intermediate_size == 96
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    counter = perf.FlopCounter(model)
+    with counter.counting():
+        model.forward_embeds(torch.zeros(2, 5, 64, dtype=torch.bfloat16))
+    assert counter.take() == pytest.approx(2 * 2 * 5 * counter.lm_matmul + 4 * 64 * 2 * 2 * 25)
+    assert "forward_embeds" not in vars(model)  # the wrapper is gone
