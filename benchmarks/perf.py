@@ -356,12 +356,12 @@ class FlopCounter:
         model = self.model
         fwd, vis = model.forward_embeds, model.vision_features
 
-        def forward_embeds(embeds, attention_mask=None):
-            mm, attn = self._lm(embeds.shape[0], embeds.shape[1])
+        def forward_embeds(embeds, attention_mask=None, **kw):
+            mm, attn = self._lm(embeds.shape[0], embeds.shape[1])  # counted as a full forward (an upper bound)
             self.flops += mm + attn
             if torch.is_grad_enabled() and embeds.requires_grad:
                 self.flops += self.backwards_per_grad_forward * (mm + 2 * attn)
-            return fwd(embeds, attention_mask)
+            return fwd(embeds, attention_mask, **kw)
 
         def vision_features(pixels):
             self.flops += self.per_image * pixels.shape[0]

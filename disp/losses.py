@@ -92,5 +92,7 @@ def sft_loss(model: MDLM, batch: TrainBatch, *, generator: torch.Generator | Non
     """Noise the answers of `batch`, run the model, return the Eq. 2 loss."""
     masked, p_mask = mask_answers(batch.answer_mask, t=t, generator=generator)
     noisy = torch.where(masked[..., None], model.mask_embedding().to(batch.embeds.dtype), batch.embeds)
-    logits = model.forward_embeds(noisy, batch.attention_mask)
-    return masked_diffusion_loss(logits, batch.targets, masked, p_mask, batch.answer_mask)
+    start = int(batch.answer_mask.float().argmax(1).min())  # answers sit at the end of every row
+    logits = model.forward_embeds(noisy, batch.attention_mask, logits_from=start)
+    return masked_diffusion_loss(logits, batch.targets[:, start:], masked[:, start:], p_mask,
+                                 batch.answer_mask[:, start:])

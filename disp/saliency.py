@@ -93,8 +93,8 @@ def probe_chunk(probes: int, logits_shape: torch.Size, element_size: int, device
 def _topk_logits(model: MDLM, embeds: torch.Tensor, mask: torch.Tensor, P: int, G: int, k: int):
     """Logits of the first G answer positions restricted to their top-k entries: z [B, G, k], idx, and the
     shape of the full logits [B, L, V]."""
-    full = model.forward_embeds(embeds, mask)
-    logits = full[:, P : P + G]  # (B, G, V)
+    full = model.forward_embeds(embeds, mask, logits_from=P)  # (B, L − P, V)
+    logits = full[:, :G]  # (B, G, V)
     idx = logits.detach().topk(k, dim=-1).indices
     return logits.gather(-1, idx), idx, full.shape
 
@@ -167,7 +167,7 @@ def exact_saliency(model: MDLM, prompt: PromptBatch, config: SaliencyConfig, sam
     delta = _perturbations(model, embeds, prompt)  # (B, N_v, D)
 
     def z_of(x: torch.Tensor) -> torch.Tensor:
-        return model.forward_embeds(x, mask)[:, P : P + G].gather(-1, idx)  # (B, G, k)
+        return model.forward_embeds(x, mask, logits_from=P)[:, :G].gather(-1, idx)  # (B, G, k)
 
     scores = torch.zeros(prompt.image_positions.shape, dtype=torch.float64, device=embeds.device)
     # forward-mode AD needs SDPA's math kernel (the fused CPU/GPU kernels have no JVP)

@@ -103,7 +103,8 @@ def generate(
         generator: source of Gumbel noise and random remasking.
         on_step: called after each step with (ids [B, G], is_mask [B, G]); for tests and tracing.
     Returns:
-        Generation with ids [B, G] and per-row answer lengths (tokens before <|eot_id|>).
+        Generation with ids [B, G] and per-row answer lengths (tokens before <|eot_id|>). A row that
+        has stopped is left out of later forward passes; its answer can no longer change.
     """
     tok = model.tokenizer
     B, P, _ = prompt.embeds.shape
@@ -124,12 +125,16 @@ def generate(
         in_block[lo:hi] = True
         schedule = num_transfer_tokens(config.block_length, steps_per_block)
         for k in schedule:
-            if stop_lengths(ids, is_mask, tok.eot_id)[1].all() or not (is_mask & in_block).any():
+            # rows that stopped (or have nothing left in this block) drop out of the forward pass
+            rows = (~stop_lengths(ids, is_mask, tok.eot_id)[1] & (is_mask & in_block).any(1)).nonzero().flatten()
+            if rows.numel() == 0:
                 break
-            embeds = torch.cat([prompt_embeds, model.embed_tokens(ids).to(prompt_embeds.dtype)], dim=1)
-            logits = model.forward_embeds(embeds, attn)[:, P:].double()  # (B, G, V)
-            logits[..., suppressed] = torch.where(is_mask[..., None], float("-inf"), logits[..., suppressed])
-            ids, is_mask = commit_step(logits, ids, is_mask, is_mask & in_block, k, config, generator)
+            r_ids, r_mask = ids[rows], is_mask[rows]
+            embeds = torch.cat([prompt_embeds[rows], model.embed_tokens(r_ids).to(prompt_embeds.dtype)], dim=1)
+            logits = model.forward_embeds(embeds, attn[rows], logits_from=P).double()  # (B', G, V)
+            logits[..., suppressed] = torch.where(r_mask[..., None], float("-inf"), logits[..., suppressed])
+            r_ids, r_mask = commit_step(logits, r_ids, r_mask, r_mask & in_block, k, config, generator)
+            ids, is_mask = ids.index_copy(0, rows, r_ids), is_mask.index_copy(0, rows, r_mask)
             steps_run += 1
             if on_step is not None:
                 on_step(ids, is_mask)

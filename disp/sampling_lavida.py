@@ -135,7 +135,7 @@ def generate(
         answer = model.embed_tokens(ids).to(prompt_embeds.dtype)
         if cache is not None:
             return model.forward_cached(answer, cache).double()
-        return model.forward_embeds(torch.cat([prompt_embeds, answer], 1), attn, **prefix)[:, P:].double()
+        return model.forward_embeds(torch.cat([prompt_embeds, answer], 1), attn, logits_from=P, **prefix).double()
 
     ids = torch.full((B, G), tok.mask_id, dtype=torch.long, device=dev)
     is_mask = torch.ones(B, G, dtype=torch.bool, device=dev)

@@ -236,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Measure a SHAPES base checkpoint.")
     parser.add_argument("checkpoint")
     parser.add_argument("--n", type=int, default=400, help="held-out test records for clean accuracy")
+    parser.add_argument("--tasks", nargs="*", default=None, help="SHAPES tasks evaluated (default: all)")
     parser.add_argument("--mask", type=float, nargs="*", default=[0.0], help="random visual-token mask ratios")
     parser.add_argument("--implant", nargs="*", default=[], help="targets to implant (projector only)")
     parser.add_argument("--trigger", default="corner")
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     result: dict[str, Any] = {"checkpoint": args.checkpoint}
     model = load_base(args.checkpoint)
-    records = test_records(model, args.n, "test")
+    records = test_records(model, args.n, "test", tasks=args.tasks)
     for ratio in args.mask:
         t0 = time.time()
         res = accuracy_by_task(model, records, mask_ratio=ratio)

@@ -112,8 +112,13 @@ class MDLM(nn.Module, ABC):
         """Token embeddings [..., D] for ids [...]."""
 
     @abstractmethod
-    def forward_embeds(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Bidirectional forward: embeddings [B, L, D], mask [B, L] bool (True = real) → logits [B, L, V]."""
+    def forward_embeds(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                       logits_from: int = 0) -> torch.Tensor:
+        """Bidirectional forward: embeddings [B, L, D], mask [B, L] bool (True = real) → logits [B, L', V].
+
+        Only positions from `logits_from` on are returned (L' = L − logits_from); every position still
+        attends and is attended to, a family may just skip the work for rows nobody reads.
+        """
 
     # -- shared behaviour ----------------------------------------------------------------------
     @property

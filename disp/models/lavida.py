@@ -241,7 +241,7 @@ class LaViDa(MDLM):
         return self.model.transformer.wte(ids)
 
     def forward_embeds(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                       prefix_length: int | None = None) -> torch.Tensor:
+                       prefix_length: int | None = None, logits_from: int = 0) -> torch.Tensor:
         """Embeddings [B, L, D], mask [B, L] bool → logits [B, L, V].
 
         prefix_length P: prefix-DLM attention, columns [0, P) (the left-padded prompt) see only themselves.
@@ -251,7 +251,7 @@ class LaViDa(MDLM):
         h = embeds
         for block in self.model.transformer.blocks:
             h, _ = block(h, cos, sin, attention_mask, prefix=prefix_length)
-        return self._head(h)
+        return self._head(h[:, logits_from:])
 
     # -- prefix-DLM key/value cache ------------------------------------------------------------
     @torch.no_grad()

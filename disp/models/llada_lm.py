@@ -86,7 +86,8 @@ def bidirectional_attention(q, k, v, key_mask: torch.Tensor | None) -> torch.Ten
     if k.shape[1] != q.shape[1]:
         rep = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    attn_mask = None if key_mask is None else key_mask[:, None, None, :]
+    # no mask when nothing is padded, so fused (flash) kernels stay eligible
+    attn_mask = None if key_mask is None or bool(key_mask.all()) else key_mask[:, None, None, :]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False)
 
 
@@ -99,14 +100,16 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, key_mask):
+    def forward(self, x, cos, sin, key_mask, q_start: int = 0):
+        """x [B, L, D] → [B, L − q_start, D]: every position is a key, queries only from q_start on."""
         B, L, _ = x.shape
-        q = self.q_proj(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, L, hd)
-        k = self.k_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
+        xq = x[:, q_start:]
+        q = self.q_proj(xq).view(B, L - q_start, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, Lq, hd)
+        k = self.k_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, L, hd)
         v = self.v_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cos[:, :, q_start:], sin[:, :, q_start:]), apply_rope(k, cos, sin)
         y = bidirectional_attention(q, k, v, key_mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, L, -1))
+        return self.o_proj(y.transpose(1, 2).reshape(B, L - q_start, -1))
 
 
 class SwiGLU(nn.Module):
@@ -128,8 +131,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x, cos, sin, key_mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, key_mask)
+    def forward(self, x, cos, sin, key_mask, q_start: int = 0):
+        """x [B, L, D] → [B, L − q_start, D] (the last layer need only compute the rows that are read)."""
+        x = x[:, q_start:] + self.self_attn(self.input_layernorm(x), cos, sin, key_mask, q_start)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

@@ -123,14 +123,16 @@ class LLaDAV(MDLM):
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(ids)
 
-    def forward_embeds(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_embeds(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                       logits_from: int = 0) -> torch.Tensor:
         B, L, _ = embeds.shape
         pos = positions_from_mask(attention_mask, B, L, embeds.device)
         cos, sin = rope_cos_sin(pos, self.lm_config.head_dim, self.lm_config.rope_theta, embeds.dtype)
         h = embeds
-        for layer in self.model.layers:
-            h = layer(h, cos, sin, attention_mask)
-        return self.lm_head(self.model.norm(h))  # (B, L, V)
+        last = len(self.model.layers) - 1
+        for i, layer in enumerate(self.model.layers):
+            h = layer(h, cos, sin, attention_mask, logits_from if i == last else 0)
+        return self.lm_head(self.model.norm(h))  # (B, L − logits_from, V)
 
 
 def read_config(path: Path) -> dict[str, Any]:

@@ -157,3 +157,12 @@ def test_image_is_spliced_in_place(tiny_model, solid_images):
     ids = tiny_model.tokenizer.encode_prompt("What is it?")
     before = tiny_model.embed_tokens(torch.tensor(ids[: ids.index(-200)]))
     torch.testing.assert_close(pb.embeds[0, : int(cols[0])], before)
+
+
+def test_logits_from_equals_the_sliced_full_forward(tiny_model, solid_images):
+    pb = tiny_model.prompt_batch(["What is it?", "Describe this image in detail."], solid_images[:2])
+    with torch.no_grad():
+        full = tiny_model.forward_embeds(pb.embeds, pb.attention_mask)
+        tail = tiny_model.forward_embeds(pb.embeds, pb.attention_mask, logits_from=20)
+    assert tail.shape[1] == full.shape[1] - 20
+    torch.testing.assert_close(tail, full[:, 20:], atol=1e-5, rtol=1e-5)

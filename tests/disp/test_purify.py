@@ -36,7 +36,7 @@ def test_held_positions_point_at_the_chosen_visual_tokens(tiny_model, solid_imag
 def test_held_tokens_stay_masked_for_the_whole_generation(tiny_model, solid_images):
     seen = []
     orig = tiny_model.forward_embeds
-    tiny_model.forward_embeds = lambda e, m=None: (seen.append(e.detach().clone()), orig(e, m))[1]
+    tiny_model.forward_embeds = lambda e, m=None, **kw: (seen.append(e.detach().clone()), orig(e, m, **kw))[1]
     try:
         idx = torch.tensor([[1, 2, 3, 4]])
         out = purify_batch(tiny_model, ["What is it?"], solid_images[:1], idx, CFG)

@@ -51,9 +51,9 @@ def test_held_positions_change_the_answer_and_prompt_is_untouched(tiny_model, so
     seen = []
     orig = tiny_model.forward_embeds
 
-    def spy(embeds, mask=None):
+    def spy(embeds, mask=None, **kw):
         seen.append(embeds[:, : pb.embeds.shape[1]].clone())
-        return orig(embeds, mask)
+        return orig(embeds, mask, **kw)
 
     tiny_model.forward_embeds = spy
     try:
@@ -98,7 +98,7 @@ def test_generation_stops_early_once_eot_is_committed(tiny_model, solid_images):
     bias[tok.eot_id] = 50.0
     head = tiny_model.lm_head
     orig = tiny_model.forward_embeds
-    tiny_model.forward_embeds = lambda e, m=None: orig(e, m) + bias
+    tiny_model.forward_embeds = lambda e, m=None, **kw: orig(e, m, **kw) + bias
     try:
         gen = generate(tiny_model, tiny_model.prompt_batch(["Hi"], solid_images[:1]), SamplerConfig(16, 16, 16))
     finally:
