@@ -81,12 +81,12 @@ class PromptBatch:
 
 
 def prompt_template(config: dict[str, Any]) -> PromptTemplate:
-    """The checkpoint's declared prompt format: config.json `disp_prompt_template` ({"system": ...}),
+    """The checkpoint's declared prompt format: config.json `disp_prompt` ({"system": ...}),
     else LLaDA-V's `llava_llada` template with its system prompt."""
-    fields = config.get("disp_prompt_template") or {}
+    fields = config.get("disp_prompt") or {}
     unknown = sorted(set(fields) - {"system", "image_first"})
     if unknown:
-        raise CheckpointError(f"config.json: unknown disp_prompt_template fields {unknown}")
+        raise CheckpointError(f"config.json: unknown disp_prompt fields {unknown}")
     return PromptTemplate(**fields)
 
 

@@ -51,9 +51,9 @@ def test_checkpoint_declares_its_prompt_template(tmp_path):
 
     d = write_tiny_checkpoint(tmp_path / "m")
     cfg = json.loads((d / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps({**cfg, "disp_prompt_template": {"system": None}}))
+    (d / "config.json").write_text(json.dumps({**cfg, "disp_prompt": {"system": None}}))
     text = models.load(d).tokenizer.render_prompt("hi")
     assert text.startswith("<|startoftext|><|start_header_id|>user<|end_header_id|>")
-    (d / "config.json").write_text(json.dumps({**cfg, "disp_prompt_template": {"sistem": None}}))
+    (d / "config.json").write_text(json.dumps({**cfg, "disp_prompt": {"sistem": None}}))
     with pytest.raises(CheckpointError, match="sistem"):
         models.load(d)
