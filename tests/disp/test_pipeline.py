@@ -106,3 +106,24 @@ def test_bad_dataset_is_named_before_any_model_work(tiny_dir, tmp_path):
     (tmp_path / "imgs").mkdir()
     with pytest.raises(DataError, match="record 0"):
         defend(model_dir=tiny_dir, data_json=bad, images=tmp_path / "imgs", out_dir=tmp_path / "o")
+
+
+def test_bf16_model_with_float32_projector_runs_every_stage(tiny_dir, poisoned):
+    from disp.finetune import finetune_projector, vision_features
+    from disp.pipeline import _model, purify_samples, score_samples
+
+    model = _model(tiny_dir, None, "cpu", dtype=torch.bfloat16)
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in model.projector.parameters())
+    samples, source = load_dataset(poisoned.data_path, poisoned.data_path.parent)
+    samples = samples[:4]
+    scores = score_samples(model, samples, source, SaliencyConfig(batch_size=4), SAMPLER)
+    assert all(torch.isfinite(torch.tensor(v)).all() for v in scores.values())
+    recs = purify_samples(model, samples, source, PurifyConfig(sampler=SAMPLER, batch_size=4), scores)
+    assert len(recs) == 4
+    before = {k: v.clone() for k, v in model.projector.state_dict().items()}
+    feats = vision_features(model, [source.open(s.image) for s in samples])
+    finetune_projector(model, [s.question for s in samples], [s.answer for s in samples], feats,
+                       FinetuneConfig(epochs=1, batch_size=4, lr=1e-2))
+    assert any(not torch.equal(v, before[k]) for k, v in model.projector.state_dict().items())
+    assert all(v.dtype == torch.float32 for v in model.projector_state_dict().values())
