@@ -73,9 +73,9 @@ class PretrainConfig:
     tag_size: int = _help("Tag side in pixels.", 6)
     visual_mask_prob: float = _help("Share of samples with some visual tokens masked.", 0.5)
     visual_mask_max: float = _help("Largest fraction of visual tokens masked on such a sample.", 0.5)
-    vision_pos_init_std: float = _help("Std of the SigLIP position embeddings at init (0.02 hides position).", 0.5)
+    vision_pos_init_std: float = _help("Std of the SigLIP position embeddings at init (v3 tried 0.5: worse).", 0.02)
     pad_eot_weight: float = _help("Share of <|eot_id|> in the target of EOS-padding positions (EOS has the rest), "
-                                  "so that with EOS suppressed at sampling the tail reads <|eot_id|>.", 0.3)
+                                  "so that with EOS suppressed at sampling the tail reads <|eot_id|> (v3 tried 0.3: worse).", 0.0)
     projector_init_scale: float = _help("Factor on the projector's last layer at init (visual/text scale).", 0.01)
     steps: int = _help("Optimiser steps.", 3500)
     batch_size: int = _help("Samples per step.", 32)
@@ -189,14 +189,10 @@ def write_initial_checkpoint(config: PretrainConfig, out_dir: Path) -> Path:
 
 
 def load_base(path: str | Path, device: str | torch.device | None = None):
-    """Load a checkpoint and apply its `disp_prompt` (the prompt format it was trained with)."""
+    """Load a checkpoint; `disp.models.load` applies its `disp_prompt` (the prompt format it was trained with)."""
     from disp import models
 
-    model = models.load(path, device=device)
-    prompt = json.loads((Path(path) / "config.json").read_text()).get("disp_prompt")
-    if prompt is not None:
-        model.tokenizer.template = PromptTemplate(system=prompt.get("system"))
-    return model
+    return models.load(path, device=device)
 
 
 def pretrain_loss(model, examples: list[Example], config: PretrainConfig, generator: torch.Generator,
