@@ -28,16 +28,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -46,364 +42,36 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import torch
 
+from benchmarks.measure import (  # noqa: F401  (some re-exported for the tests)
+    FlopCounter,
+    StagePeaks,
+    _sync,
+    device_description,
+    gpu_peak_flops,
+)
 from benchmarks.reference import reference_finetune, reference_score_and_purify
-from disp import models
-from disp.attacks import TriggerConfig, poison_dataset
-from disp.bench import shapes
-from disp.config import FinetuneConfig, PurifyConfig, SaliencyConfig, SamplerConfig
-from disp.constants import DEFAULT_SYSTEM_PROMPT
-from disp.data import ImageSource, Sample, parse_samples
+from benchmarks.workloads import (  # noqa: F401  (some re-exported for the tests)
+    LLADA_V_8B_LM,
+    LLADA_V_VOCAB,
+    SHAPES_BASE_LM,
+    SHAPES_BASE_VISION,
+    SIGLIP_SO400M,
+    Workload,
+    build_llada_v_8b_shape,
+    cpu_workload,
+    gpu_8b_workload,
+    write_benchmark_checkpoint,
+)
+from disp.config import FinetuneConfig
+from disp.data import parse_samples
 from disp.models.base import MDLM
-from disp.models.tiny import TINY_LM, TINY_VISION, write_tiny_checkpoint
-from disp.pipeline import VisionCache, finetune_samples, load_dataset, purify_samples, score_samples
+from disp.pipeline import VisionCache, finetune_samples, purify_samples, score_samples
 
 STAGES = ("saliency", "purification", "finetune", "end_to_end")
 SALIENCY_RTOL = 1e-3  # float32: batching changes only the rounding
 SALIENCY_RTOL_BF16 = 5e-2  # bf16: batched and unbatched matmuls round differently at 8 bits of mantissa
 LOSS_RTOL = 1e-3
 LOSS_RTOL_BF16 = 2e-2
-
-# The CPU workload: the architecture of `disp.bench.pretrain.PretrainConfig` (shapes-base), random weights.
-SHAPES_BASE_LM = {
-    "hidden_size": 128,
-    "intermediate_size": 384,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 4,
-}
-SHAPES_BASE_VISION = {
-    "hidden_size": 96,
-    "intermediate_size": 192,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "image_size": 48,
-    "patch_size": 8,
-}
-# LLaDA-V's language model (config.json of GSAI-ML/LLaDA-V) and its SigLIP so400m-patch14-384 tower.
-LLADA_V_8B_LM = {
-    "hidden_size": 4096,
-    "intermediate_size": 12288,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 32,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 500000.0,
-    "max_position_embeddings": 16384,
-}
-LLADA_V_VOCAB = 126464
-SIGLIP_SO400M = {
-    "hidden_size": 1152,
-    "intermediate_size": 4304,
-    "num_hidden_layers": 27,
-    "num_attention_heads": 16,
-    "image_size": 384,
-    "patch_size": 14,
-    "layer_norm_eps": 1e-6,
-    "hidden_act": "gelu_pytorch_tanh",
-}
-# Dense bf16 tensor-core peaks (FLOP/s) by device name, for model-FLOPs utilisation.
-GPU_PEAK_BF16 = (
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("A10", 125e12),
-)
-
-
-# -- workloads ----------------------------------------------------------------------------------------
-@dataclass
-class Workload:
-    name: str
-    model: MDLM
-    samples: list[Sample]
-    source: ImageSource
-    saliency: SaliencyConfig
-    purify: PurifyConfig
-    finetune: FinetuneConfig
-    reference_samples: int  # the reference runs on the first this many samples
-    description: dict[str, Any] = field(default_factory=dict)
-
-
-def write_shapes_data(
-    root: Path, n: int, image_size: int = 48, seed: int = 0
-) -> tuple[list[Sample], ImageSource]:
-    """n SHAPES training samples, 20% poisoned (insertion, corner trigger), as a dataset folder."""
-    paths = shapes.write_dataset(
-        root / "shapes", shapes.ShapesConfig(image_size=image_size), sizes={"train": n}, seed=seed
-    )
-    samples, source = load_dataset(paths["train"], root / "shapes")
-    res = poison_dataset(
-        samples,
-        source,
-        target="insertion",
-        trigger=TriggerConfig(kind="corner"),
-        ratio=0.2,
-        seed=seed,
-        out_dir=root / "poisoned",
-    )
-    return load_dataset(res.data_path, res.data_path.parent)
-
-
-def write_benchmark_checkpoint(out: Path, lm: dict | None = None, vision: dict | None = None) -> Path:
-    """A random-weight LLaDA-V checkpoint with a BPE tokenizer trained on SHAPES text and the system prompt."""
-
-    corpus = shapes.corpus(shapes.ShapesConfig(), 300) + [DEFAULT_SYSTEM_PROMPT]
-    return write_tiny_checkpoint(
-        out, corpus=corpus, tokenizer_vocab=640, lm=lm or SHAPES_BASE_LM, vision=vision or SHAPES_BASE_VISION
-    )
-
-
-def cpu_workload(
-    root: Path, n: int, epochs: int, device: str = "cpu", size: str = "shapes-base", gen_length: int = 32
-) -> Workload:
-    """The main workload; `size` "tiny" takes `write_tiny_checkpoint`'s test shapes (for the tests)."""
-    lm, vision = (SHAPES_BASE_LM, SHAPES_BASE_VISION) if size == "shapes-base" else (TINY_LM, TINY_VISION)
-    ckpt = write_benchmark_checkpoint(root / "model", lm, vision)
-    model = models.load(ckpt, device=device)
-    samples, source = write_shapes_data(root / "data", n)
-    sampler = SamplerConfig(gen_length=gen_length, block_length=gen_length, steps=gen_length)
-    return Workload(
-        name=f"{size} architecture (random weights)",
-        model=model,
-        samples=samples,
-        source=source,
-        saliency=SaliencyConfig(),
-        purify=PurifyConfig(sampler=sampler),
-        finetune=FinetuneConfig(epochs=epochs),
-        reference_samples=n,
-        description={
-            "checkpoint": f"write_tiny_checkpoint(lm={size.upper().replace('-', '_')}_LM, ...)",
-            "lm": lm,
-            "vision": vision,
-            "vocab_size": model.lm_config.vocab_size,
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        },
-    )
-
-
-def build_llada_v_8b_shape(
-    tokenizer_dir: Path,
-    device: str | torch.device = "cuda",
-    dtype: torch.dtype = torch.bfloat16,
-    lm: dict | None = None,
-    vision: dict | None = None,
-    vocab_size: int = LLADA_V_VOCAB,
-    seed: int = 0,
-) -> MDLM:
-    """LLaDA-V's architecture with random weights, built directly on `device` in `dtype` (no checkpoint).
-
-    `lm` / `vision` override the shapes (tests build a small one on the CPU through the same code).
-    """
-    from disp.models.llada_lm import init_weights
-    from disp.models.llada_v import LLaDAV
-    from disp.models.tiny import tiny_config
-    from disp.tokenizer import ChatTokenizer
-
-    config = tiny_config(
-        "llada-v", vocab_size, {**LLADA_V_8B_LM, **(lm or {})}, {**SIGLIP_SO400M, **(vision or {})}
-    )
-    config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    tokenizer = ChatTokenizer.from_dir(tokenizer_dir)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        torch.manual_seed(seed)
-        with torch.device(device):
-            model = LLaDAV(config, tokenizer)
-            init_weights(model)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.eval()
-
-
-def gpu_8b_workload(
-    root: Path,
-    n: int,
-    reference_n: int,
-    epochs: int,
-    device: str = "cuda",
-    lm: dict | None = None,
-    vision: dict | None = None,
-) -> Workload:
-    tok_dir = write_benchmark_checkpoint(root / "tokenizer-source")
-    model = build_llada_v_8b_shape(tok_dir, device=device, lm=lm, vision=vision)
-    samples, source = write_shapes_data(root / "data8b", n)
-    sampler = SamplerConfig(gen_length=32, block_length=32, steps=32)
-    lm_shape = {**LLADA_V_8B_LM, **(lm or {})}
-    return Workload(
-        name="LLaDA-V 8B shape (random bf16 weights)",
-        model=model,
-        samples=samples,
-        source=source,
-        saliency=SaliencyConfig(batch_size=8),
-        purify=PurifyConfig(sampler=sampler, batch_size=8),
-        # fine-tuning in micro-batches of 4 (x2 accumulation): the logits of 8 x ~830 tokens x 126k in float32
-        # for the loss would add ~10 GB to the ~60 GB that a batch of 8 already holds
-        finetune=FinetuneConfig(epochs=epochs, batch_size=4, grad_accum=2),
-        reference_samples=min(reference_n, n),
-        description={
-            "lm": lm_shape,
-            "vision": {**SIGLIP_SO400M, **(vision or {})},
-            "vocab_size": LLADA_V_VOCAB,
-            "dtype": "bfloat16",
-            "lm_params": sum(p.numel() for n_, p in model.named_parameters() if "vision_tower" not in n_),
-        },
-    )
-
-
-# -- measurement ----------------------------------------------------------------------------------------
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:  # not Linux: the high-water mark so far
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-class StagePeaks:
-    """Peak memory per stage: CUDA `max_memory_allocated`, else the process RSS sampled every 5 ms.
-
-    `switch(stage)` starts attributing to `stage` (the reference alternates stages per sample)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.device = device
-        self.peaks: dict[str, int] = {}
-        self.current: str | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _poll(self) -> None:
-        while not self._stop.wait(0.005):
-            stage = self.current
-            if stage is not None:
-                self.peaks[stage] = max(self.peaks.get(stage, 0), _rss_bytes())
-
-    def switch(self, stage: str | None) -> None:
-        if self.cuda:
-            if self.current is not None:
-                torch.cuda.synchronize(self.device)
-                peak = torch.cuda.max_memory_allocated(self.device)
-                self.peaks[self.current] = max(self.peaks.get(self.current, 0), peak)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        elif stage is not None:
-            self.peaks[stage] = max(self.peaks.get(stage, 0), _rss_bytes())
-        self.current = stage
-
-    def __enter__(self) -> StagePeaks:
-        if not self.cuda:
-            self._thread = threading.Thread(target=self._poll, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.switch(None)
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-
-class FlopCounter:
-    """Model FLOPs of LM forwards/backwards and vision-tower forwards, counted by wrapping the model's calls.
-
-    LM forward: 2·tokens·(matmul parameters incl. lm_head) + 4·B·L²·D·layers (scores and values).
-    Backward to the inputs only (scoring probes; fine-tuning, whose only trainable weights are the
-    projector's): the same matmul FLOPs and twice the attention FLOPs. Each forward taken with grad
-    enabled is charged `backwards_per_grad_forward` backward passes (M probes when scoring, 1 when training).
-    """
-
-    def __init__(self, model: MDLM):
-        self.model = model
-        lm = model.lm_config
-        hd = lm.hidden_size // lm.num_attention_heads
-        self.lm_matmul = (
-            lm.num_hidden_layers
-            * (
-                2 * lm.hidden_size * lm.hidden_size
-                + 2 * lm.hidden_size * lm.num_key_value_heads * hd
-                + 3 * lm.hidden_size * lm.intermediate_size
-            )
-            + lm.hidden_size * lm.vocab_size
-        )
-        self.lm_attn = 4 * lm.hidden_size * lm.num_hidden_layers
-        vt = model.model.vision_tower.vision_tower
-        vc = vt.vision_model.config
-        n_v = (vc.image_size // vc.patch_size) ** 2
-        proj = sum(p.numel() for n, p in model.projector.named_parameters() if n.endswith("weight"))
-        self.per_image = (
-            2
-            * n_v
-            * (
-                vt.used_layers * (4 * vc.hidden_size**2 + 2 * vc.hidden_size * vc.intermediate_size)
-                + 3 * vc.patch_size**2 * vc.hidden_size
-                + proj
-            )
-            + 4 * n_v**2 * vc.hidden_size * vt.used_layers
-        )
-        self.backwards_per_grad_forward = 0
-        self.flops = 0.0
-
-    def _lm(self, B: int, L: int) -> tuple[float, float]:
-        return 2.0 * B * L * self.lm_matmul, float(self.lm_attn) * B * L * L
-
-    @contextmanager
-    def counting(self):
-        model = self.model
-        fwd, vis = model.forward_embeds, model.vision_features
-
-        def forward_embeds(embeds, attention_mask=None, **kw):
-            mm, attn = self._lm(embeds.shape[0], embeds.shape[1])  # counted as a full forward (an upper bound)
-            self.flops += mm + attn
-            if torch.is_grad_enabled() and embeds.requires_grad:
-                self.flops += self.backwards_per_grad_forward * (mm + 2 * attn)
-            return fwd(embeds, attention_mask, **kw)
-
-        def vision_features(pixels):
-            self.flops += self.per_image * pixels.shape[0]
-            return vis(pixels)
-
-        model.forward_embeds, model.vision_features = forward_embeds, vision_features
-        try:
-            yield self
-        finally:
-            del model.forward_embeds, model.vision_features  # back to the class's methods
-
-    def take(self) -> float:
-        out, self.flops = self.flops, 0.0
-        return out
-
-
-def gpu_peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:
-    if override_tflops:
-        return override_tflops * 1e12
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in GPU_PEAK_BF16 if key in name), None)
-
-
-def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        return f"cuda: {p.name}, {p.total_memory / 2**30:.0f} GiB, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"cpu: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
 
 # -- the comparison -------------------------------------------------------------------------------------
 def _snapshot_projector(model: MDLM) -> dict[str, torch.Tensor]:
