@@ -21,6 +21,9 @@ class SamplerSettings(_Strict):
     steps: int = Field(32, description="Denoising steps over the whole answer.")
     temperature: float = Field(0.0, description="Gumbel-noise temperature; 0 means deterministic argmax.")
     remasking: Literal["low_confidence", "random"] = Field("low_confidence", description="Commit order.")
+    suppress_eos: bool = Field(
+        True, description="Never propose EOS at masked positions (LLaDA-V); False: EOS allowed and ends the answer."
+    )
 
 
 class SaliencySettings(_Strict):

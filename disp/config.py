@@ -33,6 +33,8 @@ class SamplerConfig:
         steps: denoising steps over the whole answer; must be a multiple of gen_length / block_length.
         temperature: Gumbel-noise temperature; 0 is deterministic argmax.
         remasking: which masked positions to commit each step: "low_confidence" or "random".
+        suppress_eos: never propose EOS at a masked position (LLaDA-V); False allows it (LLaDA's
+            `generate.py`), and a committed EOS then ends the answer like <|eot_id|>.
     """
 
     gen_length: int = _help("Answer length in tokens.", 32)
@@ -40,6 +42,8 @@ class SamplerConfig:
     steps: int = _help("Denoising steps over the whole answer.", 32)
     temperature: float = _help("Gumbel-noise temperature; 0 means deterministic argmax.", 0.0)
     remasking: str = _help("Commit order: 'low_confidence' or 'random'.", "low_confidence")
+    suppress_eos: bool = _help("Never propose EOS at masked positions (LLaDA-V); False: EOS allowed and ends "
+                               "the answer (LLaDA).", True)
 
     def __post_init__(self) -> None:
         _check(self.gen_length > 0, f"gen_length must be positive, got {self.gen_length}")

@@ -73,10 +73,11 @@ class Generation:
         return [row[: int(n)].tolist() for row, n in zip(self.ids, self.lengths, strict=True)]
 
 
-def stop_lengths(ids: torch.Tensor, is_mask: torch.Tensor, eot_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: index of the first committed <|eot_id|> (G if none) and whether the row is finished."""
+def stop_lengths(ids: torch.Tensor, is_mask: torch.Tensor, eot_id: int,
+                 also: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: index of the first committed <|eot_id|> (or `also`; G if none) and whether the row is finished."""
     G = ids.shape[1]
-    eot = (ids == eot_id) & ~is_mask
+    eot = ((ids == eot_id) | (ids == also if also is not None else False)) & ~is_mask
     first = torch.where(eot.any(1), eot.float().argmax(1), torch.full_like(eot[:, 0], G, dtype=torch.long))
     cols = torch.arange(G, device=ids.device)[None]
     pending = (is_mask & (cols < first[:, None])).any(1)
@@ -115,7 +116,9 @@ def generate(
     attn = torch.cat([prompt.attention_mask, torch.ones(B, G, dtype=torch.bool, device=dev)], dim=1)
     ids = torch.full((B, G), tok.mask_id, dtype=torch.long, device=dev)
     is_mask = torch.ones(B, G, dtype=torch.bool, device=dev)
-    suppressed = torch.tensor(tok.suppressed_ids, device=dev)
+    suppressed = torch.tensor([t for t in tok.suppressed_ids if config.suppress_eos or t != tok.eos_id],
+                              device=dev)
+    stop_also = None if config.suppress_eos else tok.eos_id
     n_blocks = G // config.block_length
     steps_per_block = config.steps // n_blocks
     steps_run = 0
@@ -126,7 +129,8 @@ def generate(
         schedule = num_transfer_tokens(config.block_length, steps_per_block)
         for k in schedule:
             # rows that stopped (or have nothing left in this block) drop out of the forward pass
-            rows = (~stop_lengths(ids, is_mask, tok.eot_id)[1] & (is_mask & in_block).any(1)).nonzero().flatten()
+            running = ~stop_lengths(ids, is_mask, tok.eot_id, stop_also)[1] & (is_mask & in_block).any(1)
+            rows = running.nonzero().flatten()
             if rows.numel() == 0:
                 break
             r_ids, r_mask = ids[rows], is_mask[rows]
@@ -138,7 +142,7 @@ def generate(
             steps_run += 1
             if on_step is not None:
                 on_step(ids, is_mask)
-    first, _ = stop_lengths(ids, is_mask, tok.eot_id)
+    first, _ = stop_lengths(ids, is_mask, tok.eot_id, stop_also)
     return Generation(ids=ids, lengths=first, steps_run=steps_run)
 
 

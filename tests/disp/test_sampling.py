@@ -114,3 +114,19 @@ def test_bad_sampler_settings_are_named():
         SamplerConfig(16, 8, 3)
     with pytest.raises(ValueError, match="remasking"):
         SamplerConfig(remasking="entropy")
+
+
+def test_eos_allowed_ends_the_answer(tiny_model, solid_images):
+    tok = tiny_model.tokenizer
+    bias = torch.zeros(tiny_model.lm_config.vocab_size)
+    bias[tok.eos_id] = 50.0
+    orig = tiny_model.forward_embeds
+    tiny_model.forward_embeds = lambda e, m=None, **kw: orig(e, m, **kw) + bias
+    try:
+        pb = tiny_model.prompt_batch(["Hi"], solid_images[:1])
+        allowed = generate(tiny_model, pb, SamplerConfig(16, 16, 16, suppress_eos=False))
+        suppressed = generate(tiny_model, pb, SamplerConfig(16, 16, 16))
+    finally:
+        del tiny_model.forward_embeds
+    assert allowed.lengths.tolist() == [0] and allowed.steps_run == 1
+    assert not (suppressed.ids == tok.eos_id).any()
