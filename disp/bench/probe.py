@@ -13,7 +13,7 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -244,7 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--allow-eos", action="store_true",
+                        help="sample with EOS allowed at masked positions (SamplerConfig.suppress_eos=False)")
     args = parser.parse_args(argv)
+    sampler = SamplerConfig(**{**asdict(SAMPLER), "suppress_eos": not args.allow_eos})
     if args.threads:
         torch.set_num_threads(args.threads)
     result: dict[str, Any] = {"checkpoint": args.checkpoint}
@@ -252,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     records = test_records(model, args.n, "test", tasks=args.tasks)
     for ratio in args.mask:
         t0 = time.time()
-        res = accuracy_by_task(model, records, mask_ratio=ratio)
+        res = accuracy_by_task(model, records, mask_ratio=ratio, sampler=sampler)
         res["seconds"] = round(time.time() - t0, 1)
         result[f"clean@mask{ratio}"] = res
         print(f"mask {ratio}: {json.dumps({k: v for k, v in res.items() if k != 'examples'})}", flush=True)
