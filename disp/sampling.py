@@ -85,6 +85,18 @@ def stop_lengths(ids: torch.Tensor, is_mask: torch.Tensor, eot_id: int,
     return first, finished | ~is_mask.any(1)
 
 
+def initial_state(model: MDLM, prompt: PromptBatch, held: torch.Tensor | None, gen_length: int):
+    """Start of a generation: prompt embeddings with `held` positions set to the mask embedding [B, P, D],
+    the attention mask of prompt + answer [B, P+G], answer ids all `<|mdm_mask|>` [B, G], is_mask [B, G]."""
+    B, dev = prompt.embeds.shape[0], prompt.embeds.device
+    embeds = prompt.embeds
+    if held is not None:
+        embeds = torch.where(held[..., None], model.mask_embedding().to(embeds.dtype), embeds)
+    attn = torch.cat([prompt.attention_mask, torch.ones(B, gen_length, dtype=torch.bool, device=dev)], dim=1)
+    ids = torch.full((B, gen_length), model.tokenizer.mask_id, dtype=torch.long, device=dev)
+    return embeds, attn, ids, torch.ones(B, gen_length, dtype=torch.bool, device=dev)
+
+
 @torch.no_grad()
 def generate(
     model: MDLM,
@@ -108,14 +120,9 @@ def generate(
         has stopped is left out of later forward passes; its answer can no longer change.
     """
     tok = model.tokenizer
-    B, P, _ = prompt.embeds.shape
+    P = prompt.embeds.shape[1]
     G, dev = config.gen_length, prompt.embeds.device
-    prompt_embeds = prompt.embeds
-    if held is not None:
-        prompt_embeds = torch.where(held[..., None], model.mask_embedding().to(prompt_embeds.dtype), prompt_embeds)
-    attn = torch.cat([prompt.attention_mask, torch.ones(B, G, dtype=torch.bool, device=dev)], dim=1)
-    ids = torch.full((B, G), tok.mask_id, dtype=torch.long, device=dev)
-    is_mask = torch.ones(B, G, dtype=torch.bool, device=dev)
+    prompt_embeds, attn, ids, is_mask = initial_state(model, prompt, held, G)
     suppressed = torch.tensor([t for t in tok.suppressed_ids if config.suppress_eos or t != tok.eos_id],
                               device=dev)
     stop_also = None if config.suppress_eos else tok.eos_id

@@ -21,7 +21,7 @@ import torch
 
 from disp.config import SamplerConfig, _help
 from disp.models.base import MDLM, PromptBatch
-from disp.sampling import Generation, commit_step, num_transfer_tokens, stop_lengths
+from disp.sampling import Generation, commit_step, initial_state, num_transfer_tokens, stop_lengths
 
 SCHEDULES = ("uniform", "shift")
 
@@ -121,12 +121,9 @@ def generate(
     if not isinstance(config, LaViDaSamplerConfig):
         config = LaViDaSamplerConfig.from_base(config)
     tok = model.tokenizer
-    B, P, _ = prompt.embeds.shape
+    P = prompt.embeds.shape[1]
     G, dev = config.gen_length, prompt.embeds.device
-    prompt_embeds = prompt.embeds
-    if held is not None:
-        prompt_embeds = torch.where(held[..., None], model.mask_embedding().to(prompt_embeds.dtype), prompt_embeds)
-    attn = torch.cat([prompt.attention_mask, torch.ones(B, G, dtype=torch.bool, device=dev)], dim=1)
+    prompt_embeds, attn, ids, is_mask = initial_state(model, prompt, held, G)
     cache = model.prefill(PromptBatch(prompt_embeds, prompt.attention_mask, prompt.image_positions)) \
         if config.kv_cache else None
     prefix = {"prefix_length": P} if config.prefix_lm else {}
@@ -137,8 +134,6 @@ def generate(
             return model.forward_cached(answer, cache).double()
         return model.forward_embeds(torch.cat([prompt_embeds, answer], 1), attn, logits_from=P, **prefix).double()
 
-    ids = torch.full((B, G), tok.mask_id, dtype=torch.long, device=dev)
-    is_mask = torch.ones(B, G, dtype=torch.bool, device=dev)
     cols = torch.arange(G, device=dev)
     steps_run = 0
     for b in range(G // config.block_length):
