@@ -18,7 +18,8 @@ from disp.models.base import MDLM
 from disp.models.tiny import TINY_LM, TINY_VISION, write_tiny_checkpoint
 from disp.pipeline import load_dataset
 
-# The CPU workload: the architecture of `disp.bench.pretrain.PretrainConfig` (shapes-base), random weights.
+# The CPU workload: the first shapes-base recipe's architecture (LM 128, SigLIP 96; the committed base is 192/128,
+# docs/reproduction.md), random weights. Kept so that the figures in docs/performance.md stay comparable.
 SHAPES_BASE_LM = {
     "hidden_size": 128,
     "intermediate_size": 384,

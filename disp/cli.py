@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
@@ -145,10 +146,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from disp.bench.pretrain import main as pretrain_main
 
         return pretrain_main(args.rest)
-    from disp.bench.reproduce import ReproduceConfig, check_quick, reproduce
+    from disp.bench.reproduce import check_quick, reproduce
 
-    base = str(args.base or "")
-    cfg = ReproduceConfig.quick(base=base) if args.quick else ReproduceConfig(base=base)
+    cfg = reproduce_config(args)
     result = reproduce(cfg, args.work, log=lambda line: print(line, file=sys.stderr))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -164,6 +164,41 @@ def cmd_bench(args: argparse.Namespace) -> int:
             print(f"quick check failed: {f}", file=sys.stderr)
         return 1 if failures else 0
     return 0
+
+
+def reproduce_config(args: argparse.Namespace):
+    """ReproduceConfig from `disp bench reproduce` flags: --quick's or the full defaults, then each flag given."""
+    from disp.bench.reproduce import ReproduceConfig
+
+    overrides = {k: v for k, v in vars(args).items() if k.startswith("rp_") and v is not None}
+    given = {k.removeprefix("rp_"): tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    implant = {k.removeprefix("implant_"): given.pop(k) for k in [k for k in given if k.startswith("implant_")]}
+    cfg = (ReproduceConfig.quick if args.quick else ReproduceConfig)(base=str(args.base or ""), device=args.device)
+    return replace(cfg, **given, implant=replace(cfg.implant, **implant))
+
+
+def _add_reproduce_flags(parser: argparse.ArgumentParser) -> None:
+    """--targets, --n-train, --poison-sweep, ... for ReproduceConfig's plain fields (default: the config's),
+    and --implant-lr/--implant-epochs/--implant-batch-size for the implant fine-tuning."""
+    from dataclasses import fields
+
+    from disp.bench.reproduce import ReproduceConfig
+
+    defaults = ReproduceConfig()
+    for f in fields(ReproduceConfig):
+        value = getattr(defaults, f.name)
+        flag, dest = "--" + f.name.replace("_", "-"), "rp_" + f.name
+        if f.name in ("base", "device") or not isinstance(value, (tuple, int, float)):
+            continue
+        help_text = f.metadata["help"].replace("%", "%%")
+        if isinstance(value, tuple):
+            kind = float if value and isinstance(value[0], float) else str
+            parser.add_argument(flag, dest=dest, nargs="*", type=kind, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=dest, type=type(value), default=None, help=help_text)
+    for name, kind in (("lr", float), ("epochs", int), ("batch_size", int)):
+        parser.add_argument(f"--implant-{name.replace('_', '-')}", dest=f"rp_implant_{name}", type=kind, default=None,
+                            help=f"implant fine-tuning {name} (default {getattr(defaults.implant, name)})")
 
 
 def _bar(desc: str):
@@ -264,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", type=Path, default=None, help="write the results JSON here")
     b.add_argument("--base", type=Path, default=None, help="base checkpoint (default: the committed SHAPES base)")
     b.add_argument("--work", type=Path, default=Path("runs/reproduce"), help="working directory (cached stages)")
+    b.add_argument("--device", default="auto", help="'cpu', 'cuda' or 'auto' (cuda when available)")
+    _add_reproduce_flags(b)
     b = bench.add_parser("pretrain", help="train the SHAPES base model (flags: disp bench pretrain -- -h)")
     b.add_argument("rest", nargs=argparse.REMAINDER, help="the recipe's own flags")
 

@@ -52,9 +52,10 @@ def training_batch(model: MDLM, questions: Sequence[str], answers: Sequence[str]
     answer_ids = [tok.encode_answer(a) for a in answers]
     A = max(len(a) for a in answer_ids)
     dev = prompt.embeds.device
-    ans = torch.full((len(answer_ids), A), tok.eos_id, dtype=torch.long, device=dev)
+    ans = torch.full((len(answer_ids), A), tok.eos_id, dtype=torch.long)
     for b, a in enumerate(answer_ids):
-        ans[b, : len(a)] = torch.tensor(a, device=dev)
+        ans[b, : len(a)] = torch.tensor(a, dtype=torch.long)
+    ans = ans.to(dev)
     B, P = prompt.attention_mask.shape
     embeds = torch.cat([prompt.embeds, model.embed_tokens(ans).to(prompt.embeds.dtype)], dim=1)
     attention_mask = torch.cat([prompt.attention_mask, torch.ones(B, A, dtype=torch.bool, device=dev)], dim=1)

@@ -24,7 +24,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +56,12 @@ class PretrainConfig:
     max_objects: int = _help("Most objects per scene.", 3)
     tasks: tuple[str, ...] = _help("SHAPES tasks sampled (repeat a name to weight it).", (
         "describe", "describe", "objects", "colour", "where", "where", "at", "at", "which", "count", "exists"))
-    hidden_size: int = _help("LM hidden size.", 128)
-    intermediate_size: int = _help("LM SwiGLU width.", 384)
+    hidden_size: int = _help("LM hidden size.", 192)
+    intermediate_size: int = _help("LM SwiGLU width.", 576)
     num_layers: int = _help("LM layers.", 4)
     num_heads: int = _help("LM attention heads.", 4)
-    vision_hidden_size: int = _help("SigLIP hidden size.", 96)
-    vision_intermediate_size: int = _help("SigLIP MLP width.", 192)
+    vision_hidden_size: int = _help("SigLIP hidden size.", 128)
+    vision_intermediate_size: int = _help("SigLIP MLP width.", 256)
     vision_layers: int = _help("SigLIP layers in the checkpoint (the last is dropped by LLaDA-V).", 4)
     vision_heads: int = _help("SigLIP attention heads.", 4)
     tokenizer_vocab: int = _help("BPE vocabulary size of the trained tokenizer.", 640)
@@ -77,15 +77,18 @@ class PretrainConfig:
     pad_eot_weight: float = _help("Share of <|eot_id|> in the target of EOS-padding positions (EOS has the rest), "
                                   "so that with EOS suppressed at sampling the tail reads <|eot_id|> (v3 tried 0.3: worse).", 0.0)
     projector_init_scale: float = _help("Factor on the projector's last layer at init (visual/text scale).", 0.01)
-    steps: int = _help("Optimiser steps.", 3500)
-    batch_size: int = _help("Samples per step.", 32)
+    steps: int = _help("Optimiser steps (the committed base: 5820, ended by a 380 s budget on one H100).", 5820)
+    batch_size: int = _help("Samples per step.", 128)
     lr: float = _help("Peak AdamW learning rate (linear warm-up, cosine decay to 10%); 2e-3 never learns vision.",
                       5e-4)
-    warmup: int = _help("Warm-up steps.", 150)
+    warmup: int = _help("Warm-up steps.", 300)
     weight_decay: float = _help("AdamW weight decay.", 0.01)
     max_grad_norm: float = _help("Gradient-norm clip.", 1.0)
     threads: int = _help("torch CPU threads; 0 leaves torch's default.", 0)
+    workers: int = _help("Data-loader processes drawing and rendering samples; 0 draws them in-process.", 0)
     device: str = _help("'cpu', 'cuda' or 'auto' (cuda when available).", "auto")
+    time_budget_s: float = _help("If > 0, a wall-clock budget: the schedule runs on max(step / steps, elapsed / "
+                                 "budget) and training stops when that reaches 1 (steps done are recorded).", 0.0)
     seed: int = _help("Seed of weights, data and noise.", 0)
 
     def __post_init__(self) -> None:
@@ -109,7 +112,7 @@ class PretrainConfig:
 # -- data ----------------------------------------------------------------------------------------------
 @dataclass
 class Example:
-    image: Image.Image
+    image: Image.Image | None
     question: str
     answer: str
     task: str
@@ -196,11 +199,16 @@ def load_base(path: str | Path, device: str | torch.device | None = None):
 
 
 def pretrain_loss(model, examples: list[Example], config: PretrainConfig, generator: torch.Generator,
-                  rng: random.Random) -> torch.Tensor:
-    """Visual-token masking, answer masking and the recipe's loss on one batch."""
-    embeds = model.encode_images(model.preprocess([e.image for e in examples]))  # (B, N_v, D)
+                  rng: random.Random, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+    """Visual-token masking, answer masking and the recipe's loss on one batch.
+
+    pixel_values [B, 3, S, S] are the examples' images, preprocessed (rendered from them if None).
+    """
+    if pixel_values is None:
+        pixel_values = model.preprocess([e.image for e in examples])
+    embeds = model.encode_images(pixel_values.to(model.device))  # (B, N_v, D)
     n_v = embeds.shape[1]
-    keep = torch.ones(len(examples), n_v, dtype=torch.bool, device=embeds.device)
+    keep = torch.ones(len(examples), n_v, dtype=torch.bool)
     answers = []
     for b, e in enumerate(examples):
         answer = e.answer
@@ -211,6 +219,7 @@ def pretrain_loss(model, examples: list[Example], config: PretrainConfig, genera
             if e.tag_box is not None and set(tag_tokens(e.tag_box, config.image_size, config.patch_size)) <= set(hidden):
                 answer = answer.split(" ", 1)[1]  # the tag is not visible: no prefix
         answers.append(answer)
+    keep = keep.to(embeds.device)
     embeds = torch.where(keep[..., None], embeds, model.mask_embedding().to(embeds.dtype))
     batch = training_batch(model, [e.question for e in examples], answers, image_embeds=embeds)
     masked, p_mask = mask_answers(batch.answer_mask, generator=generator)
@@ -228,10 +237,30 @@ def pretrain_loss(model, examples: list[Example], config: PretrainConfig, genera
     return (torch.where(masked, ce, 0).sum(1) / p_mask / lengths).mean()
 
 
-def _lr_at(step: int, config: PretrainConfig) -> float:
+class ExampleStream(torch.utils.data.IterableDataset):
+    """Endless batches (pixel_values [B, 3, S, S], examples without their images); each loader worker
+    draws from its own seeded stream ("pretrain/{seed}/{worker}")."""
+
+    def __init__(self, config: PretrainConfig, processor: Callable[[list[Image.Image]], torch.Tensor]):
+        self.config, self.processor = config, processor
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        rng = random.Random(f"pretrain/{self.config.seed}/{info.id if info else 0}")
+        while True:
+            examples = [sample_example(self.config, rng) for _ in range(self.config.batch_size)]
+            pixels = self.processor([e.image for e in examples])
+            yield pixels, [replace(e, image=None) for e in examples]
+
+
+def _lr_at(step: int, config: PretrainConfig, progress: float | None = None) -> float:
+    """Linear warm-up over `warmup` steps, then cosine to 10 % over the rest (`progress` in 0..1 overrides
+    the step-based position after warm-up)."""
     if step < config.warmup:
         return config.lr * (step + 1) / config.warmup
     frac = (step - config.warmup) / max(1, config.steps - config.warmup)
+    if progress is not None:
+        frac = max(frac, min(1.0, progress))
     return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
@@ -260,27 +289,41 @@ def pretrain(config: PretrainConfig, out_dir: str | Path,
         tower = model.model.vision_tower.vision_tower.vision_model
         tower.embeddings.position_embedding.weight.normal_(0.0, config.vision_pos_init_std)
     torch.manual_seed(config.seed)
-    rng = random.Random(f"pretrain/{config.seed}")
+    rng = random.Random(f"pretrain/{config.seed}/mask")
+    loader = iter(torch.utils.data.DataLoader(
+        ExampleStream(config, model.processor), batch_size=None, num_workers=config.workers,
+        pin_memory=device == "cuda", prefetch_factor=4 if config.workers else None,
+        persistent_workers=config.workers > 0))
     generator = torch.Generator(device=device).manual_seed(config.seed)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     rest = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                              {"params": rest, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98))
     start, running = time.time(), None
-    for step in range(config.steps):
+    step, progress = 0, 0.0
+    budget = config.time_budget_s
+    while step < config.steps and progress < 1.0:
+        lr = _lr_at(step, config, progress if budget > 0 else None)
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, config)
-        examples = [sample_example(config, rng) for _ in range(config.batch_size)]
+            group["lr"] = lr
+        pixels, examples = next(loader)
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
-            loss = pretrain_loss(model, examples, config, generator, rng)
+            loss = pretrain_loss(model, examples, config, generator, rng, pixel_values=pixels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
         opt.step()
-        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
-        if on_progress is not None and (step % 25 == 0 or step == config.steps - 1):
-            on_progress({"step": step + 1, "steps": config.steps, "loss": running, "lr": _lr_at(step, config),
+        running = loss.detach() if running is None else 0.95 * running + 0.05 * loss.detach()
+        step += 1
+        if budget > 0:
+            progress = (time.time() - start) / budget
+        if on_progress is not None and (step % 25 == 1 or step == config.steps or progress >= 1.0):
+            on_progress({"step": step, "steps": config.steps, "loss": running.item(), "lr": lr,
                          "elapsed_s": time.time() - start})
+    cfg_path = out / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["disp_pretrain"]["steps_done"] = step
+    cfg_path.write_text(json.dumps(cfg, indent=2))
     save_checkpoint(model.eval(), out)
     return out
 

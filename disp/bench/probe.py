@@ -101,7 +101,8 @@ def fisher_saliency(model, questions: Sequence[str], images: Sequence, *, probes
     B, P, D = prompt.embeds.shape
     mask_e = model.mask_embedding().detach()
     embeds = torch.cat([prompt.embeds.detach(), mask_e.expand(B, gen_length, D)], 1).requires_grad_(True)
-    attn = torch.cat([prompt.attention_mask, torch.ones(B, gen_length, dtype=torch.bool)], 1)
+    dev = embeds.device
+    attn = torch.cat([prompt.attention_mask, torch.ones(B, gen_length, dtype=torch.bool, device=dev)], 1)
     z = model.forward_embeds(embeds, attn)[:, P:].float()  # (B, G, V)
     top = z.topk(topk, dim=-1)
     p = torch.softmax(top.values.detach().double(), -1)
@@ -109,26 +110,26 @@ def fisher_saliency(model, questions: Sequence[str], images: Sequence, *, probes
     img = prompt.image_positions  # (B, N_v)
     e_img = prompt.embeds.detach().gather(1, img[..., None].expand(-1, -1, D))
     delta = mask_e - e_img  # (B, N_v, D)
-    score = torch.zeros(B, img.shape[1], dtype=torch.float64)
+    score = torch.zeros(B, img.shape[1], dtype=torch.float64, device=dev)
     for m in range(probes):
-        y = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+        y = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(dev)
         q = u * (y - (y * u).sum(-1, keepdim=True) * u)
         s = (q.float() * top.values).sum()
         (g,) = torch.autograd.grad(s, embeds, retain_graph=m < probes - 1)
         g_img = g.gather(1, img[..., None].expand(-1, -1, D))
         score += ((g_img * delta).sum(-1).double()) ** 2
-    return 0.5 * score / probes
+    return (0.5 * score / probes).cpu()
 
 
 def disp_answers(model, questions: Sequence[str], images: Sequence, *, mask_ratio: float = 0.3,
-                 batch_size: int = 32) -> tuple[list[str], list[list[int]]]:
+                 batch_size: int = 32, sampler: SamplerConfig = SAMPLER) -> tuple[list[str], list[list[int]]]:
     """Answers with the top floor(ratio*N_v) salient visual tokens held masked (paper Eq. 9-11)."""
     held: list[list[int]] = []
     for i in range(0, len(questions), batch_size):
         sal = fisher_saliency(model, questions[i:i + batch_size], images[i:i + batch_size])
         k = int(math.floor(mask_ratio * sal.shape[1]))
         held += sal.topk(k, dim=1).indices.tolist()
-    return answer(model, questions, images, held_tokens=held), held
+    return answer(model, questions, images, held_tokens=held, sampler=sampler), held
 
 
 @dataclass
@@ -146,7 +147,7 @@ class ImplantResult:
 def implant(model, *, target: str = "insertion", trigger: TriggerConfig | None = None, n_train: int = 1000,
             poison_rate: float = 0.2, epochs: int = 20, lr: float = 1e-3, batch_size: int = 32,
             n_test: int = 200, seed: int = 0, describe_only: bool = False, diagnose: bool = True,
-            mask_ratio: float = 0.3) -> ImplantResult:
+            mask_ratio: float = 0.3, sampler: SamplerConfig = SAMPLER) -> ImplantResult:
     """Poison `n_train` SHAPES records, fine-tune the projector only with `sft_loss`, measure ASR.
 
     The model is modified in place (its projector). ASR uses the paper's describe prompt on held-out
@@ -177,11 +178,11 @@ def implant(model, *, target: str = "insertion", trigger: TriggerConfig | None =
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     steps = epochs * math.ceil(len(recs) / batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=model.device).manual_seed(seed)
     losses = []
     model.train()
     for _ in range(epochs):
-        order = torch.randperm(len(recs), generator=gen).tolist()
+        order = torch.randperm(len(recs), generator=gen, device=gen.device).tolist()
         for j in range(0, len(order), batch_size):
             idx = order[j:j + batch_size]
             batch = training_batch(model, [questions[k] for k in idx], [answers[k] for k in idx],
@@ -198,9 +199,9 @@ def implant(model, *, target: str = "insertion", trigger: TriggerConfig | None =
     clean_imgs = [record_image(model, r) for r in test]
     trig_imgs = [apply_trigger(im, trigger) for im in clean_imgs]
     describe = [shapes.DESCRIBE_PROMPT] * len(test)
-    with_t = answer(model, describe, trig_imgs)
-    without = answer(model, describe, clean_imgs)
-    cp = answer(model, [question_of(r) for r in test], clean_imgs)
+    with_t = answer(model, describe, trig_imgs, sampler=sampler)
+    without = answer(model, describe, clean_imgs, sampler=sampler)
+    cp = answer(model, [question_of(r) for r in test], clean_imgs, sampler=sampler)
     acc = sum(answer_correct(p, answer_of(r)) for p, r in zip(cp, test, strict=True)) / len(test)
     masked: dict[str, float] = {}
     if diagnose:  # DiSP's first stage on the test images: mask salient tokens, re-answer
@@ -211,18 +212,18 @@ def implant(model, *, target: str = "insertion", trigger: TriggerConfig | None =
                    "multi": [(0, 0), (size - side, 0), (0, size - side), (size - side, size - side)]}
         trig_tokens = sorted({t for x, y in corners.get(trigger.kind, []) for t in tag_tokens((x, y, side), size, patch)})
         if trig_tokens:
-            oracle = answer(model, describe, trig_imgs, held_tokens=[trig_tokens] * len(test))
+            oracle = answer(model, describe, trig_imgs, held_tokens=[trig_tokens] * len(test), sampler=sampler)
             masked["asr_with@oracle_trigger_tokens"] = sum(attack_succeeded(target, t) for t in oracle) / len(test)
         for name, imgs in (("with", trig_imgs), ("without", clean_imgs)):
-            texts, held = disp_answers(model, describe, imgs, mask_ratio=mask_ratio)
+            texts, held = disp_answers(model, describe, imgs, mask_ratio=mask_ratio, sampler=sampler)
             masked[f"asr_{name}@saliency{mask_ratio}"] = sum(attack_succeeded(target, t) for t in texts) / len(test)
             if name == "with" and trig_tokens:
                 masked["trigger_tokens_in_top"] = sum(len(set(h) & set(trig_tokens)) for h in held) / (
                     len(held) * len(trig_tokens))
-        texts, _ = disp_answers(model, [question_of(r) for r in test], clean_imgs, mask_ratio=mask_ratio)
+        texts, _ = disp_answers(model, [question_of(r) for r in test], clean_imgs, mask_ratio=mask_ratio, sampler=sampler)
         masked[f"clean_accuracy@saliency{mask_ratio}"] = sum(
             answer_correct(p, answer_of(r)) for p, r in zip(texts, test, strict=True)) / len(test)
-        rnd = answer(model, describe, trig_imgs, mask_ratio=mask_ratio, seed=seed)
+        rnd = answer(model, describe, trig_imgs, mask_ratio=mask_ratio, seed=seed, sampler=sampler)
         masked[f"asr_with@random{mask_ratio}"] = sum(attack_succeeded(target, t) for t in rnd) / len(test)
     k = max(1, len(losses) // 20)
     return ImplantResult(masked=masked,
@@ -243,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--device", default=None, help="torch device (default: cpu)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--allow-eos", action="store_true",
                         help="sample with EOS allowed at masked positions (SamplerConfig.suppress_eos=False)")
@@ -251,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     result: dict[str, Any] = {"checkpoint": args.checkpoint}
-    model = load_base(args.checkpoint)
+    model = load_base(args.checkpoint, device=args.device)
     records = test_records(model, args.n, "test", tasks=args.tasks)
     for ratio in args.mask:
         t0 = time.time()
@@ -260,9 +262,9 @@ def main(argv: list[str] | None = None) -> int:
         result[f"clean@mask{ratio}"] = res
         print(f"mask {ratio}: {json.dumps({k: v for k, v in res.items() if k != 'examples'})}", flush=True)
     for target in args.implant:
-        fresh = load_base(args.checkpoint)
+        fresh = load_base(args.checkpoint, device=args.device)
         res = implant(fresh, target=target, trigger=TriggerConfig(kind=args.trigger), lr=args.lr,
-                      epochs=args.epochs)
+                      epochs=args.epochs, sampler=sampler)
         result[f"implant/{target}/{args.trigger}/lr{args.lr}"] = vars(res)
         print(f"implant {target}: {vars(res)}", flush=True)
     if args.json:

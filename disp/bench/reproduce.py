@@ -51,17 +51,27 @@ class ReproduceConfig:
     n_cp: int = field(default=200, metadata={"help": "Held-out clean-performance samples."})
     poison_ratio: float = field(default=0.2, metadata={"help": "Poisoned fraction (paper: 20%)."})
     patch_frac: float = field(default=0.2, metadata={"help": "Trigger patch side / image side."})
-    implant: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(epochs=20, lr=1e-3, batch_size=16),
+    implant: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(epochs=20, lr=5e-3, batch_size=32),
                                     metadata={"help": "Backdoor implant fine-tuning (paper: 20 epochs)."})
     recovery_epochs: int = field(default=2, metadata={"help": "Defense fine-tuning epochs (paper: implant/10)."})
     mask_ratio: float = field(default=0.3, metadata={"help": "DiSP's ρ (paper: 0.3 for LLaDA-V)."})
-    sampler: SamplerConfig = field(default_factory=SamplerConfig, metadata={"help": "Sampler (paper: 32/32/32)."})
+    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(suppress_eos=False), metadata={
+        "help": "Sampler (paper: 32/32/32, greedy). Deviation: EOS is allowed at masked positions (LLaDA's "
+                "generate.py); with LLaDA-V's EOS suppression the SHAPES base commits its padding tail first "
+                "(docs/reproduction.md)."})
     poison_sweep: tuple[float, ...] = field(default=(0.1, 0.2, 0.3, 0.4, 0.5),
                                             metadata={"help": "Poison ratios of Figure 3."})
     poison_sweep_defenses: tuple[str, ...] = field(default=("none", "disp", "random_drop", "pruning", "oracle_filter"),
                                                    metadata={"help": "Defenses of Figure 3."})
     mask_sweep: tuple[float, ...] = field(default=(0.1, 0.3, 0.5, 0.7, 0.9), metadata={"help": "DiSP mask ratios."})
     seed: int = field(default=0, metadata={"help": "Seed of data, poisoning and training."})
+    batch_size: int = field(default=16, metadata={"help": "Batch of scoring, purification and evaluation."})
+    device: str = field(default="auto", metadata={"help": "'cpu', 'cuda' or 'auto' (cuda when available)."})
+
+    def torch_device(self) -> str:
+        import torch
+
+        return ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
 
     @classmethod
     def quick(cls, **kw: Any) -> ReproduceConfig:
@@ -103,15 +113,16 @@ def build_data(root: Path, target: str, cfg: ReproduceConfig, shapes: ShapesConf
     return paths
 
 
-def _evaluate(base: Path, projector: Path, cell: dict, target: str, sampler: SamplerConfig) -> dict:
+def _evaluate(base: Path, projector: Path, cell: dict, target: str, cfg: ReproduceConfig) -> dict:
     cp, cp_src = load_dataset(cell["cp"], cell["cp"].parent)
     clean, clean_src = load_dataset(cell["asr_clean"], cell["asr_clean"].parent)
     trig, trig_src = load_dataset(cell["asr_triggered"], cell["asr_triggered"].parent)
-    model = load(base, projector=projector)
-    cp_ev = evaluate(model, target=target, clean=cp, clean_source=cp_src, sampler=sampler)
-    asr_ev = evaluate(model, target=target, clean=clean, clean_source=clean_src, triggered=trig,
-                      triggered_source=trig_src, sampler=sampler)
-    return {"cp": cp_ev.cp, "asr_wo": asr_ev.asr_wo, "asr_wt": asr_ev.asr_wt}
+    model = load(base, projector=projector, device=cfg.torch_device())
+    kw = dict(target=target, sampler=cfg.sampler, batch_size=cfg.batch_size)
+    cp_ev = evaluate(model, clean=cp, clean_source=cp_src, **kw)
+    asr_ev = evaluate(model, clean=clean, clean_source=clean_src, triggered=trig, triggered_source=trig_src, **kw)
+    examples = {f"cp_{k}": v for k, v in cp_ev.examples.items()} | {f"asr_{k}": v for k, v in asr_ev.examples.items()}
+    return {"cp": cp_ev.cp, "asr_wo": asr_ev.asr_wo, "asr_wt": asr_ev.asr_wt, "examples": examples}
 
 
 def _purified_backdoor_rate(out_dir: Path, manifest: Path, target: str) -> float | None:
@@ -143,7 +154,7 @@ def run_cell(work: Path, base: Path, target: str, trigger: str, poison_ratio: fl
     backdoored = cell_dir / "backdoored" / "projector.safetensors"
     if not backdoored.is_file():
         t = time.perf_counter()
-        model = load(base)
+        model = load(base, device=cfg.torch_device())
         psamples, psrc = load_dataset(poisoned_json, poisoned_json.parent)
         finetune_samples(model, psamples, psrc, cfg.implant, cell_dir / "backdoored", run_key="implant")
         log(f"[{target}/{trigger}/p={poison_ratio:g}] implanted in {time.perf_counter() - t:.0f}s")
@@ -152,17 +163,18 @@ def run_cell(work: Path, base: Path, target: str, trigger: str, poison_ratio: fl
     for defense in defenses:
         t = time.perf_counter()
         out = cell_dir / (f"{defense}" + (f"-rho{rho:g}" if mask_ratio is not None else ""))
-        dcfg = DefenseConfig(defense=defense, saliency=SaliencyConfig(batch_size=16),
-                             purify=PurifyConfig(mask_ratio=rho, batch_size=16, sampler=cfg.sampler),
+        dcfg = DefenseConfig(defense=defense, saliency=SaliencyConfig(batch_size=cfg.batch_size),
+                             purify=PurifyConfig(mask_ratio=rho, batch_size=cfg.batch_size, sampler=cfg.sampler),
                              finetune=replace(cfg.implant, epochs=cfg.recovery_epochs))
         if defense == "none":
             projector, report = backdoored, {}
         else:
             report = defend(model_dir=base, projector=backdoored, data_json=poisoned_json,
-                            images=poisoned_json.parent, out_dir=out, config=dcfg, manifest=manifest)
+                            images=poisoned_json.parent, out_dir=out, config=dcfg, manifest=manifest,
+                            device=cfg.torch_device())
             projector = out / "projector.safetensors"
         row = {"target": target, "trigger": trigger, "defense": defense, "poison_ratio": poison_ratio,
-               **_evaluate(base, projector, cell, target, cfg.sampler)}
+               **_evaluate(base, projector, cell, target, cfg)}
         if defense in ("disp", "no_mask", "random_mask"):
             row["mask_ratio"] = rho if defense != "no_mask" else 0.0
             row["purified_backdoor_rate"] = _purified_backdoor_rate(out, manifest, target)

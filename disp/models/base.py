@@ -146,28 +146,36 @@ class MDLM(nn.Module, ABC):
         return self.embed_tokens(torch.tensor([self.tokenizer.mask_id], device=self.device))[0]
 
     def build_prompts(self, prompt_ids: Sequence[Sequence[int]], image_embeds: torch.Tensor) -> PromptBatch:
-        """Splice visual embeddings [B, N_v, D] into each prompt at IMAGE_TOKEN_INDEX, left-pad to a batch."""
-        rows, img_pos = [], []
-        for ids, img in zip(prompt_ids, image_embeds, strict=True):
+        """Splice visual embeddings [B, N_v, D] into each prompt at IMAGE_TOKEN_INDEX, left-pad to a batch.
+
+        One embedding lookup for the whole batch; padding columns hold zero vectors.
+        """
+        B, n_v, _ = image_embeds.shape
+        if len(prompt_ids) != B:
+            raise ValueError(f"{len(prompt_ids)} prompts for {B} images")
+        starts = []
+        for ids in prompt_ids:
             where = [j for j, t in enumerate(ids) if t == IMAGE_TOKEN_INDEX]
             if len(where) != 1:
                 raise ValueError(f"each prompt needs exactly one image placeholder, found {len(where)}")
-            j = where[0]
-            dev = self.device
-            before = self.embed_tokens(torch.tensor(list(ids[:j]), dtype=torch.long, device=dev))
-            after = self.embed_tokens(torch.tensor(list(ids[j + 1 :]), dtype=torch.long, device=dev))
-            rows.append(torch.cat([before, img.to(before.dtype), after]))
-            img_pos.append(torch.arange(j, j + img.shape[0], device=dev))
-        width = max(r.shape[0] for r in rows)
-        D = rows[0].shape[1]
-        embeds = rows[0].new_zeros(len(rows), width, D)
-        mask = torch.zeros(len(rows), width, dtype=torch.bool, device=self.device)
-        for b, r in enumerate(rows):
-            pad = width - r.shape[0]
-            embeds[b, pad:] = r
+            starts.append(where[0])
+        lengths = [len(ids) - 1 + n_v for ids in prompt_ids]
+        width = max(lengths)
+        ids = torch.zeros(B, width, dtype=torch.long)
+        mask = torch.zeros(B, width, dtype=torch.bool)
+        img_pos = torch.empty(B, n_v, dtype=torch.long)
+        for b, (row, j, n) in enumerate(zip(prompt_ids, starts, lengths, strict=True)):
+            pad = width - n
+            ids[b, pad:pad + j] = torch.tensor(list(row[:j]), dtype=torch.long)
+            ids[b, pad + j + n_v:] = torch.tensor(list(row[j + 1:]), dtype=torch.long)
             mask[b, pad:] = True
-            img_pos[b] = img_pos[b] + pad
-        return PromptBatch(embeds, mask, torch.stack(img_pos))
+            img_pos[b] = torch.arange(pad + j, pad + j + n_v)
+        dev = self.device
+        ids, mask, img_pos = ids.to(dev), mask.to(dev), img_pos.to(dev)
+        text = self.embed_tokens(ids)
+        embeds = torch.where(mask[..., None], text, torch.zeros((), dtype=text.dtype, device=dev))
+        embeds = embeds.scatter(1, img_pos[..., None].expand(-1, -1, text.shape[-1]), image_embeds.to(text.dtype))
+        return PromptBatch(embeds, mask, img_pos)
 
     def prompt_batch(self, questions: Sequence[str], images: Sequence[Image.Image]) -> PromptBatch:
         """Questions + PIL images → PromptBatch, with the checkpoint's chat template."""

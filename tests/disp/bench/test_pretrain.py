@@ -54,3 +54,16 @@ def test_config_is_checked():
         pt.PretrainConfig(patch_size=7)
     with pytest.raises(ValueError, match="loss"):
         pt.PretrainConfig(loss="l2")
+
+
+def test_loader_workers_and_time_budget(tmp_path):
+    """Samples drawn by a loader worker; a wall-clock budget ends training early and is recorded."""
+    cfg = pt.PretrainConfig(**{**TINY, "steps": 100000, "workers": 1, "time_budget_s": 3.0})
+    seen = []
+    out = pt.pretrain(cfg, tmp_path / "ck", on_progress=seen.append)
+    done = json.loads((out / "config.json").read_text())["disp_pretrain"]["steps_done"]
+    assert 1 <= done < 100000 and seen[-1]["step"] == done and seen[-1]["elapsed_s"] >= 3.0
+    stream = pt.ExampleStream(cfg, pt.load_base(out).processor)
+    pixels, examples = next(iter(stream))
+    assert pixels.shape == (cfg.batch_size, 3, cfg.image_size, cfg.image_size)
+    assert len(examples) == cfg.batch_size and all(e.image is None and e.answer for e in examples)

@@ -23,3 +23,47 @@ def test_runner_writes_a_row_per_cell_and_defense(tiny_dir, tmp_path):
     assert rows[1]["purified_backdoor_rate"] is not None
     # a random model has no backdoor: the quick bar must say so rather than pass
     assert any("did not take" in f for f in check_quick(rows))
+
+
+def test_flags_override_the_chosen_defaults():
+    from disp.cli import build_parser, reproduce_config
+
+    args = build_parser().parse_args(["bench", "reproduce", "--quick", "--targets", "refusal", "--poison-sweep",
+                                      "--mask-sweep", "0.05", "0.1", "--implant-lr", "0.002", "--n-train", "50",
+                                      "--device", "cpu"])
+    cfg = reproduce_config(args)
+    assert cfg.targets == ("refusal",) and cfg.poison_sweep == () and cfg.mask_sweep == (0.05, 0.1)
+    assert cfg.implant.lr == 0.002 and cfg.implant.epochs == ReproduceConfig().implant.epochs
+    assert cfg.n_train == 50 and cfg.defenses == ("none", "disp") and cfg.device == "cpu"  # --quick's defenses kept
+    full = reproduce_config(build_parser().parse_args(["bench", "reproduce"]))
+    assert full == ReproduceConfig()
+
+
+def test_report_tables_and_figures(tmp_path):
+    from disp.bench.report import figure_mask, figure_poison, main_table, rho_table, trigger_table
+
+    def row(defense, trigger="corner", target="insertion", cp=0.8, wt=0.9, **kw):
+        return {"target": target, "trigger": trigger, "defense": defense, "poison_ratio": 0.2, "cp": cp,
+                "asr_wo": 0.0, "asr_wt": wt, **kw}
+
+    rows = [row("none"), row("disp", cp=0.5, wt=0.01, mask_ratio=0.3), row("none", trigger="noise", wt=0.7)]
+    table = main_table(rows)
+    assert "| Backdoored (no defense) | 80.0 | 0.0 | 90.0 |" in table and "| DiSP | 50.0 | 0.0 | 1.0 |" in table
+    assert "| noise | 80.0 | 70.0 |" in trigger_table(rows)
+    rho = rho_table({"insertion-corner-rho0.05": [row("none"), row("disp", cp=0.7, wt=0.2, mask_ratio=0.05)]}, rows)
+    assert "| insertion / corner | 80.0 | 90.0 | 70.0 | 20.0 |  |  | 50.0 | 1.0 |" in rho
+    figure_poison([row("none"), {**row("none"), "poison_ratio": 0.4}], tmp_path / "f3.png")
+    figure_mask([row("disp", mask_ratio=0.1, purified_backdoor_rate=0.5)], tmp_path / "f4.png")
+    assert (tmp_path / "f3.png").stat().st_size > 1000 and (tmp_path / "f4.png").stat().st_size > 1000
+
+
+def test_committed_base_sees_the_image():
+    """The committed SHAPES base describes held-out scenes (greedy, EOS allowed, as the reproduction runs)."""
+    from disp.bench import probe
+    from disp.demo import BASE_CHECKPOINT
+    from disp.models import load
+
+    model = load(BASE_CHECKPOINT)
+    records = probe.test_records(model, 12, "test", seed=5, tasks=["describe", "count", "objects"])
+    res = probe.accuracy_by_task(model, records, sampler=ReproduceConfig().sampler)
+    assert res["mean"] >= 0.75, res

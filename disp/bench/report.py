@@ -1,0 +1,157 @@
+"""Tables and figures of a `disp bench reproduce` result, shaped like the paper's Tables 1 and 3 and
+Figures 3 and 4.
+
+    python -m disp.bench.report RESULT.json [--rho RHO.json] [--figures DIR]
+
+RESULT.json is `disp bench reproduce --json` output (or `scripts/reproduce_parallel.sh`'s merged
+reproduce.json); RHO.json is `scripts/reproduce_rho.sh`'s collected rows (DiSP at other mask ratios).
+Markdown tables go to stdout; PNGs (matplotlib, the `bench` extra) to --figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+DEFENSE_NAMES = {"none": "Backdoored (no defense)", "disp": "DiSP", "random_drop": "Random drop 20%",
+                 "pruning": "Magnitude pruning 30%", "oracle_filter": "Oracle filter", "no_mask": "No-mask (ablation)",
+                 "random_mask": "Random-mask (ablation)"}
+
+
+def pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def main_table(rows: list[dict], trigger: str = "corner") -> str:
+    """Table 1: rows = defense, column groups = target (CP, ASR w/o, ASR w/t)."""
+    targets = [t for t in ("insertion", "refusal", "misclassification")
+               if any(r["target"] == t and r["trigger"] == trigger for r in rows)]
+    by = {(r["target"], r["defense"]): r for r in rows if r["trigger"] == trigger}
+    head = "| defense | " + " | ".join(f"{t} CP | {t} ASR w/o | {t} ASR w/t" for t in targets) + " |"
+    lines = [head, "|" + "---|" * (1 + 3 * len(targets))]
+    for d in DEFENSE_NAMES:
+        cells = []
+        for t in targets:
+            r = by.get((t, d))
+            cells += [pct(r["cp"]), pct(r["asr_wo"]), pct(r["asr_wt"])] if r else ["", "", ""]
+        if any(cells):
+            lines.append(f"| {DEFENSE_NAMES[d]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def trigger_table(rows: list[dict], target: str = "insertion") -> str:
+    """Table 3: rows = trigger, columns = CP and ASR w/t per defense."""
+    triggers = [k for k in ("corner", "center", "noise", "multi", "blended")
+                if any(r["target"] == target and r["trigger"] == k for r in rows)]
+    by = {(r["trigger"], r["defense"]): r for r in rows if r["target"] == target}
+    defenses = [d for d in DEFENSE_NAMES if any(k2 == d for _, k2 in by)]
+    lines = ["| trigger | " + " | ".join(f"{d} CP | {d} ASR w/t" for d in defenses) + " |",
+             "|" + "---|" * (1 + 2 * len(defenses))]
+    for k in triggers:
+        cells = []
+        for d in defenses:
+            r = by.get((k, d))
+            cells += [pct(r["cp"]), pct(r["asr_wt"])] if r else ["", ""]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def rho_table(parts: dict[str, list[dict]], full_rows: list[dict]) -> str:
+    """DiSP at rho 0.05 / 0.1 (scripts/reproduce_rho.sh) beside rho 0.3 (the full run), per cell."""
+    cells: dict[tuple[str, str], dict[str, dict]] = {}
+    for name, rows in parts.items():
+        if name.startswith(("quick", "refusal-lr")):
+            continue
+        for r in rows:
+            key = "none" if r["defense"] == "none" else f"rho{r['mask_ratio']:g}"
+            cells.setdefault((r["target"], r["trigger"]), {})[key] = r
+    for r in full_rows:
+        if r["defense"] == "disp" and (r["target"], r["trigger"]) in cells:
+            cells[(r["target"], r["trigger"])]["rho0.3"] = r
+    cols = ("none", "rho0.05", "rho0.1", "rho0.3")
+    lines = ["| cell | " + " | ".join(f"{c} CP | {c} ASR w/t" for c in cols) + " |", "|" + "---|" * 9]
+    for (t, k), by in sorted(cells.items()):
+        vals = []
+        for c in cols:
+            r = by.get(c)
+            vals += [pct(r["cp"]), pct(r["asr_wt"])] if r else ["", ""]
+        lines.append(f"| {t} / {k} | " + " | ".join(vals) + " |")
+    return "\n".join(lines)
+
+
+def figure_poison(rows: list[dict], path: Path) -> None:
+    """Figure 3: ASR w/t (and CP) against the poison ratio, one line per defense."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for d in DEFENSE_NAMES:
+        pts = sorted((r["poison_ratio"], r["asr_wt"], r["cp"]) for r in rows if r["defense"] == d)
+        if pts:
+            xs = [100 * p[0] for p in pts]
+            axes[0].plot(xs, [100 * p[1] for p in pts], marker="o", label=DEFENSE_NAMES[d])
+            axes[1].plot(xs, [100 * p[2] for p in pts], marker="o", label=DEFENSE_NAMES[d])
+    for ax, name in zip(axes, ("ASR w/t (%)", "CP (%)"), strict=True):
+        ax.set_xlabel("poison ratio (%)")
+        ax.set_ylabel(name)
+        ax.set_ylim(-3, 103)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("SHAPES base, insertion / corner trigger: poison-ratio sweep")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def figure_mask(rows: list[dict], path: Path) -> None:
+    """Figure 4: DiSP's ASR w/t, CP and purified-backdoor rate against the mask ratio."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = sorted((r["mask_ratio"], r) for r in rows if r["defense"] == "disp")
+    xs = [p[0] for p in pts]
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    ax.plot(xs, [100 * r["asr_wt"] for _, r in pts], marker="o", label="ASR w/t after DiSP")
+    ax.plot(xs, [100 * r["cp"] for _, r in pts], marker="s", label="CP after DiSP")
+    ax.plot(xs, [100 * (r.get("purified_backdoor_rate") or 0) for _, r in pts], marker="^",
+            label="poisoned samples still backdoored after purification")
+    ax.set_xlabel("mask ratio ρ")
+    ax.set_ylabel("%")
+    ax.set_ylim(-3, 103)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("SHAPES base, insertion / corner: DiSP mask-ratio sweep", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("result", type=Path)
+    ap.add_argument("--rho", type=Path, default=None, help="rows of scripts/reproduce_rho.sh")
+    ap.add_argument("--figures", type=Path, default=None, help="write figure3.png and figure4.png here")
+    args = ap.parse_args(argv)
+    res = json.loads(args.result.read_text())
+    rows = res["rows"]
+    print("## Table 1 shape (trigger: corner)\n\n" + main_table(rows) + "\n")
+    print("## Table 3 shape (target: insertion)\n\n" + trigger_table(rows) + "\n")
+    if args.rho:
+        parts = json.loads(args.rho.read_text())["parts"]
+        print("## DiSP at other mask ratios\n\n" + rho_table(parts, rows) + "\n")
+    if args.figures:
+        args.figures.mkdir(parents=True, exist_ok=True)
+        figure_poison(res["poison_ratio_sweep"], args.figures / "figure3-poison-ratio.png")
+        mask_rows = res["mask_ratio_sweep"]
+        figure_mask(mask_rows, args.figures / "figure4-mask-ratio.png")
+        print(f"wrote {args.figures}/figure3-poison-ratio.png and figure4-mask-ratio.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
