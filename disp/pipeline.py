@@ -87,8 +87,7 @@ def _tick(should_stop: StopCheck | None, on_progress: Progress | None, done: int
 def _model(model_dir, projector, device, dtype: torch.dtype | None = None) -> MDLM:
     """Load for a stage. On a GPU the towers run in bf16 by default; the projector, which is trained and
     shipped, stays float32 (its outputs are cast to the language model's dtype where they are spliced)."""
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = models.resolve_device(device)
     if dtype is None and torch.device(device).type == "cuda":
         dtype = torch.bfloat16
     model = models.load(model_dir, projector=projector, device=device, dtype=dtype)

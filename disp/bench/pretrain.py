@@ -33,6 +33,7 @@ from PIL import Image, ImageDraw
 
 from disp.bench import shapes
 from disp.losses import mask_answers, training_batch
+from disp.models import resolve_device
 from disp.models.checkpoint import write_state_dict
 from disp.tokenizer import PromptTemplate
 
@@ -264,11 +265,13 @@ def _lr_at(step: int, config: PretrainConfig, progress: float | None = None) -> 
     return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def save_checkpoint(model, out_dir: Path, dtype: torch.dtype = torch.float16) -> None:
-    """Weights in `dtype` (model.safetensors) and `torch_dtype` in config.json."""
+def save_checkpoint(model, out_dir: Path, dtype: torch.dtype = torch.float16, steps_done: int | None = None) -> None:
+    """Weights in `dtype` (model.safetensors); `torch_dtype` (and the recipe's `steps_done`) in config.json."""
     write_state_dict({k: v.to(dtype) for k, v in model.state_dict().items()}, out_dir)
     cfg = json.loads((out_dir / "config.json").read_text())
     cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+    if steps_done is not None:
+        cfg["disp_pretrain"]["steps_done"] = steps_done
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
 
 
@@ -281,7 +284,7 @@ def pretrain(config: PretrainConfig, out_dir: str | Path,
     out = Path(out_dir)
     if config.threads:
         torch.set_num_threads(config.threads)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
+    device = resolve_device(config.device)
     write_initial_checkpoint(config, out)
     model = load_base(out, device=device).train()
     with torch.no_grad():
@@ -320,11 +323,7 @@ def pretrain(config: PretrainConfig, out_dir: str | Path,
         if on_progress is not None and (step % 25 == 1 or step == config.steps or progress >= 1.0):
             on_progress({"step": step, "steps": config.steps, "loss": running.item(), "lr": lr,
                          "elapsed_s": time.time() - start})
-    cfg_path = out / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["disp_pretrain"]["steps_done"] = step
-    cfg_path.write_text(json.dumps(cfg, indent=2))
-    save_checkpoint(model.eval(), out)
+    save_checkpoint(model.eval(), out, steps_done=step)
     return out
 
 

@@ -28,7 +28,7 @@ from disp.config import DefenseConfig, FinetuneConfig, PurifyConfig, SaliencyCon
 from disp.data import write_records
 from disp.evaluation import evaluate
 from disp.metrics import attack_succeeded
-from disp.models import load
+from disp.models import load, resolve_device
 from disp.pipeline import defend, finetune_samples, load_dataset
 
 DEFENSES_ALL = ("none", "disp", "random_drop", "pruning", "oracle_filter", "no_mask", "random_mask")
@@ -69,9 +69,7 @@ class ReproduceConfig:
     device: str = field(default="auto", metadata={"help": "'cpu', 'cuda' or 'auto' (cuda when available)."})
 
     def torch_device(self) -> str:
-        import torch
-
-        return ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
+        return resolve_device(self.device)
 
     @classmethod
     def quick(cls, **kw: Any) -> ReproduceConfig:

@@ -42,6 +42,13 @@ def detect_family(config: dict[str, Any]) -> str:
     )
 
 
+def resolve_device(device: str | torch.device | None) -> str | torch.device:
+    """None or "auto" → "cuda" when a GPU is visible, else "cpu"; anything else as given."""
+    if device is None or device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def load(path: str | Path, *, projector: str | Path | None = None, device: str | torch.device | None = None,
          dtype: torch.dtype | None = None) -> MDLM:
     """Load a checkpoint directory; optionally lay a projector-only safetensors file over it."""
