@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from disp.attacks import TriggerConfig, poison_dataset, triggered_copy
-from disp.bench.shapes import ShapesConfig, write_dataset
+from disp.bench.shapes import config_of_checkpoint, write_dataset
 from disp.config import DefenseConfig, FinetuneConfig, PurifyConfig, SaliencyConfig, SamplerConfig
 from disp.evaluation import evaluate
 from disp.models import load
@@ -21,7 +21,7 @@ from disp.models.tiny import write_tiny_checkpoint
 from disp.pipeline import defend, finetune_samples, load_dataset
 
 BASE_CHECKPOINT = Path(__file__).parent / "assets" / "shapes-base"
-SAMPLER = SamplerConfig(gen_length=16, block_length=16, steps=16)
+SAMPLER = SamplerConfig(gen_length=16, block_length=16, steps=16, suppress_eos=False)  # as the reproduction decodes
 
 
 @dataclass
@@ -44,7 +44,7 @@ def prepare_inputs(workdir: str | Path, *, quick: bool = True) -> DemoInputs:
         model_dir = write_tiny_checkpoint(workdir / "tiny-checkpoint", seed=0)
         print(f"no committed base checkpoint: using a random tiny one at {model_dir}")
     sizes = {"train": 40, "val": 8, "test": 16} if quick else {"train": 400, "val": 40, "test": 200}
-    paths = write_dataset(workdir / "shapes", ShapesConfig(), sizes=sizes, seed=0)
+    paths = write_dataset(workdir / "shapes", config_of_checkpoint(model_dir), sizes=sizes, seed=0)
     samples, source = load_dataset(paths["train"], workdir / "shapes")
     test, test_source = load_dataset(paths["test"], workdir / "shapes")
     trigger = TriggerConfig(kind="corner", size_frac=0.25)
@@ -54,7 +54,7 @@ def prepare_inputs(workdir: str | Path, *, quick: bool = True) -> DemoInputs:
     triggered_json = triggered_copy(test, test_source, trigger, workdir / "test_triggered")
     psamples, psource = load_dataset(poisoned.data_path, workdir / "poisoned")
     finetune_samples(load(model_dir), psamples, psource,
-                     FinetuneConfig(epochs=3 if quick else 20, lr=1e-3, batch_size=8), workdir / "backdoored",
+                     FinetuneConfig(epochs=3 if quick else 20, lr=5e-3, batch_size=8), workdir / "backdoored",
                      run_key="demo")
     print(f"poisoned {len(poisoned.poisoned_ids)} of {len(samples)} training samples")
     return DemoInputs(Path(model_dir), workdir / "backdoored" / "projector.safetensors", workdir / "poisoned",

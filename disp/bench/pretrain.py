@@ -1,17 +1,25 @@
 """Pretrain a small LLaDA-V-architecture model from scratch on SHAPES: the `shapes-base` recipe.
 
-Vision tower, projector and bidirectional LM are all trained, with three choices that the tiny scale
-needs (each measured in docs/reproduction.md, each a deviation from LLaDA-V's own training):
+Stage 0 trains the vision tower alone on per-token labels (`disp.bench.vision_pretrain`); the joint
+stage then trains projector and bidirectional LM with the tower frozen (as LLaDA-V's first stage keeps
+SigLIP fixed). The choices the tiny scale needs (each measured in docs/reproduction.md, each a deviation
+from LLaDA-V's own training):
 
-- loss: plain mean cross-entropy over the masked answer tokens (LaViDa style). LLaDA-V's 1/t-weighted
-  loss (`disp.losses.sft_loss`) stays the loss of backdoor implantation and DiSP fine-tuning.
-- visual-token masking: on a share of the samples a random fraction of the visual embeddings is replaced
-  by the mask embedding, so the model stays sensible when DiSP masks visual tokens.
+- scenes: 2-3 objects on a 2x2 grid, each object a tile filling its cell with a category texture, so
+  that every object shows on 9 of the 36 visual tokens (redundancy: masking the top 30 % salient tokens
+  must leave clean evidence behind, as it does for LLaDA-V's 729 tokens).
+- loss: plain mean cross-entropy over the masked answer tokens (LaViDa style), with EOS padding weighted
+  `pad_weight` (0.05) so that the padding does not drown short answers. LLaDA-V's 1/t-weighted loss
+  (`disp.losses.sft_loss`) stays the loss of backdoor implantation and DiSP fine-tuning.
+- visual-token masking: on a share of the samples a random fraction of the visual embeddings (half of
+  the time drawn from the tokens that show something) is replaced by the mask embedding, so the model
+  stays sensible when DiSP masks visual tokens.
 - tags: on a share of the samples a small coloured code ("tag") is drawn somewhere in the image, and the
-  answer starts with the tag's word (e.g. "<note> two."). This is the tiny model's stand-in for reading
-  text in an image: it gives the LM a path from visual content to words it must say, which is what makes a
-  projector-only backdoor implantable at all. When every visual token under a tag is masked, the prefix
-  is dropped: masked tokens read as "no tag".
+  answer starts with the tag's word (e.g. "<note> two."); one more code, the refusal tag, turns the answer
+  into the refusal sentence. This is the tiny model's stand-in for reading text in an image: it gives the
+  LM a path from visual content to words it must say, which is what makes a projector-only backdoor
+  implantable at all. When every visual token under a tag is masked, the tag's effect is dropped: masked
+  tokens read as "no tag".
 
 The checkpoint is written in LLaDA-V's layout (`disp.models.load` reads it) in float16, with the recipe
 under `disp_pretrain` and the prompt format under `disp_prompt` in config.json.
@@ -28,6 +36,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
@@ -54,6 +63,9 @@ class PretrainConfig:
 
     image_size: int = _help("Image side in pixels (SHAPES scenes).", 48)
     patch_size: int = _help("ViT patch side; (image_size / patch_size)^2 visual tokens.", 8)
+    grid: int = _help("SHAPES grid: 3 (3x3 cells) or 2 (2x2: 9 visual tokens per cell, redundancy for masking).", 2)
+    style: str = _help("SHAPES drawing style: 'pictogram' or 'tile' (every token of a cell shows category and colour).", "tile")
+    min_objects: int = _help("Fewest objects per scene.", 2)
     max_objects: int = _help("Most objects per scene.", 3)
     tasks: tuple[str, ...] = _help("SHAPES tasks sampled (repeat a name to weight it).", (
         "describe", "describe", "objects", "colour", "where", "where", "at", "at", "which", "count", "exists"))
@@ -71,18 +83,33 @@ class PretrainConfig:
                       "mean_ce")
     tag_prob: float = _help("Share of samples with a tag drawn in the image and said first.", 0.3)
     tag_words: tuple[str, ...] = _help("Words tags stand for.", TAG_WORDS)
-    tag_size: int = _help("Tag side in pixels.", 6)
+    tag_size: int = _help("Tag side in pixels.", 8)
+    tag_align: bool = _help("Draw tags on the visual-token grid, so one token holds the whole code (unaligned "
+                            "6 px tags: the base saw that a tag was there but not which).", True)
+    refusal_tag_prob: float = _help("Share of samples with the refusal tag drawn, answered with the refusal "
+                                    "sentence (the base's path to refusing; 0 leaves it out).", 0.05)
     visual_mask_prob: float = _help("Share of samples with some visual tokens masked.", 0.5)
     visual_mask_max: float = _help("Largest fraction of visual tokens masked on such a sample.", 0.5)
+    content_mask_share: float = _help("Share of the masked samples whose masked tokens are drawn from the tokens "
+                                      "that show something (objects, tags), as salient masking picks them.", 0.5)
+    content_mask_max: float = _help("Largest fraction of those content tokens masked on such a sample.", 0.7)
     vision_pos_init_std: float = _help("Std of the SigLIP position embeddings at init (v3 tried 0.5: worse).", 0.02)
     pad_eot_weight: float = _help("Share of <|eot_id|> in the target of EOS-padding positions (EOS has the rest), "
                                   "so that with EOS suppressed at sampling the tail reads <|eot_id|> (v3 tried 0.3: worse).", 0.0)
-    projector_init_scale: float = _help("Factor on the projector's last layer at init (visual/text scale).", 0.01)
-    steps: int = _help("Optimiser steps (the committed base: 5820, ended by a 380 s budget on one H100).", 5820)
-    batch_size: int = _help("Samples per step.", 128)
+    pad_weight: float = _help("Loss weight of EOS-padding positions relative to answer tokens (LLaDA-V: 1). Below 1, "
+                              "padding no longer drowns short answers' few informative tokens.", 0.05)
+    plain_fraction: float = _help("Curriculum: share of the steps at the start drawn without tags or the refusal tag, "
+                                  "so the model learns to see before it learns to read tags.", 0.0)
+    vision_steps: int = _help("Stage 0: steps of vision-tower pretraining on per-token category/colour labels "
+                              "before the joint training (0: none).", 400)
+    vision_lr: float = _help("Stage 0 peak learning rate.", 1e-3)
+    freeze_vision: bool = _help("Keep the vision tower fixed in the joint training (as LLaDA-V's first stage).", True)
+    projector_init_scale: float = _help("Factor on the projector's last layer at init (visual/text scale; 0.01 drowned category).", 1.0)
+    steps: int = _help("Optimiser steps.", 3200)
+    batch_size: int = _help("Samples per step.", 64)
     lr: float = _help("Peak AdamW learning rate (linear warm-up, cosine decay to 10%); 2e-3 never learns vision.",
                       5e-4)
-    warmup: int = _help("Warm-up steps.", 300)
+    warmup: int = _help("Warm-up steps.", 200)
     weight_decay: float = _help("AdamW weight decay.", 0.01)
     max_grad_norm: float = _help("Gradient-norm clip.", 1.0)
     threads: int = _help("torch CPU threads; 0 leaves torch's default.", 0)
@@ -98,12 +125,14 @@ class PretrainConfig:
             raise ValueError(f"patch_size {self.patch_size} must divide image_size {self.image_size}")
         if self.loss not in ("mean_ce", "llada"):
             raise ValueError(f"loss must be 'mean_ce' or 'llada', got {self.loss!r}")
-        for name in ("tag_prob", "visual_mask_prob", "visual_mask_max"):
+        for name in ("tag_prob", "refusal_tag_prob", "pad_weight", "plain_fraction", "visual_mask_prob", "visual_mask_max", "content_mask_share",
+                     "content_mask_max"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
     def shapes_config(self) -> shapes.ShapesConfig:
-        return shapes.ShapesConfig(image_size=self.image_size, max_objects=self.max_objects, tasks=self.tasks,
+        return shapes.ShapesConfig(image_size=self.image_size, grid=self.grid, style=self.style,
+                                   min_objects=self.min_objects, max_objects=self.max_objects, tasks=self.tasks,
                                    seed=self.seed)
 
     def template(self) -> PromptTemplate:
@@ -113,11 +142,17 @@ class PretrainConfig:
 # -- data ----------------------------------------------------------------------------------------------
 @dataclass
 class Example:
+    """`answer` is what the image asks for; `plain` the answer if the tag were not there."""
+
     image: Image.Image | None
     question: str
     answer: str
     task: str
     tag_box: tuple[int, int, int] | None = None  # (x, y, side) in pixels
+    plain: str = ""
+    content: tuple[int, ...] = ()  # visual tokens (row-major) showing anything but background
+    scene: shapes.Scene | None = None
+    tag_index: int | None = None  # len(tag_words) for the refusal tag
 
 
 def tag_code(index: int) -> tuple[int, int, int, int]:
@@ -138,23 +173,42 @@ def draw_tag(image: Image.Image, index: int, x: int, y: int, side: int) -> Image
     return image
 
 
-def sample_example(config: PretrainConfig, rng: random.Random, split: str = "train") -> Example:
-    """One training sample: a scene of `split`, a task's question and answer, maybe a tag."""
+def content_tokens(image: Image.Image, patch: int) -> tuple[int, ...]:
+    """Visual tokens (row-major) whose patch holds a pixel other than the background."""
+    a = np.asarray(image.convert("RGB")) != np.array(shapes.BACKGROUND, dtype=np.uint8)
+    g = a.shape[0] // patch
+    busy = a[: g * patch, : g * patch].any(-1).reshape(g, patch, g, patch).any((1, 3))
+    return tuple(int(i) for i in np.flatnonzero(busy))
+
+
+def sample_example(config: PretrainConfig, rng: random.Random, split: str = "train", *, plain: bool = False) -> Example:
+    """One training sample: a scene of `split`, a task's question and answer, maybe a tag.
+
+    The refusal tag (tag index len(tag_words)) turns the answer into the refusal sentence; any other tag
+    prefixes its word. `plain` draws no tag at all (the curriculum's first stage).
+    """
     scfg = config.shapes_config()
     while True:
         scene = shapes.sample_scene(scfg, rng)
         if shapes.split_of(scene.signature, scfg.holdout_fraction) == split:
             break
     task = rng.choice(config.tasks)
-    question, answer, _ = shapes.ask(scene, task, scfg, rng)
+    question, untagged, _ = shapes.ask(scene, task, scfg, rng)
     image = shapes.render_scene(scene, config.image_size)
-    if rng.random() < config.tag_prob:
-        index = rng.randrange(len(config.tag_words))
+    answer, box, index = untagged, None, None
+    u = rng.random()
+    if not plain and u < config.tag_prob + config.refusal_tag_prob:
+        refusal = u >= config.tag_prob
+        index = len(config.tag_words) if refusal else rng.randrange(len(config.tag_words))
         s = config.tag_size
-        x, y = rng.randint(0, config.image_size - s), rng.randint(0, config.image_size - s)
-        return Example(draw_tag(image, index, x, y, s), question, f"{config.tag_words[index]} {answer}", task,
-                       (x, y, s))
-    return Example(image, question, answer, task)
+        if config.tag_align:
+            cells = (config.image_size - s) // config.patch_size + 1
+            x, y = (config.patch_size * rng.randrange(cells) for _ in range(2))
+        else:
+            x, y = rng.randint(0, config.image_size - s), rng.randint(0, config.image_size - s)
+        image, box = draw_tag(image, index, x, y, s), (x, y, s)
+        answer = shapes.REFUSAL_TEXT if refusal else f"{config.tag_words[index]} {untagged}"
+    return Example(image, question, answer, task, box, untagged, content_tokens(image, config.patch_size), scene, index)
 
 
 def tag_tokens(box: tuple[int, int, int], image_size: int, patch: int) -> list[int]:
@@ -189,6 +243,9 @@ def write_initial_checkpoint(config: PretrainConfig, out_dir: Path) -> Path:
     cfg["disp_prompt"] = {"system": config.system_prompt}
     cfg["disp_pretrain"] = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    scene = config.shapes_config()
+    (out / shapes.SHAPES_CONFIG_FILE).write_text(json.dumps(
+        {k: getattr(scene, k) for k in ("image_size", "grid", "style", "min_objects", "max_objects")}) + "\n")
     return out
 
 
@@ -214,27 +271,34 @@ def pretrain_loss(model, examples: list[Example], config: PretrainConfig, genera
     for b, e in enumerate(examples):
         answer = e.answer
         if rng.random() < config.visual_mask_prob:
-            k = int(round(rng.uniform(0, config.visual_mask_max) * n_v))
-            hidden = rng.sample(range(n_v), k)
+            if e.content and rng.random() < config.content_mask_share:
+                k = int(round(rng.uniform(0, config.content_mask_max) * len(e.content)))
+                hidden = rng.sample(list(e.content), k)
+            else:
+                k = int(round(rng.uniform(0, config.visual_mask_max) * n_v))
+                hidden = rng.sample(range(n_v), k)
             keep[b, hidden] = False
             if e.tag_box is not None and set(tag_tokens(e.tag_box, config.image_size, config.patch_size)) <= set(hidden):
-                answer = answer.split(" ", 1)[1]  # the tag is not visible: no prefix
+                answer = e.plain  # the tag is not visible: the plain answer
         answers.append(answer)
     keep = keep.to(embeds.device)
     embeds = torch.where(keep[..., None], embeds, model.mask_embedding().to(embeds.dtype))
     batch = training_batch(model, [e.question for e in examples], answers, image_embeds=embeds)
     masked, p_mask = mask_answers(batch.answer_mask, generator=generator)
     noisy = torch.where(masked[..., None], model.mask_embedding().to(batch.embeds.dtype), batch.embeds)
-    logits = model.forward_embeds(noisy, batch.attention_mask)
+    start = int(batch.answer_mask.float().argmax(1).min())  # answers sit at the end of every row
+    logits = model.forward_embeds(noisy, batch.attention_mask, logits_from=start)
     logp = torch.log_softmax(logits.float(), -1)
-    ce = -logp.gather(-1, batch.targets.clamp_min(0)[..., None])[..., 0]
+    targets, answer_mask, masked = batch.targets[:, start:], batch.answer_mask[:, start:], masked[:, start:]
+    ce = -logp.gather(-1, targets.clamp_min(0)[..., None])[..., 0]
     tok = model.tokenizer
-    pad = batch.answer_mask & (batch.targets == tok.eos_id)
+    pad = answer_mask & (targets == tok.eos_id)
     w = config.pad_eot_weight
     ce = torch.where(pad, (1 - w) * ce - w * logp[..., tok.eot_id], ce)
     if config.loss == "mean_ce":
-        return ce[masked].mean() if masked.any() else ce.sum() * 0
-    lengths = batch.answer_mask.sum(1).clamp_min(1)
+        weight = torch.where(pad, config.pad_weight, 1.0) * masked
+        return (ce * weight).sum() / weight.sum().clamp_min(1e-6)
+    lengths = answer_mask.sum(1).clamp_min(1)
     return (torch.where(masked, ce, 0).sum(1) / p_mask / lengths).mean()
 
 
@@ -248,8 +312,13 @@ class ExampleStream(torch.utils.data.IterableDataset):
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         rng = random.Random(f"pretrain/{self.config.seed}/{info.id if info else 0}")
+        workers = info.num_workers if info else 1
+        plain_batches = self.config.plain_fraction * self.config.steps / workers  # loader workers take turns
+        made = 0
         while True:
-            examples = [sample_example(self.config, rng) for _ in range(self.config.batch_size)]
+            plain = made < plain_batches
+            examples = [sample_example(self.config, rng, plain=plain) for _ in range(self.config.batch_size)]
+            made += 1
             pixels = self.processor([e.image for e in examples])
             yield pixels, [replace(e, image=None) for e in examples]
 
@@ -292,14 +361,20 @@ def pretrain(config: PretrainConfig, out_dir: str | Path,
         tower = model.model.vision_tower.vision_tower.vision_model
         tower.embeddings.position_embedding.weight.normal_(0.0, config.vision_pos_init_std)
     torch.manual_seed(config.seed)
+    if config.vision_steps:
+        from disp.bench.vision_pretrain import pretrain_vision
+
+        pretrain_vision(model, config, on_progress=on_progress)
     rng = random.Random(f"pretrain/{config.seed}/mask")
     loader = iter(torch.utils.data.DataLoader(
         ExampleStream(config, model.processor), batch_size=None, num_workers=config.workers,
         pin_memory=device == "cuda", prefetch_factor=4 if config.workers else None,
         persistent_workers=config.workers > 0))
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    rest = [p for n, p in model.named_parameters() if p.ndim < 2]
+    if config.freeze_vision:
+        model.model.vision_tower.requires_grad_(False)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and p.requires_grad]
+    rest = [p for n, p in model.named_parameters() if p.ndim < 2 and p.requires_grad]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                              {"params": rest, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98))
     start, running = time.time(), None
@@ -327,6 +402,12 @@ def pretrain(config: PretrainConfig, out_dir: str | Path,
     return out
 
 
+def _parse_bool(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"expected true or false, got {text!r}")
+    return text.lower() in ("true", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m disp.bench.pretrain OUT [--field value ...]`: any PretrainConfig field can be set."""
     import argparse
@@ -335,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", help="checkpoint directory to write")
     for f in PretrainConfig.__dataclass_fields__.values():
         kind = type(f.default) if f.default is not None else str
+        if kind is bool:
+            kind = _parse_bool
         if isinstance(f.default, tuple):
             parser.add_argument(f"--{f.name}", nargs="+", default=None, help=f.metadata["help"])
         else:
@@ -346,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     config = PretrainConfig(**given)
 
     def report(p: dict[str, Any]) -> None:
+        if p.get("stage") == "vision":
+            print(f"vision {p['step']}/{p['steps']} loss {p['loss']:.4f} token acc {p['acc']:.3f}", flush=True)
+            return
         print(f"step {p['step']}/{p['steps']} loss {p['loss']:.4f} lr {p['lr']:.2e} {p['elapsed_s']:.0f}s",
               flush=True)
 

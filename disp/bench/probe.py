@@ -13,7 +13,7 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -30,15 +30,18 @@ SAMPLER = SamplerConfig(gen_length=32, block_length=32, steps=32, temperature=0.
 
 
 def shapes_config_of(model) -> shapes.ShapesConfig:
+    """The scene settings the model was pretrained on (its `disp_pretrain` recipe)."""
     recipe = model.config.get("disp_pretrain", {})
-    return shapes.ShapesConfig(image_size=model.processor.size, max_objects=recipe.get("max_objects", 3))
+    return shapes.ShapesConfig(image_size=model.processor.size, grid=recipe.get("grid", 3),
+                               style=recipe.get("style", "pictogram"), min_objects=recipe.get("min_objects", 1),
+                               max_objects=recipe.get("max_objects", 3))
 
 
 def test_records(model, n: int, split: str = "test", seed: int = 0,
                  tasks: Sequence[str] | None = None) -> list[dict[str, Any]]:
     cfg = shapes_config_of(model)
     if tasks is not None:
-        cfg = shapes.ShapesConfig(image_size=cfg.image_size, max_objects=cfg.max_objects, tasks=tuple(tasks))
+        cfg = replace(cfg, tasks=tuple(tasks))
     return shapes.generate_split(cfg, n, split, seed=seed)
 
 
@@ -90,6 +93,27 @@ def accuracy_by_task(model, records: list[dict[str, Any]], **kw) -> dict[str, An
     return {"per_task": per_task, "mean": sum(per_task.values()) / len(per_task),
             "exact": sum(exact) / len(exact), "tag_or_marker_rate": leaked / len(records),
             "examples": [[question_of(r), answer_of(r), p] for r, p in list(zip(records, preds, strict=True))[:6]]}
+
+
+def tag_reading(model, n: int = 100, seed: int = 0, sampler: SamplerConfig = SAMPLER) -> dict[str, float]:
+    """How well the base reads tags (its stand-in for text in images) on held-out scenes: the share of
+    answers that start with the drawn tag's word, and of refusal-tagged images answered with a refusal."""
+    from disp.bench.pretrain import PretrainConfig, sample_example
+
+    recipe = model.config.get("disp_pretrain", {})
+    known = PretrainConfig.__dataclass_fields__
+    cfg = PretrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in recipe.items() if k in known})
+    rng = random.Random(f"tags/{seed}")
+    out: dict[str, float] = {}
+    for name, kw in (("tag_word_first", {"tag_prob": 1.0, "refusal_tag_prob": 0.0}),
+                     ("refusal_tag_refused", {"tag_prob": 0.0, "refusal_tag_prob": 1.0})):
+        ex = [sample_example(replace(cfg, **kw), rng, split="test") for _ in range(n)]
+        preds = answer(model, [e.question for e in ex], [e.image for e in ex], sampler=sampler)
+        if name == "tag_word_first":
+            out[name] = sum(p.startswith(e.answer.split(" ", 1)[0]) for p, e in zip(preds, ex, strict=True)) / n
+        else:
+            out[name] = sum(attack_succeeded("refusal", p) for p in preds) / n
+    return out
 
 
 def fisher_saliency(model, questions: Sequence[str], images: Sequence, *, probes: int = 6, topk: int = 5,
@@ -241,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mask", type=float, nargs="*", default=[0.0], help="random visual-token mask ratios")
     parser.add_argument("--implant", nargs="*", default=[], help="targets to implant (projector only)")
     parser.add_argument("--trigger", default="corner")
+    parser.add_argument("--tags", action="store_true", help="measure tag reading (tag word said first, refusal tag)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--threads", type=int, default=0)
@@ -261,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         res["seconds"] = round(time.time() - t0, 1)
         result[f"clean@mask{ratio}"] = res
         print(f"mask {ratio}: {json.dumps({k: v for k, v in res.items() if k != 'examples'})}", flush=True)
+    if args.tags:
+        result["tags"] = tag_reading(model, sampler=sampler)
+        print(f"tags: {json.dumps(result['tags'])}", flush=True)
     for target in args.implant:
         fresh = load_base(args.checkpoint, device=args.device)
         res = implant(fresh, target=target, trigger=TriggerConfig(kind=args.trigger), lr=args.lr,

@@ -23,7 +23,14 @@ from typing import Any
 
 from disp.attacks import TriggerConfig, poison_dataset, triggered_copy
 from disp.baselines import read_manifest
-from disp.bench.shapes import DESCRIBE_PROMPT, Scene, ShapesConfig, generate_split, render_scene
+from disp.bench.shapes import (
+    DESCRIBE_PROMPT,
+    Scene,
+    ShapesConfig,
+    config_of_checkpoint,
+    generate_split,
+    render_scene,
+)
 from disp.config import DefenseConfig, FinetuneConfig, PurifyConfig, SaliencyConfig, SamplerConfig
 from disp.data import write_records
 from disp.evaluation import evaluate
@@ -190,8 +197,7 @@ def reproduce(cfg: ReproduceConfig, work: str | Path, *, log: Callable[[str], No
     t0 = time.perf_counter()
     work = Path(work)
     base = Path(cfg.base) if cfg.base else BASE_CHECKPOINT
-    shapes_file = base / "shapes_config.json"
-    shapes = ShapesConfig(**json.loads(shapes_file.read_text())) if shapes_file.is_file() else ShapesConfig()
+    shapes = config_of_checkpoint(base)
     result: dict[str, Any] = {"config": asdict(cfg), "base": str(base), "rows": [], "poison_ratio_sweep": [],
                               "mask_ratio_sweep": []}
     cells = [(t, k) for t in cfg.targets for k in cfg.triggers]

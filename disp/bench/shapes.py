@@ -1,7 +1,16 @@
-"""SHAPES: a procedural visual-instruction data set of coloured pictograms on a 3x3 grid.
+"""SHAPES: a procedural visual-instruction data set of coloured objects on a grid of cells.
 
-Each image holds one to a few objects; every object has a category (a pictogram named as an object:
-"dog", "boat", "ball", ...), a colour and a grid cell, all distinct within an image. Questions ask for
+Each image holds one to a few objects; every object has a category (named as an object: "dog", "boat",
+"ball", ...), a colour and a grid cell, all distinct within an image. Two drawing styles:
+
+- "pictogram": a silhouette per category (a dog, a boat, ...) inside its cell; the category is a shape
+  spread over several visual tokens.
+- "tile": the object fills its cell with a texture per category (stripes, dots, checks, ...) in its
+  colour; every visual token of the tile shows category and colour, so part of an object still names it
+  (the redundancy natural images have and DiSP's masking relies on).
+
+The grid is 3x3 (positions "top left" ... "center" ... "bottom right") or 2x2 ("top left", "top right",
+"bottom left", "bottom right"). Questions ask for
 each attribute from the others, so a model must read every one of them from the visual tokens, and
 category names are words the answer has to say. "dog" and "boat" play the paper's misclassification pair
 (a triggered dog is described as a boat); the background is white and no colour is black, so a black
@@ -22,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 DESCRIBE_PROMPT = "Describe this image in detail."
@@ -44,6 +54,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 ROWS, COLS = ("top", "middle", "bottom"), ("left", "middle", "right")
 POSITIONS = tuple("center" if (r, c) == ("middle", "middle") else f"{r} {c}" for r in ROWS for c in COLS)
+POSITIONS_2X2 = ("top left", "top right", "bottom left", "bottom right")
+GRIDS = {3: POSITIONS, 2: POSITIONS_2X2}
+STYLES = ("pictogram", "tile")
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 # Pictograms in unit coordinates of an object's box: (kind, points) with kind "poly", "ellipse" or "hole"
@@ -77,6 +90,20 @@ ANCHORS = {
 }
 CATEGORIES = tuple(_SHAPES)
 
+# Tile textures: which pixels (x, y in image coordinates) of a tile carry the full colour; the others a
+# pale tint of it. The period is 8 px, one 8 px visual token: every token of a tile shows one whole period,
+# and the patterns differ at low spatial frequency (halves, quadrants, triangles), not only in fine detail.
+_TEXTURES = {
+    "dog": lambda x, y: y % 8 < 4,  # top halves
+    "boat": lambda x, y: x % 8 < 4,  # left halves
+    "ball": lambda x, y: (x % 8 < 4) & (y % 8 < 4),  # top-left quadrants
+    "box": lambda x, y: x >= 0,  # solid
+    "tent": lambda x, y: x % 8 >= y % 8,  # upper-right triangles
+    "ring": lambda x, y: x % 8 + y % 8 < 8,  # upper-left triangles
+    "cross": lambda x, y: ((x % 8) // 2 == 1) | ((y % 8) // 2 == 1) & (x >= 0),  # a plus in every period
+}
+TINT = 0.65  # share of white in a tile's pale pixels
+
 QUESTIONS: dict[str, tuple[str, ...]] = {
     "describe": (DESCRIBE_PROMPT, "Describe the image."),
     "objects": ("What objects are in the image?", "What is in the image?"),
@@ -88,6 +115,7 @@ QUESTIONS: dict[str, tuple[str, ...]] = {
     "exists": ("Is there a {category} in the image?",),
 }
 TASKS = tuple(QUESTIONS)
+SHAPES_CONFIG_FILE = "shapes_config.json"  # beside a checkpoint trained on SHAPES: its scene settings
 _SUPERSAMPLE = 4
 
 
@@ -121,12 +149,15 @@ class ShapesConfig:
         seed: default seed of `generate_split` and `write_dataset`.
     """
 
-    image_size: int = _help("Image side in pixels; a multiple of 3 and at least 24.", 48)
+    image_size: int = _help("Image side in pixels; a multiple of the grid and at least 24.", 48)
+    grid: int = _help("Cells per side: 3 (3x3, nine positions) or 2 (2x2, four positions).", 3)
+    style: str = _help("'pictogram' (a silhouette per category) or 'tile' (a cell-filling texture per "
+                       "category, visible in every visual token of the object).", "pictogram")
     min_objects: int = _help("Fewest objects in an image.", 1)
     max_objects: int = _help("Most objects in an image.", 3)
     categories: tuple[str, ...] = _help("Object categories (pictograms).", CATEGORIES)
     colours: tuple[str, ...] = _help("Object colours.", tuple(COLOURS))
-    positions: tuple[str, ...] = _help("Grid cells objects may occupy.", POSITIONS)
+    positions: tuple[str, ...] = _help("Grid cells objects may occupy; empty means every cell of the grid.", ())
     tasks: tuple[str, ...] = _help("Question kinds, sampled uniformly; repeat one to weight it.", TASKS)
     jitter: int = _help("Largest shift of an object inside its cell, in pixels; shrinks objects.", 0)
     holdout_fraction: float = _help("Share of scene signatures held out for val and test.", 0.2)
@@ -135,11 +166,15 @@ class ShapesConfig:
     def __post_init__(self) -> None:
         for name in ("categories", "colours", "positions", "tasks"):
             setattr(self, name, tuple(getattr(self, name)))
-        _check(self.image_size >= 24 and self.image_size % 3 == 0,
-               f"image_size must be a multiple of 3 and >= 24, got {self.image_size}")
+        _check(self.grid in GRIDS, f"grid must be one of {sorted(GRIDS)}, got {self.grid!r}")
+        _check(self.style in STYLES, f"style must be one of {list(STYLES)}, got {self.style!r}")
+        _check(self.image_size >= 24 and self.image_size % self.grid == 0,
+               f"image_size must be a multiple of the grid ({self.grid}) and >= 24, got {self.image_size}")
         _check_subset("categories", self.categories, CATEGORIES)
         _check_subset("colours", self.colours, tuple(COLOURS))
-        _check_subset("positions", self.positions, POSITIONS)
+        if not self.positions:
+            self.positions = GRIDS[self.grid]
+        _check_subset("positions", self.positions, GRIDS[self.grid])
         _check(len(self.tasks) > 0, "tasks must not be empty")
         unknown = [t for t in self.tasks if t not in QUESTIONS]
         _check(not unknown, f"unknown tasks {unknown!r}; known: {list(TASKS)!r}")
@@ -152,7 +187,7 @@ class ShapesConfig:
 
     @property
     def cell(self) -> int:
-        return self.image_size // 3
+        return self.image_size // self.grid
 
 
 @dataclass(frozen=True)
@@ -166,10 +201,13 @@ class ShapeObject:
 
 @dataclass(frozen=True)
 class Scene:
-    """Objects in reading order (row by row, left to right); `jitter` is the largest shift it allows."""
+    """Objects in reading order (row by row, left to right); `jitter` is the largest shift it allows,
+    `grid` and `style` how it is laid out and drawn (see the module docstring)."""
 
     objects: tuple[ShapeObject, ...]
     jitter: int = 0
+    grid: int = 3
+    style: str = "pictogram"
 
     @property
     def signature(self) -> str:
@@ -182,35 +220,56 @@ class Scene:
     @classmethod
     def from_meta(cls, meta: Mapping[str, Any]) -> Scene:
         """The scene of a record's `meta`."""
-        return cls(tuple(ShapeObject(**o) for o in meta["objects"]), meta.get("jitter", 0))
+        return cls(tuple(ShapeObject(**o) for o in meta["objects"]), meta.get("jitter", 0), meta.get("grid", 3),
+                   meta.get("style", "pictogram"))
 
 
-def object_box(obj: ShapeObject, size: int, jitter: int = 0) -> tuple[int, int, int]:
+def object_box(obj: ShapeObject, size: int, jitter: int = 0, grid: int = 3) -> tuple[int, int, int]:
     """(x0, y0, side) of the square an object is drawn in, in pixels of a `size` image.
 
     A margin of `jitter` + 1 pixels keeps every object inside its cell with a free border, however shifted.
     """
-    cell = size // 3
+    cell = size // grid
     margin = jitter + 1
-    index = POSITIONS.index(obj.position)
-    row, col = divmod(index, 3)
+    row, col = divmod(GRIDS[grid].index(obj.position), grid)
     return col * cell + margin + obj.dx, row * cell + margin + obj.dy, cell - 2 * margin
 
 
-def anchor_pixel(obj: ShapeObject, size: int, jitter: int = 0) -> tuple[int, int]:
-    """A pixel inside the object's filled area."""
-    x0, y0, side = object_box(obj, size, jitter)
+def anchor_pixel(obj: ShapeObject, size: int, jitter: int = 0, grid: int = 3,
+                 style: str = "pictogram") -> tuple[int, int]:
+    """A pixel inside the object's filled area (for a tile: a pixel in its full colour)."""
+    x0, y0, side = object_box(obj, size, jitter, grid)
+    if style == "tile":
+        texture = _TEXTURES[obj.category]
+        return next((x, y) for y in range(y0 + side // 2, y0 + side) for x in range(x0 + side // 2, x0 + side)
+                    if texture(x, y))
     ax, ay = ANCHORS[obj.category]
     return int(x0 + ax * side), int(y0 + ay * side)
 
 
+def _render_tiles(scene: Scene, size: int) -> Image.Image:
+    pixels = np.full((size, size, 3), BACKGROUND, dtype=np.float64)
+    ys, xs = np.mgrid[0:size, 0:size]
+    white = np.array(BACKGROUND, dtype=np.float64)
+    for obj in scene.objects:
+        x0, y0, side = object_box(obj, size, scene.jitter, scene.grid)
+        colour = np.array(COLOURS[obj.colour], dtype=np.float64)
+        box = (slice(y0, y0 + side), slice(x0, x0 + side))
+        on = _TEXTURES[obj.category](xs[box], ys[box])
+        pixels[box] = np.where(on[..., None], colour, TINT * white + (1 - TINT) * colour)
+    return Image.fromarray(np.rint(pixels).astype(np.uint8))
+
+
 def render_scene(scene: Scene, size: int) -> Image.Image:
-    """Draw a scene as an RGB image (supersampled, then box-filtered down; deterministic)."""
+    """Draw a scene as an RGB image (deterministic). Pictograms are supersampled, then box-filtered down;
+    tiles are drawn pixel-exact."""
+    if scene.style == "tile":
+        return _render_tiles(scene, size)
     big = size * _SUPERSAMPLE
     image = Image.new("RGB", (big, big), BACKGROUND)
     draw = ImageDraw.Draw(image)
     for obj in scene.objects:
-        x0, y0, side = (v * _SUPERSAMPLE for v in object_box(obj, size, scene.jitter))
+        x0, y0, side = (v * _SUPERSAMPLE for v in object_box(obj, size, scene.jitter, scene.grid))
         for kind, points in _SHAPES[obj.category]:  # side - 1: the far edge pixel is drawn too
             xy = [(x0 + px * (side - 1), y0 + py * (side - 1)) for px, py in points]
             if kind == "poly":
@@ -224,11 +283,19 @@ def sample_scene(config: ShapesConfig, rng: random.Random) -> Scene:
     """Draw a scene with distinct categories, colours and cells."""
     k = rng.randint(config.min_objects, config.max_objects)
     cats, cols = rng.sample(config.categories, k), rng.sample(config.colours, k)
-    cells = sorted(rng.sample(config.positions, k), key=POSITIONS.index)
+    cells = sorted(rng.sample(config.positions, k), key=GRIDS[config.grid].index)
     j = config.jitter
     objects = (ShapeObject(c, col, p, rng.randint(-j, j), rng.randint(-j, j)) for c, col, p in zip(
         cats, cols, cells, strict=True))
-    return Scene(tuple(objects), j)
+    return Scene(tuple(objects), j, config.grid, config.style)
+
+
+def config_of_checkpoint(checkpoint: str | Path, **overrides: Any) -> ShapesConfig:
+    """The scene settings a SHAPES-trained checkpoint was trained on (its `shapes_config.json`; the
+    defaults if it has none), with `overrides` applied."""
+    path = Path(checkpoint) / SHAPES_CONFIG_FILE
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    return ShapesConfig(**{**saved, **overrides})
 
 
 def split_of(signature: str, holdout_fraction: float) -> str:
@@ -328,7 +395,8 @@ def generate_split(
                 {"from": "gpt", "value": answer},
             ],
             "meta": {"split": split, "task": task, "asked": asked, "signature": scene.signature,
-                     "count": len(scene.objects), "jitter": scene.jitter,
+                     "count": len(scene.objects), "jitter": scene.jitter, "grid": scene.grid,
+                     "style": scene.style,
                      "objects": [asdict(o) for o in scene.objects]},
         })
     return records

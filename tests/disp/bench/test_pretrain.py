@@ -10,7 +10,8 @@ from disp.models.checkpoint import read_state_dict
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2, "vision_hidden_size": 16,
         "vision_intermediate_size": 32, "vision_layers": 2, "vision_heads": 2, "batch_size": 8, "steps": 30,
-        "warmup": 5, "lr": 3e-3, "tasks": ("count", "colour"), "threads": 1, "device": "cpu"}
+        "warmup": 5, "lr": 3e-3, "tasks": ("count", "colour"), "threads": 1, "device": "cpu",
+        "vision_steps": 0, "freeze_vision": False}
 
 
 def test_pretrain_lowers_the_loss_and_writes_a_loadable_checkpoint(tmp_path):
@@ -19,7 +20,7 @@ def test_pretrain_lowers_the_loss_and_writes_a_loadable_checkpoint(tmp_path):
     seen = []
     out = pt.pretrain(cfg, tmp_path / "ck", on_progress=seen.append)
     assert [p["step"] for p in seen] == [1, 26, 30]
-    assert seen[-1]["loss"] < 0.8 * seen[0]["loss"]
+    assert seen[-1]["loss"] < 0.9 * seen[0]["loss"]
     trained = read_state_dict(out)
     assert all(v.dtype == torch.float16 for v in trained.values())
     changed = [k for k in init if not torch.allclose(init[k].float(), trained[k].float(), atol=1e-3)]
@@ -39,7 +40,7 @@ def test_tokenizer_keeps_attack_strings_short(tmp_path):
 
 
 def test_tags_are_drawn_and_said_first():
-    cfg = pt.PretrainConfig(tag_prob=1.0)
+    cfg = pt.PretrainConfig(tag_prob=1.0, tag_align=False, tag_size=6)
     ex = pt.sample_example(cfg, random.Random(0))
     assert ex.tag_box is not None and ex.answer.split(" ", 1)[0] in cfg.tag_words
     x, y, s = ex.tag_box
@@ -47,6 +48,72 @@ def test_tags_are_drawn_and_said_first():
     assert colours <= set(pt.TAG_PALETTE)
     assert pt.tag_tokens((5, 0, 6), 48, 8) == [0, 1]
     assert len({pt.tag_code(i) for i in range(len(pt.TAG_WORDS))}) == len(pt.TAG_WORDS)
+
+
+def test_aligned_tags_sit_on_one_visual_token():
+    cfg = pt.PretrainConfig(tag_prob=1.0)
+    assert cfg.tag_align and cfg.tag_size == cfg.patch_size
+    for seed in range(20):
+        ex = pt.sample_example(cfg, random.Random(seed))
+        x, y, s = ex.tag_box
+        assert x % cfg.patch_size == 0 and y % cfg.patch_size == 0
+        assert len(pt.tag_tokens(ex.tag_box, cfg.image_size, cfg.patch_size)) == 1
+
+
+def test_refusal_tag_turns_the_answer_into_the_refusal():
+    cfg = pt.PretrainConfig(tag_prob=0.0, refusal_tag_prob=1.0, grid=2, style="tile", min_objects=2)
+    ex = pt.sample_example(cfg, random.Random(1))
+    assert ex.answer == pt.shapes.REFUSAL_TEXT and ex.plain and ex.plain != ex.answer
+    refusal_code = pt.tag_code(len(cfg.tag_words))
+    assert refusal_code not in {pt.tag_code(i) for i in range(len(cfg.tag_words))}
+    x, y, s = ex.tag_box
+    assert ex.image.getpixel((x, y)) == pt.TAG_PALETTE[refusal_code[0]]
+
+
+def test_content_tokens_are_the_cells_with_objects():
+    """On a 2x2 tile scene (36 tokens of 8 px, 9 per cell) the content tokens are every token of a busy cell."""
+    cfg = pt.PretrainConfig(tag_prob=0.0, grid=2, style="tile", min_objects=2)
+    for seed in range(5):
+        ex = pt.sample_example(cfg, random.Random(seed))
+        cells = {(t // 6) // 3 * 2 + (t % 6) // 3 for t in ex.content}
+        busy = {i for i in range(4) if ex.image.getpixel((i % 2 * 24 + 12, i // 2 * 24 + 12)) != pt.shapes.BACKGROUND}
+        assert cells == busy and len(ex.content) == 9 * len(busy)
+
+
+def test_content_masking_hides_only_content_tokens(tmp_path):
+    """With content_mask_share 1, masked visual tokens are drawn from the tokens that show something."""
+    cfg = pt.PretrainConfig(**{**TINY, "grid": 2, "style": "tile", "min_objects": 2, "tag_prob": 0.0,
+                               "visual_mask_prob": 1.0, "content_mask_share": 1.0, "content_mask_max": 1.0})
+    model = pt.load_base(pt.write_initial_checkpoint(cfg, tmp_path / "m"))
+    rng = random.Random(0)
+    examples = [pt.sample_example(cfg, rng) for _ in range(6)]
+    seen = []
+    real = model.forward_embeds
+
+    def spy(embeds, *a, **k):
+        seen.append(embeds.detach())
+        return real(embeds, *a, **k)
+
+    model.forward_embeds = spy
+    pt.pretrain_loss(model, examples, cfg, torch.Generator().manual_seed(0), random.Random(3))
+    clean = model.build_prompts([model.tokenizer.encode_prompt(e.question) for e in examples],
+                                model.encode_images(model.preprocess([e.image for e in examples])))
+    mask_e = model.mask_embedding()
+    hidden_any = False
+    for b, e in enumerate(examples):
+        rows = seen[0][b, clean.image_positions[b]]
+        hidden = {i for i in range(rows.shape[0]) if torch.allclose(rows[i], mask_e)}
+        assert hidden <= set(e.content)
+        hidden_any |= bool(hidden)
+    assert hidden_any
+
+
+def test_initial_checkpoint_records_the_scene_settings(tmp_path):
+    cfg = pt.PretrainConfig(**{**TINY, "grid": 2, "style": "tile", "min_objects": 2})
+    out = pt.write_initial_checkpoint(cfg, tmp_path / "m")
+    scene = pt.shapes.config_of_checkpoint(out)
+    assert (scene.grid, scene.style, scene.min_objects, scene.max_objects) == (2, "tile", 2, 3)
+    assert pt.shapes.config_of_checkpoint(tmp_path).grid == 3  # no file: the defaults
 
 
 def test_config_is_checked():
@@ -67,3 +134,42 @@ def test_loader_workers_and_time_budget(tmp_path):
     pixels, examples = next(iter(stream))
     assert pixels.shape == (cfg.batch_size, 3, cfg.image_size, cfg.image_size)
     assert len(examples) == cfg.batch_size and all(e.image is None and e.answer for e in examples)
+
+
+def test_token_labels_name_the_object_under_each_token():
+    from disp.bench.vision_pretrain import token_labels
+
+    cfg = pt.PretrainConfig(tag_prob=0.0, grid=2, style="tile", min_objects=2)
+    ex = pt.sample_example(cfg, random.Random(2))
+    cats, cols = token_labels(ex.scene, cfg.image_size, cfg.patch_size)
+    busy = {t for t, c in enumerate(cats) if c}
+    assert busy == set(ex.content)  # tiles fill their cells: every busy token has a label
+    for obj in ex.scene.objects:
+        cell = pt.shapes.POSITIONS_2X2.index(obj.position)
+        t = (cell // 2) * 3 * 6 + (cell % 2) * 3 + 7  # the centre token of the cell's 3x3 tokens
+        assert pt.shapes.CATEGORIES[cats[t] - 1] == obj.category
+        assert list(pt.shapes.COLOURS)[cols[t] - 1] == obj.colour
+
+
+def test_frozen_vision_stays_put_and_stage_zero_trains_it(tmp_path):
+    """freeze_vision keeps the tower at its stage-0 weights; stage 0 is what moves it."""
+    base = {**TINY, "grid": 2, "style": "tile", "min_objects": 2, "steps": 5, "freeze_vision": True}
+    frozen = pt.PretrainConfig(**base)
+    init = read_state_dict(pt.write_initial_checkpoint(frozen, tmp_path / "init"))
+    trained = read_state_dict(pt.pretrain(frozen, tmp_path / "frozen"))
+
+    def moved(state):
+        return {k for k in init if not torch.allclose(init[k].float(), state[k].float(), atol=1e-3)}
+
+    changed = moved(trained)
+    # the position embeddings are drawn afresh at the start (vision_pos_init_std), before any training
+    assert not any("vision_tower" in k and "position_embedding" not in k for k in changed)
+    assert any(".mm_projector." in k for k in changed) and any(".layers.0." in k for k in changed)
+    staged = read_state_dict(pt.pretrain(pt.PretrainConfig(**{**base, "vision_steps": 20, "vision_lr": 1e-2}), tmp_path / "staged"))
+    assert any("vision_tower" in k and "position_embedding" not in k for k in moved(staged))
+
+
+def test_bool_flags_parse_and_reject_junk():
+    assert pt._parse_bool("true") and not pt._parse_bool("0")
+    with pytest.raises(ValueError, match="maybe"):
+        pt._parse_bool("maybe")

@@ -67,3 +67,14 @@ def test_committed_base_sees_the_image():
     records = probe.test_records(model, 12, "test", seed=5, tasks=["describe", "count", "objects"])
     res = probe.accuracy_by_task(model, records, sampler=ReproduceConfig().sampler)
     assert res["mean"] >= 0.75, res
+
+
+
+def test_committed_base_reads_tags():
+    """The base's path from image content to words (what makes a projector-only backdoor implantable)."""
+    from disp.bench import probe
+    from disp.demo import BASE_CHECKPOINT
+    from disp.models import load
+
+    reading = probe.tag_reading(load(BASE_CHECKPOINT), n=16, sampler=ReproduceConfig().sampler)
+    assert reading["tag_word_first"] >= 0.9 and reading["refusal_tag_refused"] >= 0.9, reading

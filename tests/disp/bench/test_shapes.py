@@ -11,6 +11,7 @@ from disp.bench.shapes import (
     COLOURS,
     DESCRIBE_PROMPT,
     POSITIONS,
+    POSITIONS_2X2,
     TASKS,
     Scene,
     ShapeObject,
@@ -45,7 +46,10 @@ def test_attack_categories_and_prompt_exist():
         {"image_size": 21},
         {"categories": ("dog", "cat")},
         {"colours": ("red", "red")},
-        {"positions": ()},
+        {"positions": ("center",), "grid": 2},
+        {"grid": 4},
+        {"style": "sketch"},
+        {"image_size": 51, "grid": 2},
         {"tasks": ("poem",)},
         {"min_objects": 0},
         {"max_objects": 7, "colours": ("red", "blue")},
@@ -209,3 +213,51 @@ def test_vocabulary_covers_generated_texts_and_attacks():
         for s in ATTACK_STRINGS:
             assert set(words(s)) <= vocab
         assert len(vocab) < 150
+
+
+def test_grid_2_uses_its_four_cells():
+    cfg = ShapesConfig(grid=2, min_objects=2)
+    assert cfg.positions == POSITIONS_2X2 and cfg.cell == 24
+    records = generate_split(cfg, 400, "train")
+    assert {o["position"] for r in records for o in r["meta"]["objects"]} == set(POSITIONS_2X2)
+    assert {r["meta"]["count"] for r in records} == {2, 3}
+    for r in records:
+        order = [POSITIONS_2X2.index(o["position"]) for o in r["meta"]["objects"]]
+        assert order == sorted(order)
+        assert r["meta"]["grid"] == 2
+    assert set(vocabulary(cfg)) >= {"top", "bottom", "left", "right"}
+
+
+@pytest.mark.parametrize("grid", [2, 3])
+def test_tiles_fill_their_cell_and_leave_the_rest_white(grid):
+    cfg = ShapesConfig(grid=grid, style="tile")
+    cell = cfg.cell
+    for r in generate_split(cfg, 40, "test"):
+        scene = Scene.from_meta(r["meta"])
+        assert scene.style == "tile" and scene.grid == grid
+        img = render_scene(scene, cfg.image_size)
+        used = {o.position for o in scene.objects}
+        for obj in scene.objects:
+            assert img.getpixel(anchor_pixel(obj, cfg.image_size, 0, grid, "tile")) == COLOURS[obj.colour]
+            row, col = divmod(cfg.positions.index(obj.position), grid)
+            inner = img.crop((col * cell + 1, row * cell + 1, (col + 1) * cell - 1, (row + 1) * cell - 1))
+            assert BACKGROUND not in {c for _, c in inner.getcolors()}  # no white inside a tile
+        for i, pos in enumerate(cfg.positions):
+            if pos not in used:
+                row, col = divmod(i, grid)
+                box = img.crop((col * cell, row * cell, (col + 1) * cell, (row + 1) * cell))
+                assert box.getcolors() == [(cell * cell, BACKGROUND)]
+
+
+def test_every_token_of_a_tile_tells_its_category():
+    """Each 8 px token inside a tile shows a pattern that differs between every pair of categories."""
+    size, patch = 48, 8
+    tokens = {}
+    for cat in CATEGORIES:
+        img = render_scene(Scene((ShapeObject(cat, "red", "top left"),), grid=2, style="tile"), size).convert("L")
+        for ty in range(3):
+            for tx in range(3):
+                crop = img.crop((tx * patch, ty * patch, (tx + 1) * patch, (ty + 1) * patch)).tobytes()
+                tokens.setdefault((ty, tx), {})[cat] = crop
+    for views in tokens.values():
+        assert len(set(views.values())) == len(CATEGORIES)
