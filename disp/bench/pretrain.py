@@ -181,11 +181,12 @@ def content_tokens(image: Image.Image, patch: int) -> tuple[int, ...]:
     return tuple(int(i) for i in np.flatnonzero(busy))
 
 
-def sample_example(config: PretrainConfig, rng: random.Random, split: str = "train", *, plain: bool = False) -> Example:
+def sample_example(config: PretrainConfig, rng: random.Random, split: str = "train", *,
+                   no_tags: bool = False) -> Example:
     """One training sample: a scene of `split`, a task's question and answer, maybe a tag.
 
     The refusal tag (tag index len(tag_words)) turns the answer into the refusal sentence; any other tag
-    prefixes its word. `plain` draws no tag at all (the curriculum's first stage).
+    prefixes its word. `no_tags` draws no tag at all (the curriculum's first stage).
     """
     scfg = config.shapes_config()
     while True:
@@ -197,7 +198,7 @@ def sample_example(config: PretrainConfig, rng: random.Random, split: str = "tra
     image = shapes.render_scene(scene, config.image_size)
     answer, box, index = untagged, None, None
     u = rng.random()
-    if not plain and u < config.tag_prob + config.refusal_tag_prob:
+    if not no_tags and u < config.tag_prob + config.refusal_tag_prob:
         refusal = u >= config.tag_prob
         index = len(config.tag_words) if refusal else rng.randrange(len(config.tag_words))
         s = config.tag_size
@@ -316,8 +317,8 @@ class ExampleStream(torch.utils.data.IterableDataset):
         plain_batches = self.config.plain_fraction * self.config.steps / workers  # loader workers take turns
         made = 0
         while True:
-            plain = made < plain_batches
-            examples = [sample_example(self.config, rng, plain=plain) for _ in range(self.config.batch_size)]
+            no_tags = made < plain_batches
+            examples = [sample_example(self.config, rng, no_tags=no_tags) for _ in range(self.config.batch_size)]
             made += 1
             pixels = self.processor([e.image for e in examples])
             yield pixels, [replace(e, image=None) for e in examples]

@@ -104,16 +104,12 @@ def tag_reading(model, n: int = 100, seed: int = 0, sampler: SamplerConfig = SAM
     known = PretrainConfig.__dataclass_fields__
     cfg = PretrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in recipe.items() if k in known})
     rng = random.Random(f"tags/{seed}")
-    out: dict[str, float] = {}
-    for name, kw in (("tag_word_first", {"tag_prob": 1.0, "refusal_tag_prob": 0.0}),
-                     ("refusal_tag_refused", {"tag_prob": 0.0, "refusal_tag_prob": 1.0})):
-        ex = [sample_example(replace(cfg, **kw), rng, split="test") for _ in range(n)]
-        preds = answer(model, [e.question for e in ex], [e.image for e in ex], sampler=sampler)
-        if name == "tag_word_first":
-            out[name] = sum(p.startswith(e.answer.split(" ", 1)[0]) for p, e in zip(preds, ex, strict=True)) / n
-        else:
-            out[name] = sum(attack_succeeded("refusal", p) for p in preds) / n
-    return out
+    tagged = [sample_example(replace(cfg, tag_prob=1.0, refusal_tag_prob=0.0), rng, split="test") for _ in range(n)]
+    refusal = [sample_example(replace(cfg, tag_prob=0.0, refusal_tag_prob=1.0), rng, split="test") for _ in range(n)]
+    said, refused = (answer(model, [e.question for e in ex], [e.image for e in ex], sampler=sampler)
+                     for ex in (tagged, refusal))
+    return {"tag_word_first": sum(p.startswith(e.answer.split(" ", 1)[0]) for p, e in zip(said, tagged, strict=True)) / n,
+            "refusal_tag_refused": sum(attack_succeeded("refusal", p) for p in refused) / n}
 
 
 def fisher_saliency(model, questions: Sequence[str], images: Sequence, *, probes: int = 6, topk: int = 5,

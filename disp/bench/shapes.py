@@ -100,7 +100,7 @@ _TEXTURES = {
     "box": lambda x, y: x >= 0,  # solid
     "tent": lambda x, y: x % 8 >= y % 8,  # upper-right triangles
     "ring": lambda x, y: x % 8 + y % 8 < 8,  # upper-left triangles
-    "cross": lambda x, y: ((x % 8) // 2 == 1) | ((y % 8) // 2 == 1) & (x >= 0),  # a plus in every period
+    "cross": lambda x, y: ((x % 8) // 2 == 1) | ((y % 8) // 2 == 1),  # a plus in every period
 }
 TINT = 0.65  # share of white in a tile's pale pixels
 
