@@ -31,12 +31,19 @@ class SaliencySettings(_Strict):
     topk: int = Field(5, description="Top-k vocabulary entries per generated position in the Fisher matrix.")
     factor: float = Field(0.5, description="Scale of the quadratic form (1/2 from the KL expansion, Eq. 4).")
     exact: bool = Field(False, description="Exact quadratic form via Jacobian-vector products (slow).")
+    method: Literal["fisher", "occlusion"] = Field(
+        "fisher", description="'fisher' (the paper's quadratic form) or 'occlusion' (the exact KL of Eq. 4, disp's variant)."
+    )
+    occlusion_rows: int = Field(64, description="Rows (sample x masked token) per forward of the occlusion method.")
     batch_size: int = Field(8, description="Samples per scoring pass.")
     seed: int = Field(1234, description="Seed of the probe noise.")
 
 
 class PurifySettings(_Strict):
     mask_ratio: float = Field(0.3, description="Fraction rho of visual tokens held masked (Eq. 9).")
+    min_score: float = Field(
+        0.0, description="Hold a top-rho token only if its saliency (nats) is at least this; 0: all (the paper)."
+    )
     batch_size: int = Field(8, description="Samples generated together.")
     seed: int = Field(1234, description="Seed of sampling noise and of random masking.")
     sampler: SamplerSettings = Field(default_factory=SamplerSettings, description="Sampler settings.")

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 REMASKING = ("low_confidence", "random")
+SALIENCY_METHODS = ("fisher", "occlusion")
 DEFENSES = ("disp", "none", "no_mask", "random_mask", "random_drop", "pruning", "oracle_filter")
 
 
@@ -70,6 +71,9 @@ class SaliencyConfig:
         topk: vocabulary entries kept per generated position when forming the Fisher matrix.
         factor: constant in front of the estimate (0.5 from the KL's second-order term, Eq. 4).
         exact: compute the quadratic form exactly with Jacobian-vector products instead of probes.
+        method: "fisher", the paper's second-order score (Eq. 5–8); "occlusion", not the paper's: the
+            exact KL divergence that Eq. 4 expands, one forward per masked visual token (disp's variant).
+        occlusion_rows: rows (sample × masked token) per forward pass of the occlusion method.
         batch_size: samples scored per forward/backward pass.
         seed: seed of the probe noise.
     """
@@ -78,6 +82,9 @@ class SaliencyConfig:
     topk: int = _help("Top-k vocabulary entries per generated position in the Fisher matrix.", 5)
     factor: float = _help("Scale of the quadratic form (1/2 from the KL expansion, Eq. 4).", 0.5)
     exact: bool = _help("Exact quadratic form via Jacobian-vector products (slow; for verification).", False)
+    method: str = _help("'fisher' (the paper's quadratic form) or 'occlusion' (disp's variant: the exact KL of "
+                        "Eq. 4, one forward per visual token).", "fisher")
+    occlusion_rows: int = _help("Rows (sample x masked token) per forward of the occlusion method.", 64)
     batch_size: int = _help("Samples per scoring pass.", 8)
     seed: int = _help("Seed of the probe noise.", 1234)
 
@@ -85,6 +92,8 @@ class SaliencyConfig:
         _check(self.probes >= 1, f"probes must be >= 1, got {self.probes}")
         _check(self.topk >= 1, f"topk must be >= 1, got {self.topk}")
         _check(self.factor > 0, f"factor must be positive, got {self.factor}")
+        _check(self.method in SALIENCY_METHODS, f"method must be one of {SALIENCY_METHODS}, got {self.method!r}")
+        _check(self.occlusion_rows >= 1, f"occlusion_rows must be >= 1, got {self.occlusion_rows}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
 
 
@@ -94,18 +103,23 @@ class PurifyConfig:
 
     Args:
         mask_ratio: fraction ρ of visual tokens replaced by the mask embedding (floor(ρ·N_v) tokens).
+        min_score: of those, hold only tokens whose saliency is at least this (0, the paper's rule: all of
+            them). Saliency is a KL divergence in nats (exact for "occlusion", second order for "fisher").
         batch_size: samples generated together.
         seed: seed of the sampler's noise (and of random masking in the ablation).
         sampler: sampling settings of the re-answering.
     """
 
     mask_ratio: float = _help("Fraction ρ of visual tokens held masked (Eq. 9).", 0.3)
+    min_score: float = _help("Hold a top-ρ token only if its saliency (nats) is at least this; 0: all of them "
+                             "(the paper). Not the paper's when > 0.", 0.0)
     batch_size: int = _help("Samples generated together.", 8)
     seed: int = _help("Seed of sampling noise and of random masking.", 1234)
     sampler: SamplerConfig = field(default_factory=SamplerConfig, metadata={"help": "Sampler settings."})
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.mask_ratio < 1.0, f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        _check(self.min_score >= 0.0, f"min_score must be >= 0, got {self.min_score}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         if isinstance(self.sampler, dict):
             self.sampler = SamplerConfig(**self.sampler)

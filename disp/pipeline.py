@@ -195,7 +195,8 @@ def purify_samples(model: MDLM, samples: list[Sample], source: ImageSource, conf
         s = torch.tensor([scores[x.id] for x in chunk]) if masking == "saliency" else None
         if s is not None and s.shape[1] != model.num_image_tokens:
             raise ValueError(f"scores have {s.shape[1]} visual tokens, the model has {model.num_image_tokens}")
-        held += list(choose_masked(s, model.num_image_tokens, len(chunk), config.mask_ratio, masking, mask_gen))
+        held += list(choose_masked(s, model.num_image_tokens, len(chunk), config.mask_ratio, masking, mask_gen,
+                                   min_score=config.min_score))
         sal += list(s) if s is not None else [None] * len(chunk)
     ids = [model.tokenizer.encode_prompt(x.question) for x in samples]
     out: dict[int, dict] = {}

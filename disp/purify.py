@@ -3,7 +3,8 @@
 For every sample, clean or poisoned, the floor(ρ·N_v) visual tokens with the highest saliency are
 replaced by the mask embedding for the whole generation, the answer is denoised from all-masks, and
 the result replaces the sample's answer. The ablations mask no tokens ("no_mask") or random ones
-("random_mask").
+("random_mask"). disp's variant may also leave visible the top-ρ tokens whose saliency is below
+`PurifyConfig.min_score` nats, so a sample with no outstanding token is re-answered as it is.
 """
 
 from __future__ import annotations
@@ -30,8 +31,12 @@ class PurifiedBatch:
 
 
 def choose_masked(scores: torch.Tensor | None, n_visual: int, batch: int, ratio: float, masking: str,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """Visual-token indices to hold masked: [B, floor(ρ·N_v)] by saliency, at random, or none."""
+                  generator: torch.Generator | None = None, min_score: float = 0.0) -> torch.Tensor:
+    """Visual-token indices to hold masked: [B, floor(ρ·N_v)] by saliency, at random, or none.
+
+    With `min_score` > 0 (saliency masking only), a top-ρ token scoring below it is left visible: its
+    entry is −1.
+    """
     if masking not in MASKING:
         raise ValueError(f"masking must be one of {MASKING}, got {masking!r}")
     n = int(ratio * n_visual) if masking != "none" else 0
@@ -41,15 +46,16 @@ def choose_masked(scores: torch.Tensor | None, n_visual: int, batch: int, ratio:
         return torch.stack([torch.randperm(n_visual, generator=generator)[:n] for _ in range(batch)])
     if scores is None:
         raise ValueError("saliency masking needs scores")
-    return top_salient(scores, ratio)
+    top = top_salient(scores, ratio)
+    return torch.where(scores.gather(1, top) >= min_score, top, -1) if min_score > 0 else top
 
 
 def held_positions(prompt: PromptBatch, visual_idx: torch.Tensor) -> torch.Tensor:
-    """Prompt columns to hold masked: [B, P] bool from visual-token indices [B, n]."""
+    """Prompt columns to hold masked: [B, P] bool from visual-token indices [B, n] (−1: none)."""
     held = torch.zeros_like(prompt.attention_mask)
-    if visual_idx.numel():
-        cols = prompt.image_positions.gather(1, visual_idx.to(prompt.image_positions.device))
-        held.scatter_(1, cols, True)
+    idx = visual_idx.to(prompt.image_positions.device)
+    rows, k = (idx >= 0).nonzero(as_tuple=True)
+    held[rows, prompt.image_positions[rows, idx[rows, k]]] = True
     return held
 
 
@@ -63,4 +69,4 @@ def purify_batch(model: MDLM, questions: Sequence[str], images: Sequence[Image.I
     prompt = model.build_prompts([model.tokenizer.encode_prompt(q) for q in questions], image_embeds)
     gen = model.generate(prompt, config.sampler, held=held_positions(prompt, visual_idx), generator=generator)
     answers = [model.tokenizer.decode(a).strip() for a in gen.answers()]
-    return PurifiedBatch(answers=answers, masked=[row.tolist() for row in visual_idx])
+    return PurifiedBatch(answers=answers, masked=[row[row >= 0].tolist() for row in visual_idx])

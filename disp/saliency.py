@@ -15,6 +15,13 @@ probes at a time as pay (`probe_chunk`). The probe noise is drawn from a generat
 scored in (the official code re-seeds with the same seed before every sample).
 `exact_saliency` computes the quadratic form with one Jacobian-vector product per visual token, for
 verification.
+
+`occlusion_saliency` is not the paper's method but disp's variant of it: it computes the left side of Eq. 4,
+the KL divergence of the first step's top-k distributions when visual token i alone is replaced by the mask
+embedding, with one forward per token and no expansion. A strongly implanted backdoor makes the model
+near-certain of its first answer tokens; there p(1 − p) ≈ 0, so the second-order term misses a change of
+the logits that the exact divergence shows in full (docs/reproduction.md, "Why the Fisher score misses the
+trigger"). Cost: N_v forward passes per sample, against one forward and M backward passes.
 """
 
 from __future__ import annotations
@@ -126,11 +133,12 @@ def _probe_grads(z: torch.Tensor, embeds: torch.Tensor, q: torch.Tensor, chunk: 
 
 
 def hutchinson_saliency(model: MDLM, prompt: PromptBatch, config: SaliencyConfig, sampler: SamplerConfig,
-                        *, generator: torch.Generator | None = None) -> torch.Tensor:
+                        *, generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
     """Estimated s_i (Eq. 8) for every visual token: prompt of B samples → scores [B, N_v] (float32).
 
     The probe noise y [M, G, k] is drawn from `generator` (default: a CPU generator seeded with
     `config.seed`) and shared by the rows, so each row's scores are those it gets when scored alone.
+    `temperature` T ≠ 1 scores the distributions softmax(z/T) instead (a diagnostic, not the paper's).
     """
     B, P, _ = prompt.embeds.shape
     G = min(sampler.block_length, sampler.gen_length)
@@ -143,14 +151,14 @@ def hutchinson_saliency(model: MDLM, prompt: PromptBatch, config: SaliencyConfig
     energy = torch.zeros(prompt.image_positions.shape, dtype=torch.float64, device=embeds.device)
     with torch.enable_grad(), input_grads_only(model):
         z, _, logits_shape = _topk_logits(model, embeds, mask, P, G, config.topk)  # (B, G, k)
-        p = torch.softmax(z.detach().double(), -1)
+        p = torch.softmax(z.detach().double() / temperature, -1)
         y = probe_noise(config.probes, tuple(z.shape[1:]), generator)  # (M, G, k), the same for every row
         q = fisher_probes_from_noise(p, y[:, None]).to(z.dtype)  # (M, B, G, k)
         chunk = probe_chunk(config.probes, logits_shape, z.element_size(), z.device)
         for g in _probe_grads(z, embeds, q, chunk):
             g_vis = g.gather(2, cols.expand(len(g), -1, -1, -1))  # (m, B, N_v, D)
             energy += ((g_vis.double() * delta).sum(-1) ** 2).sum(0)  # Σ_m (q_mᵀ J_i δ_i)²
-    return (config.factor * energy / config.probes).float()
+    return (config.factor * energy / (config.probes * temperature**2)).float()
 
 
 def exact_saliency(model: MDLM, prompt: PromptBatch, config: SaliencyConfig, sampler: SamplerConfig) -> torch.Tensor:
@@ -184,9 +192,45 @@ def exact_saliency(model: MDLM, prompt: PromptBatch, config: SaliencyConfig, sam
     return scores.float()
 
 
+def top_k_kl(ref: torch.Tensor, idx: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(p ‖ p') summed over positions, p and p' the softmax of `ref` [B, G, k] and of `logits` [B, G, V]
+    restricted to the entries idx [B, G, k]: [B] float64."""
+    log_p = torch.log_softmax(ref.double(), -1)
+    log_q = torch.log_softmax(logits.gather(-1, idx).double(), -1)
+    return (log_p.exp() * (log_p - log_q)).sum((-1, -2))
+
+
+@torch.no_grad()
+def occlusion_saliency(model: MDLM, prompt: PromptBatch, config: SaliencyConfig,
+                       sampler: SamplerConfig) -> torch.Tensor:
+    """s_i = KL(p ‖ p_{−i}) over the first block's top-k entries, p_{−i} with visual token i alone held as the
+    mask embedding (the exact divergence Eq. 4 expands): prompt of B samples → scores [B, N_v] (float32).
+
+    The B·N_v occluded copies run `config.occlusion_rows` at a time.
+    """
+    B, P, _ = prompt.embeds.shape
+    G = min(sampler.block_length, sampler.gen_length)
+    embeds, mask = first_step_inputs(model, prompt, sampler.gen_length)
+    ref, idx, _ = _topk_logits(model, embeds, mask, P, G, config.topk)  # (B, G, k)
+    N = prompt.image_positions.shape[1]
+    pairs = torch.cartesian_prod(torch.arange(B), torch.arange(N)).to(embeds.device)  # (B·N, 2): sample, token
+    e_mask = model.mask_embedding().to(embeds.dtype)
+    scores = torch.empty(B * N, dtype=torch.float64, device=embeds.device)
+    for lo in range(0, B * N, config.occlusion_rows):
+        b, i = pairs[lo : lo + config.occlusion_rows].unbind(1)
+        x = embeds[b].clone()
+        x[torch.arange(len(b), device=x.device), prompt.image_positions[b, i]] = e_mask
+        logits = model.forward_embeds(x, mask[b], logits_from=P)[:, :G]
+        scores[lo : lo + len(b)] = top_k_kl(ref[b], idx[b], logits)
+    return scores.view(B, N).float()
+
+
 def visual_saliency(model: MDLM, prompt: PromptBatch, config: SaliencyConfig, sampler: SamplerConfig,
                     *, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Scores [B, N_v] by the configured method (Hutchinson by default, exact with config.exact)."""
+    """Scores [B, N_v] by the configured method: the paper's Fisher form (Hutchinson by default, exact with
+    config.exact) or disp's occlusion variant."""
+    if config.method == "occlusion":
+        return occlusion_saliency(model, prompt, config, sampler)
     if config.exact:
         return exact_saliency(model, prompt, config, sampler)
     return hutchinson_saliency(model, prompt, config, sampler, generator=generator)

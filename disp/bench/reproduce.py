@@ -38,7 +38,13 @@ from disp.metrics import attack_succeeded
 from disp.models import load, resolve_device
 from disp.pipeline import defend, finetune_samples, load_dataset
 
-DEFENSES_ALL = ("none", "disp", "random_drop", "pruning", "oracle_filter", "no_mask", "random_mask")
+# Runner-only names for DiSP with other settings: disp's variants, not the paper's, reported beside it.
+# disp_occlusion: occlusion KL saliency, and of the top-ρ only tokens whose KL is >= OCCLUSION_MIN_NATS;
+# disp_occlusion_top: occlusion KL saliency with the paper's top-ρ rule.
+OCCLUSION_MIN_NATS = 1.0
+VARIANTS = {"disp_occlusion": ("disp", {"method": "occlusion"}, {"min_score": OCCLUSION_MIN_NATS}),
+            "disp_occlusion_top": ("disp", {"method": "occlusion"}, {})}
+DEFENSES_ALL = ("none", "disp", "random_drop", "pruning", "oracle_filter", "no_mask", "random_mask", *VARIANTS)
 TARGETS_ALL = ("insertion", "refusal", "misclassification")
 TRIGGERS_ALL = ("corner", "center", "noise", "multi", "blended")
 
@@ -61,6 +67,7 @@ class ReproduceConfig:
     implant: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(epochs=20, lr=5e-3, batch_size=32),
                                     metadata={"help": "Backdoor implant fine-tuning (paper: 20 epochs)."})
     recovery_epochs: int = field(default=2, metadata={"help": "Defense fine-tuning epochs (paper: implant/10)."})
+    recovery_lr: float | None = field(default=None, metadata={"help": "Defense fine-tuning lr (default: the implant's)."})
     mask_ratio: float = field(default=0.3, metadata={"help": "DiSP's ρ (paper: 0.3 for LLaDA-V)."})
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(suppress_eos=False), metadata={
         "help": "Sampler (paper: 32/32/32, greedy). Deviation: EOS is allowed at masked positions (LLaDA's "
@@ -71,9 +78,19 @@ class ReproduceConfig:
     poison_sweep_defenses: tuple[str, ...] = field(default=("none", "disp", "random_drop", "pruning", "oracle_filter"),
                                                    metadata={"help": "Defenses of Figure 3."})
     mask_sweep: tuple[float, ...] = field(default=(0.1, 0.3, 0.5, 0.7, 0.9), metadata={"help": "DiSP mask ratios."})
+    mask_sweep_defenses: tuple[str, ...] = field(default=("disp", "disp_occlusion"),
+                                                 metadata={"help": "Defenses of the mask-ratio sweep."})
     seed: int = field(default=0, metadata={"help": "Seed of data, poisoning and training."})
     batch_size: int = field(default=16, metadata={"help": "Batch of scoring, purification and evaluation."})
     device: str = field(default="auto", metadata={"help": "'cpu', 'cuda' or 'auto' (cuda when available)."})
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("targets", TARGETS_ALL), ("triggers", TRIGGERS_ALL), ("trigger_targets", TARGETS_ALL),
+                              ("defenses", DEFENSES_ALL), ("poison_sweep_defenses", DEFENSES_ALL),
+                              ("mask_sweep_defenses", DEFENSES_ALL)):
+            bad = [v for v in getattr(self, name) if v not in allowed]
+            if bad:
+                raise ValueError(f"{name}: unknown {bad}; choose from {allowed}")
 
     def torch_device(self) -> str:
         return resolve_device(self.device)
@@ -81,7 +98,8 @@ class ReproduceConfig:
     @classmethod
     def quick(cls, **kw: Any) -> ReproduceConfig:
         """One target, one trigger, DiSP against no defense, small sets: minutes on 2 CPU cores."""
-        base = dict(targets=("insertion",), triggers=("corner",), trigger_targets=(), defenses=("none", "disp"),
+        base = dict(targets=("insertion",), triggers=("corner",), trigger_targets=(),
+                    defenses=("none", "disp", "disp_occlusion"),
                     n_train=300, n_asr=60, n_cp=100, poison_sweep=(), mask_sweep=())
         return cls(**{**base, **kw})
 
@@ -168,9 +186,12 @@ def run_cell(work: Path, base: Path, target: str, trigger: str, poison_ratio: fl
     for defense in defenses:
         t = time.perf_counter()
         out = cell_dir / (f"{defense}" + (f"-rho{rho:g}" if mask_ratio is not None else ""))
-        dcfg = DefenseConfig(defense=defense, saliency=SaliencyConfig(batch_size=cfg.batch_size),
-                             purify=PurifyConfig(mask_ratio=rho, batch_size=cfg.batch_size, sampler=cfg.sampler),
-                             finetune=replace(cfg.implant, epochs=cfg.recovery_epochs))
+        kind, saliency, purify = VARIANTS.get(defense, (defense, {}, {}))
+        dcfg = DefenseConfig(defense=kind, saliency=SaliencyConfig(batch_size=cfg.batch_size, **saliency),
+                             purify=PurifyConfig(mask_ratio=rho, batch_size=cfg.batch_size, sampler=cfg.sampler,
+                                                 **purify),
+                             finetune=replace(cfg.implant, epochs=cfg.recovery_epochs,
+                                              lr=cfg.recovery_lr if cfg.recovery_lr is not None else cfg.implant.lr))
         if defense == "none":
             projector, report = backdoored, {}
         else:
@@ -180,8 +201,8 @@ def run_cell(work: Path, base: Path, target: str, trigger: str, poison_ratio: fl
             projector = out / "projector.safetensors"
         row = {"target": target, "trigger": trigger, "defense": defense, "poison_ratio": poison_ratio,
                **_evaluate(base, projector, cell, target, cfg)}
-        if defense in ("disp", "no_mask", "random_mask"):
-            row["mask_ratio"] = rho if defense != "no_mask" else 0.0
+        if kind in ("disp", "no_mask", "random_mask"):
+            row["mask_ratio"] = rho if kind != "no_mask" else 0.0
             row["purified_backdoor_rate"] = _purified_backdoor_rate(out, manifest, target)
             row["answers_changed"] = report.get("answers_changed")
         row["seconds"] = round(time.perf_counter() - t, 1)
@@ -208,22 +229,25 @@ def reproduce(cfg: ReproduceConfig, work: str | Path, *, log: Callable[[str], No
         result["poison_ratio_sweep"] += run_cell(work, base, "insertion", "corner", ratio, cfg.poison_sweep_defenses,
                                                  cfg, shapes, log=log)
     for rho in cfg.mask_sweep:
-        result["mask_ratio_sweep"] += run_cell(work, base, "insertion", "corner", cfg.poison_ratio, ("disp",), cfg,
+        result["mask_ratio_sweep"] += run_cell(work, base, "insertion", "corner", cfg.poison_ratio,
+                                               cfg.mask_sweep_defenses, cfg,
                                                shapes, mask_ratio=rho, log=log)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return result
 
 
-def check_quick(rows: list[dict]) -> list[str]:
-    """The issue's quick-run bar: backdoored ASR w/t >= 80%, DiSP ASR w/t <= 10%, DiSP CP within 3 points."""
+def check_quick(rows: list[dict], defense: str = "disp") -> list[str]:
+    """The issue's quick-run bar: backdoored ASR w/t >= 80%, `defense`'s ASR w/t <= 10% and its CP within 3
+    points of the backdoored model."""
     by = {r["defense"]: r for r in rows}
-    if "none" not in by or "disp" not in by:
-        return ["the quick run needs the 'none' and 'disp' rows"]
+    if "none" not in by or defense not in by:
+        return [f"the quick run needs the 'none' and {defense!r} rows"]
     out = []
     if by["none"]["asr_wt"] < 0.8:
         out.append(f"backdoored ASR w/t {by['none']['asr_wt']:.3f} < 0.80: the backdoor did not take")
-    if by["disp"]["asr_wt"] > 0.1:
-        out.append(f"DiSP ASR w/t {by['disp']['asr_wt']:.3f} > 0.10")
-    if abs(by["disp"]["cp"] - by["none"]["cp"]) > 0.03:
-        out.append(f"DiSP CP {by['disp']['cp']:.3f} is more than 3 points from the backdoored {by['none']['cp']:.3f}")
+    if by[defense]["asr_wt"] > 0.1:
+        out.append(f"{defense} ASR w/t {by[defense]['asr_wt']:.3f} > 0.10")
+    if abs(by[defense]["cp"] - by["none"]["cp"]) > 0.03:
+        out.append(f"{defense} CP {by[defense]['cp']:.3f} is more than 3 points from the backdoored "
+                   f"{by['none']['cp']:.3f}")
     return out

@@ -23,6 +23,25 @@ def test_choose_masked_counts_and_modes():
         choose_masked(scores, 16, 3, 0.3, "entropy")
 
 
+def test_min_score_leaves_low_scoring_top_tokens_visible(tiny_model, solid_images):
+    scores = torch.zeros(3, 16)
+    scores[0, 7] = 40.0  # one outstanding token
+    scores[1, :] = 0.01  # nothing outstanding
+    scores[2, [1, 2, 3, 4, 5]] = torch.tensor([9.0, 8.0, 7.0, 6.0, 5.0])  # more than floor(ρ·N_v) = 4
+    idx = choose_masked(scores, 16, 3, 0.3, "saliency", min_score=1.0)
+    assert idx.shape == (3, 4)
+    assert sorted(idx[0].tolist()) == [-1, -1, -1, 7] and idx[1].tolist() == [-1] * 4
+    assert sorted(idx[2].tolist()) == [1, 2, 3, 4]  # still capped at the top ρ
+    prompt = tiny_model.prompt_batch(["What is it?"] * 3, solid_images[:3])
+    held = held_positions(prompt, idx)
+    assert held[0].nonzero().flatten().tolist() == [int(prompt.image_positions[0, 7])]
+    assert not held[1].any() and held[2].sum() == 4
+    out = purify_batch(tiny_model, ["What is it?"] * 3, solid_images[:3], idx, CFG)
+    assert out.masked[0] == [7] and out.masked[1] == [] and sorted(out.masked[2]) == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="min_score must be >= 0, got -1"):
+        PurifyConfig(min_score=-1)
+
+
 def test_held_positions_point_at_the_chosen_visual_tokens(tiny_model, solid_images):
     prompt = tiny_model.prompt_batch(["What is it?", "Describe this image in detail."], solid_images[:2])
     idx = torch.tensor([[0, 5], [3, 15]])

@@ -13,6 +13,7 @@ from disp.saliency import (
     first_step_inputs,
     fisher_probes,
     hutchinson_saliency,
+    occlusion_saliency,
     top_salient,
     visual_saliency,
 )
@@ -65,24 +66,32 @@ def test_exact_matches_brute_force_jacobian(tiny_model, scene):
         torch.testing.assert_close(exact[i].double(), expect, rtol=1e-3, atol=1e-9)
 
 
-def test_exact_is_the_second_order_kl(tiny_dir, scene):
-    model = models.load(tiny_dir, dtype=torch.float64)
-    pb = model.prompt_batch(["What is it?"], [scene])
-    exact = exact_saliency(model, pb, SaliencyConfig(), SAMPLER)[0].double()
+def _kl_after(model, pb, edit):
+    """Top-5 KL of the first block's distributions after `edit(embeds)` changes the first-step input, float64."""
     embeds, mask = first_step_inputs(model, pb, SAMPLER.gen_length)
     P = pb.embeds.shape[1]
     with torch.no_grad():
         base = model.forward_embeds(embeds, mask)[0, P : P + 16]
         idx = base.topk(5, -1).indices
         logp = torch.log_softmax(base.gather(-1, idx), -1)
-        eps = 1e-3
-        for i in (2, 9):
-            col = int(pb.image_positions[0, i])
-            x = embeds.clone()
-            x[0, col] += eps * (model.mask_embedding() - embeds[0, col])
-            logq = torch.log_softmax(model.forward_embeds(x, mask)[0, P : P + 16].gather(-1, idx), -1)
-            kl = (logp.exp() * (logp - logq)).sum()
-            torch.testing.assert_close(kl / eps**2, exact[i], rtol=2e-2, atol=0)
+        x = embeds.clone()
+        edit(x)
+        logq = torch.log_softmax(model.forward_embeds(x, mask)[0, P : P + 16].gather(-1, idx), -1)
+    return (logp.exp() * (logp - logq)).sum()
+
+
+def test_exact_is_the_second_order_kl(tiny_dir, scene):
+    model = models.load(tiny_dir, dtype=torch.float64)
+    pb = model.prompt_batch(["What is it?"], [scene])
+    exact = exact_saliency(model, pb, SaliencyConfig(), SAMPLER)[0].double()
+    eps = 1e-3
+    for i in (2, 9):
+        col = int(pb.image_positions[0, i])
+
+        def nudge(x, col=col):
+            x[0, col] += eps * (model.mask_embedding() - x[0, col])
+
+        torch.testing.assert_close(_kl_after(model, pb, nudge) / eps**2, exact[i], rtol=2e-2, atol=0)
 
 
 def test_hutchinson_converges_like_one_over_sqrt_m(tiny_model, scene):
@@ -113,6 +122,44 @@ def test_batched_scores_equal_per_sample(tiny_model, scene, solid_images):
         torch.testing.assert_close(batched[b], single, rtol=1e-3, atol=1e-9)
 
 
+def test_occlusion_is_the_kl_of_masking_one_token(tiny_dir, scene):
+    model = models.load(tiny_dir, dtype=torch.float64)
+    pb = model.prompt_batch(["What is it?"], [scene])
+    occ = occlusion_saliency(model, pb, SaliencyConfig(), SAMPLER)[0].double()
+    for i in (0, 5, 15):
+        col = int(pb.image_positions[0, i])
+
+        def occlude(x, col=col):
+            x[0, col] = model.mask_embedding()
+
+        torch.testing.assert_close(occ[i], _kl_after(model, pb, occlude), rtol=1e-6, atol=1e-12)
+    assert (occ >= 0).all() and occ.max() > 0
+
+
+def test_occlusion_is_near_the_fisher_form_for_a_near_mask_token(tiny_dir, scene):
+    """With visual token i moved to within 1e-3 of the mask embedding, the exact KL and the quadratic form
+    (which is its second-order term) agree."""
+    model = models.load(tiny_dir, dtype=torch.float64)
+    pb = model.prompt_batch(["What is it?"], [scene])
+    i = 3
+    col = int(pb.image_positions[0, i])
+    pb.embeds[0, col] = model.mask_embedding().detach() - 1e-3 * (model.mask_embedding().detach() - pb.embeds[0, col])
+    occ = occlusion_saliency(model, pb, SaliencyConfig(), SAMPLER)[0, i].double()
+    quad = exact_saliency(model, pb, SaliencyConfig(), SAMPLER)[0, i].double()
+    torch.testing.assert_close(occ, quad, rtol=2e-2, atol=0)
+
+
+def test_occlusion_scores_do_not_depend_on_batch_or_chunk(tiny_model, scene, solid_images):
+    images = [scene, solid_images[0], solid_images[2]]
+    questions = ["What is it?", "Describe this image in detail.", "Colour?"]
+    batched = visual_saliency(tiny_model, tiny_model.prompt_batch(questions, images),
+                              SaliencyConfig(method="occlusion", occlusion_rows=7), SAMPLER)
+    for b, (q, img) in enumerate(zip(questions, images, strict=True)):
+        single = visual_saliency(tiny_model, tiny_model.prompt_batch([q], [img]),
+                                 SaliencyConfig(method="occlusion"), SAMPLER)[0]
+        torch.testing.assert_close(batched[b], single, rtol=1e-4, atol=1e-9)
+
+
 def test_top_salient_takes_floor_of_ratio():
     scores = torch.tensor([[0.1, 0.9, 0.5, 0.7, 0.2, 0.3, 0.0]])
     assert sorted(top_salient(scores, 0.3)[0].tolist()) == [1, 3]  # floor(0.3 * 7) = 2
@@ -124,3 +171,7 @@ def test_bad_saliency_settings_are_named():
         SaliencyConfig(probes=0)
     with pytest.raises(ValueError, match="topk must be >= 1, got -2"):
         SaliencyConfig(topk=-2)
+    with pytest.raises(ValueError, match="method must be one of .*got 'kl'"):
+        SaliencyConfig(method="kl")
+    with pytest.raises(ValueError, match="occlusion_rows must be >= 1, got 0"):
+        SaliencyConfig(occlusion_rows=0)

@@ -2,27 +2,49 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
 from disp.bench.reproduce import ReproduceConfig, check_quick, reproduce
 from disp.config import FinetuneConfig, SamplerConfig
 
 
 def test_runner_writes_a_row_per_cell_and_defense(tiny_dir, tmp_path):
     cfg = ReproduceConfig(base=str(tiny_dir), targets=("misclassification",), triggers=("corner",),
-                          trigger_targets=(), defenses=("none", "disp", "oracle_filter"), n_train=20, n_asr=4,
+                          trigger_targets=(), defenses=("none", "disp", "oracle_filter", "disp_occlusion"),
+                          n_train=20, n_asr=4,
                           n_cp=4, implant=FinetuneConfig(epochs=1, batch_size=8), recovery_epochs=1,
                           sampler=SamplerConfig(8, 8, 8), poison_sweep=(0.5,), poison_sweep_defenses=("none",),
-                          mask_sweep=(0.5,))
+                          mask_sweep=(0.5,), mask_sweep_defenses=("disp",))
     result = reproduce(cfg, tmp_path, log=lambda _: None)
     rows = result["rows"]
-    assert [r["defense"] for r in rows] == ["none", "disp", "oracle_filter"]
+    assert [r["defense"] for r in rows] == ["none", "disp", "oracle_filter", "disp_occlusion"]
     for r in rows + result["poison_ratio_sweep"] + result["mask_ratio_sweep"]:
         assert {"target", "trigger", "defense", "poison_ratio", "cp", "asr_wo", "asr_wt"} <= r.keys()
         assert all(0.0 <= r[k] <= 1.0 for k in ("cp", "asr_wo", "asr_wt"))
     assert result["poison_ratio_sweep"][0]["poison_ratio"] == 0.5
     assert result["mask_ratio_sweep"][0]["mask_ratio"] == 0.5
-    assert rows[1]["purified_backdoor_rate"] is not None
+    assert rows[1]["purified_backdoor_rate"] is not None and rows[3]["purified_backdoor_rate"] is not None
+    report = json.loads((tmp_path / "misclassification-corner-p0.2" / "disp_occlusion" / "report.json").read_text())
+    assert report["config"]["defense"] == "disp" and report["config"]["saliency"]["method"] == "occlusion"
     # a random model has no backdoor: the quick bar must say so rather than pass
     assert any("did not take" in f for f in check_quick(rows))
+
+
+def test_unknown_names_are_refused():
+    with pytest.raises(ValueError, match=r"defenses: unknown \['dsip'\]"):
+        ReproduceConfig(defenses=("none", "dsip"))
+    with pytest.raises(ValueError, match=r"triggers: unknown \['patch'\]"):
+        ReproduceConfig(triggers=("patch",))
+
+
+def test_quick_bar_names_the_defense_that_misses_it():
+    rows = [{"defense": "none", "cp": 0.70, "asr_wt": 1.0}, {"defense": "disp", "cp": 0.60, "asr_wt": 0.5},
+            {"defense": "disp_occlusion", "cp": 0.69, "asr_wt": 0.0}]
+    assert check_quick(rows) == ["disp ASR w/t 0.500 > 0.10",
+                                 "disp CP 0.600 is more than 3 points from the backdoored 0.700"]
+    assert check_quick(rows, "disp_occlusion") == []
 
 
 def test_flags_override_the_chosen_defaults():
@@ -34,7 +56,7 @@ def test_flags_override_the_chosen_defaults():
     cfg = reproduce_config(args)
     assert cfg.targets == ("refusal",) and cfg.poison_sweep == () and cfg.mask_sweep == (0.05, 0.1)
     assert cfg.implant.lr == 0.002 and cfg.implant.epochs == ReproduceConfig().implant.epochs
-    assert cfg.n_train == 50 and cfg.defenses == ("none", "disp") and cfg.device == "cpu"  # --quick's defenses kept
+    assert cfg.n_train == 50 and cfg.defenses == ("none", "disp", "disp_occlusion") and cfg.device == "cpu"  # --quick's defenses kept
     full = reproduce_config(build_parser().parse_args(["bench", "reproduce"]))
     assert full == ReproduceConfig()
 
