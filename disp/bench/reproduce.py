@@ -97,7 +97,8 @@ class ReproduceConfig:
 
     @classmethod
     def quick(cls, **kw: Any) -> ReproduceConfig:
-        """One target, one trigger, DiSP against no defense, small sets: minutes on 2 CPU cores."""
+        """One target, one trigger, no defense against DiSP and disp's disp_occlusion variant, small sets:
+        minutes on 2 CPU cores."""
         base = dict(targets=("insertion",), triggers=("corner",), trigger_targets=(),
                     defenses=("none", "disp", "disp_occlusion"),
                     n_train=300, n_asr=60, n_cp=100, poison_sweep=(), mask_sweep=())
