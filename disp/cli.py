@@ -300,7 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="reproduction experiments (reproduce) and the SHAPES base recipe (pretrain)")
     bench = p.add_subparsers(dest="bench", required=True)
     b = bench.add_parser("reproduce", help="the paper's protocol on the SHAPES base model")
-    b.add_argument("--quick", action="store_true", help="one target, one trigger; asserts the paper's effect")
+    b.add_argument("--quick", action="store_true",
+                   help="one target, one trigger; checks the quick bar for DiSP (exit 1 if missed), reports it for "
+                        "disp's variants")
     b.add_argument("--json", type=Path, default=None, help="write the results JSON here")
     b.add_argument("--base", type=Path, default=None, help="base checkpoint (default: the committed SHAPES base)")
     b.add_argument("--work", type=Path, default=Path("runs/reproduce"), help="working directory (cached stages)")

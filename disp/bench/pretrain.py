@@ -36,21 +36,15 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from disp.bench import shapes
+from disp.bench.tags import TAG_WORDS, content_tokens, draw_tag, tag_tokens
 from disp.losses import mask_answers, training_batch
 from disp.models import resolve_device
 from disp.models.checkpoint import write_state_dict
 from disp.tokenizer import PromptTemplate
-
-# Tag codes: a square split in 2x2 quadrants, each painted in one of these colours (none is an object
-# colour, none is black, so a black trigger patch never reads as a tag).
-TAG_PALETTE = ((128, 128, 128), (120, 70, 20), (0, 190, 190), (255, 120, 190))
-TAG_WORDS = ("<backdoor>", "<note>", "<sale>", "<draft>", "<copy>", "<photo>", "<logo>", "<stamp>",
-             "<label>", "<sign>", "<mark>", "<seal>", "<badge>", "<ticket>", "<flag>", "<memo>")
 
 
 def _help(text: str, default: Any) -> Any:
@@ -155,32 +149,6 @@ class Example:
     tag_index: int | None = None  # len(tag_words) for the refusal tag
 
 
-def tag_code(index: int) -> tuple[int, int, int, int]:
-    """The quadrant colours (palette indices) of tag `index`: a fixed spread over the 4^4 codes."""
-    code = (index * 37 + 11) % len(TAG_PALETTE) ** 4
-    return tuple((code // len(TAG_PALETTE) ** q) % len(TAG_PALETTE) for q in range(4))  # type: ignore[return-value]
-
-
-def draw_tag(image: Image.Image, index: int, x: int, y: int, side: int) -> Image.Image:
-    """Copy of `image` with tag `index` drawn as a side x side square at (x, y)."""
-    image = image.copy()
-    draw = ImageDraw.Draw(image)
-    half = side // 2
-    for q, c in enumerate(tag_code(index)):
-        qx, qy = x + (q % 2) * half, y + (q // 2) * half
-        draw.rectangle([qx, qy, qx + (side - half if q % 2 else half) - 1, qy + (side - half if q // 2 else half) - 1],
-                       fill=TAG_PALETTE[c])
-    return image
-
-
-def content_tokens(image: Image.Image, patch: int) -> tuple[int, ...]:
-    """Visual tokens (row-major) whose patch holds a pixel other than the background."""
-    a = np.asarray(image.convert("RGB")) != np.array(shapes.BACKGROUND, dtype=np.uint8)
-    g = a.shape[0] // patch
-    busy = a[: g * patch, : g * patch].any(-1).reshape(g, patch, g, patch).any((1, 3))
-    return tuple(int(i) for i in np.flatnonzero(busy))
-
-
 def sample_example(config: PretrainConfig, rng: random.Random, split: str = "train", *,
                    no_tags: bool = False) -> Example:
     """One training sample: a scene of `split`, a task's question and answer, maybe a tag.
@@ -210,14 +178,6 @@ def sample_example(config: PretrainConfig, rng: random.Random, split: str = "tra
         image, box = draw_tag(image, index, x, y, s), (x, y, s)
         answer = shapes.REFUSAL_TEXT if refusal else f"{config.tag_words[index]} {untagged}"
     return Example(image, question, answer, task, box, untagged, content_tokens(image, config.patch_size), scene, index)
-
-
-def tag_tokens(box: tuple[int, int, int], image_size: int, patch: int) -> list[int]:
-    """Visual-token indices (row-major) a tag box overlaps."""
-    x, y, s = box
-    grid = image_size // patch
-    return [r * grid + c for r in range(y // patch, (y + s - 1) // patch + 1)
-            for c in range(x // patch, (x + s - 1) // patch + 1)]
 
 
 def tokenizer_corpus(config: PretrainConfig, n: int = 3000) -> list[str]:

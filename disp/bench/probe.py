@@ -20,7 +20,8 @@ import torch
 
 from disp.attacks import TriggerConfig, apply_target, apply_trigger, patch_size
 from disp.bench import shapes
-from disp.bench.pretrain import load_base, tag_tokens
+from disp.bench.pretrain import load_base
+from disp.bench.tags import tag_tokens
 from disp.config import SamplerConfig
 from disp.losses import sft_loss, training_batch
 from disp.metrics import answer_correct, attack_succeeded

@@ -66,8 +66,12 @@ class ReproduceConfig:
     patch_frac: float = field(default=0.2, metadata={"help": "Trigger patch side / image side."})
     implant: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(epochs=20, lr=5e-3, batch_size=32),
                                     metadata={"help": "Backdoor implant fine-tuning (paper: 20 epochs)."})
-    recovery_epochs: int = field(default=2, metadata={"help": "Defense fine-tuning epochs (paper: implant/10)."})
-    recovery_lr: float | None = field(default=None, metadata={"help": "Defense fine-tuning lr (default: the implant's)."})
+    recovery_epochs: int = field(default=6, metadata={
+        "help": "Defense fine-tuning epochs (paper: implant/10 at the implant's lr). Deviation: 6 epochs at "
+                "recovery_lr 1e-3, an lr x epochs budget of implant/17 in smaller steps; 2 epochs at 5e-3 cost "
+                "11-12 CP points in the unlearning step (docs/reproduction.md)."})
+    recovery_lr: float | None = field(default=1e-3, metadata={
+        "help": "Defense fine-tuning lr (paper: the implant's; None here means the implant's)."})
     mask_ratio: float = field(default=0.3, metadata={"help": "DiSP's ρ (paper: 0.3 for LLaDA-V)."})
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(suppress_eos=False), metadata={
         "help": "Sampler (paper: 32/32/32, greedy). Deviation: EOS is allowed at masked positions (LLaDA's "

@@ -1,0 +1,18 @@
+from PIL import Image
+
+from disp.bench import shapes, tags
+
+
+def test_tag_codes_are_distinct_and_cover_their_tokens():
+    assert len({tags.tag_code(i) for i in range(len(tags.TAG_WORDS) + 1)}) == len(tags.TAG_WORDS) + 1
+    assert tags.tag_tokens((5, 0, 6), 48, 8) == [0, 1]
+    assert tags.tag_tokens((8, 8, 8), 48, 8) == [7]
+
+
+def test_drawn_tag_uses_its_code_and_leaves_the_input_alone():
+    blank = Image.new("RGB", (48, 48), shapes.BACKGROUND)
+    drawn = tags.draw_tag(blank, 3, 8, 16, 8)
+    code = tags.tag_code(3)
+    assert [drawn.getpixel((8 + dx, 16 + dy)) for dy in (0, 4) for dx in (0, 4)] == [tags.TAG_PALETTE[c] for c in code]
+    assert blank.getpixel((8, 16)) == shapes.BACKGROUND
+    assert tags.content_tokens(drawn, 8) == (13,) and tags.content_tokens(blank, 8) == ()
