@@ -191,12 +191,10 @@ def _add_reproduce_flags(parser: argparse.ArgumentParser) -> None:
     for f in fields(ReproduceConfig):
         value = getattr(defaults, f.name)
         flag, dest = "--" + f.name.replace("_", "-"), "rp_" + f.name
-        if f.name in ("base", "device") or not isinstance(value, (tuple, int, float, type(None))):
+        if f.name in ("base", "device") or not isinstance(value, (tuple, int, float)):
             continue
         help_text = f.metadata["help"].replace("%", "%%")
-        if value is None:  # an optional number (recovery_lr)
-            parser.add_argument(flag, dest=dest, type=float, default=None, help=help_text)
-        elif isinstance(value, tuple):
+        if isinstance(value, tuple):
             kind = float if value and isinstance(value[0], float) else str
             parser.add_argument(flag, dest=dest, nargs="*", type=kind, default=None, help=help_text)
         else:

@@ -12,12 +12,10 @@ from PIL import Image, ImageDraw
 
 from disp.bench import shapes
 
-# Tag codes: a square split in 2x2 quadrants, each painted in one of these colours (none is an object
-# colour, none is black, so a black trigger patch never reads as a tag).
+# No palette colour is an object colour and none is black, so a black trigger patch never reads as a tag.
 TAG_PALETTE = ((128, 128, 128), (120, 70, 20), (0, 190, 190), (255, 120, 190))
 TAG_WORDS = ("<backdoor>", "<note>", "<sale>", "<draft>", "<copy>", "<photo>", "<logo>", "<stamp>",
              "<label>", "<sign>", "<mark>", "<seal>", "<badge>", "<ticket>", "<flag>", "<memo>")
-
 
 
 def tag_code(index: int) -> tuple[int, int, int, int]:

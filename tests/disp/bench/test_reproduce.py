@@ -59,6 +59,9 @@ def test_flags_override_the_chosen_defaults():
     assert cfg.n_train == 50 and cfg.defenses == ("none", "disp", "disp_occlusion") and cfg.device == "cpu"  # --quick's defenses kept
     full = reproduce_config(build_parser().parse_args(["bench", "reproduce"]))
     assert full == ReproduceConfig()
+    paper = reproduce_config(build_parser().parse_args(["bench", "reproduce", "--recovery-epochs", "2",
+                                                        "--recovery-lr", "0.005"]))
+    assert (paper.recovery_epochs, paper.recovery_lr) == (2, 0.005)
 
 
 def test_report_tables_and_figures(tmp_path):
