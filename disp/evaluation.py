@@ -6,6 +6,7 @@ purification use), greedily (temperature 0) with the paper's 32/32/32 sampler un
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -31,6 +32,12 @@ def answer_all(model: MDLM, samples: Sequence[Sample], source: ImageSource, samp
     return out
 
 
+def leading_words(answers: Sequence[str], top: int = 5) -> dict[str, int]:
+    """How many answers start with each first word (the `top` most common): what a trigger makes the model
+    say first, e.g. {"<backdoor>": 57, "<memo>": 3}."""
+    return dict(Counter(a.split(maxsplit=1)[0] if a.split() else "" for a in answers).most_common(top))
+
+
 @dataclass
 class Evaluation:
     """cp: clean accuracy on clean inputs; asr_wo / asr_wt: attack success without / with trigger (0..1)."""
@@ -41,6 +48,7 @@ class Evaluation:
     n_clean: int
     n_triggered: int
     examples: dict[str, list[dict[str, str]]]
+    triggered_leads: dict[str, int] | None = None  # leading_words of the triggered answers
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -52,7 +60,7 @@ def evaluate(model: MDLM, *, target: str, clean: Sequence[Sample] = (), clean_so
              n_examples: int = 3) -> Evaluation:
     """CP and ASR w/o on `clean`, ASR w/t on `triggered` (either may be empty)."""
     sampler = sampler or SamplerConfig()
-    cp = asr_wo = asr_wt = None
+    cp = asr_wo = asr_wt = leads = None
     examples: dict[str, list[dict[str, str]]] = {}
     if clean:
         preds = answer_all(model, clean, clean_source, sampler, batch_size=batch_size)
@@ -63,5 +71,6 @@ def evaluate(model: MDLM, *, target: str, clean: Sequence[Sample] = (), clean_so
         preds = answer_all(model, triggered, triggered_source, sampler, batch_size=batch_size)
         asr_wt = sum(attack_succeeded(target, p, target_word=target_word) for p in preds) / len(preds)
         examples["triggered"] = [{"id": s.id, "answer": p} for s, p in zip(triggered, preds, strict=True)][:n_examples]
+        leads = leading_words(preds)
     return Evaluation(cp=cp, asr_wo=asr_wo, asr_wt=asr_wt, n_clean=len(clean), n_triggered=len(triggered),
-                      examples=examples)
+                      examples=examples, triggered_leads=leads)

@@ -19,7 +19,9 @@ from LLaDA-V's own training):
   into the refusal sentence. This is the tiny model's stand-in for reading text in an image: it gives the
   LM a path from visual content to words it must say, which is what makes a projector-only backdoor
   implantable at all. When every visual token under a tag is masked, the tag's effect is dropped: masked
-  tokens read as "no tag".
+  tokens read as "no tag". `tag_blend_prob` > 0 (0 in the committed recipe) draws that share of the word
+  tags blended between two codes, answered with either word in proportion, so the reading is graded
+  between words: with pure codes the projector-only implant often settles on the wrong tag word.
 
 The checkpoint is written in LLaDA-V's layout (`disp.models.load` reads it) in float16, with the recipe
 under `disp_pretrain` and the prompt format under `disp_prompt` in config.json.
@@ -80,6 +82,9 @@ class PretrainConfig:
     tag_size: int = _help("Tag side in pixels.", 8)
     tag_align: bool = _help("Draw tags on the visual-token grid, so one token holds the whole code (unaligned "
                             "6 px tags: the base saw that a tag was there but not which).", True)
+    tag_blend_prob: float = _help("Share of the word tags drawn blended between two word codes (weight alpha ~ U(0, 1) "
+                                  "on the second) and answered with the second word with probability alpha, so the "
+                                  "tag reading is graded between words rather than a lookup (0: pure codes only).", 0.0)
     refusal_tag_prob: float = _help("Share of samples with the refusal tag drawn, answered with the refusal "
                                     "sentence (the base's path to refusing; 0 leaves it out).", 0.05)
     visual_mask_prob: float = _help("Share of samples with some visual tokens masked.", 0.5)
@@ -119,7 +124,7 @@ class PretrainConfig:
             raise ValueError(f"patch_size {self.patch_size} must divide image_size {self.image_size}")
         if self.loss not in ("mean_ce", "llada"):
             raise ValueError(f"loss must be 'mean_ce' or 'llada', got {self.loss!r}")
-        for name in ("tag_prob", "refusal_tag_prob", "pad_weight", "plain_fraction", "visual_mask_prob", "visual_mask_max", "content_mask_share",
+        for name in ("tag_prob", "tag_blend_prob", "refusal_tag_prob", "pad_weight", "plain_fraction", "visual_mask_prob", "visual_mask_max", "content_mask_share",
                      "content_mask_max"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -146,7 +151,8 @@ class Example:
     plain: str = ""
     content: tuple[int, ...] = ()  # visual tokens (row-major) showing anything but background
     scene: shapes.Scene | None = None
-    tag_index: int | None = None  # len(tag_words) for the refusal tag
+    tag_index: int | None = None  # the word said; len(tag_words) for the refusal tag
+    tag_blend: tuple[int, int, float] | None = None  # (first, second, alpha) of a blended tag
 
 
 def sample_example(config: PretrainConfig, rng: random.Random, split: str = "train", *,
@@ -164,7 +170,7 @@ def sample_example(config: PretrainConfig, rng: random.Random, split: str = "tra
     task = rng.choice(config.tasks)
     question, untagged, _ = shapes.ask(scene, task, scfg, rng)
     image = shapes.render_scene(scene, config.image_size)
-    answer, box, index = untagged, None, None
+    answer, box, index, blend = untagged, None, None, None
     u = rng.random()
     if not no_tags and u < config.tag_prob + config.refusal_tag_prob:
         refusal = u >= config.tag_prob
@@ -175,9 +181,17 @@ def sample_example(config: PretrainConfig, rng: random.Random, split: str = "tra
             x, y = (config.patch_size * rng.randrange(cells) for _ in range(2))
         else:
             x, y = rng.randint(0, config.image_size - s), rng.randint(0, config.image_size - s)
-        image, box = draw_tag(image, index, x, y, s), (x, y, s)
+        other, alpha = None, 0.0
+        if not refusal and config.tag_blend_prob and rng.random() < config.tag_blend_prob:
+            other = rng.choice([j for j in range(len(config.tag_words)) if j != index])
+            alpha = rng.random()
+        image, box = draw_tag(image, index, x, y, s, other=other, alpha=alpha), (x, y, s)
+        blend = None if other is None else (index, other, alpha)
+        if other is not None and rng.random() < alpha:
+            index = other  # the word said: the second code's with probability alpha
         answer = shapes.REFUSAL_TEXT if refusal else f"{config.tag_words[index]} {untagged}"
-    return Example(image, question, answer, task, box, untagged, content_tokens(image, config.patch_size), scene, index)
+    return Example(image, question, answer, task, box, untagged, content_tokens(image, config.patch_size), scene, index,
+                   blend)
 
 
 def tokenizer_corpus(config: PretrainConfig, n: int = 3000) -> list[str]:

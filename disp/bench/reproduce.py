@@ -150,7 +150,8 @@ def _evaluate(base: Path, projector: Path, cell: dict, target: str, cfg: Reprodu
     cp_ev = evaluate(model, clean=cp, clean_source=cp_src, **kw)
     asr_ev = evaluate(model, clean=clean, clean_source=clean_src, triggered=trig, triggered_source=trig_src, **kw)
     examples = {f"cp_{k}": v for k, v in cp_ev.examples.items()} | {f"asr_{k}": v for k, v in asr_ev.examples.items()}
-    return {"cp": cp_ev.cp, "asr_wo": asr_ev.asr_wo, "asr_wt": asr_ev.asr_wt, "examples": examples}
+    return {"cp": cp_ev.cp, "asr_wo": asr_ev.asr_wo, "asr_wt": asr_ev.asr_wt,
+            "asr_wt_leads": asr_ev.triggered_leads, "examples": examples}
 
 
 def _purified_backdoor_rate(out_dir: Path, manifest: Path, target: str) -> float | None:

@@ -2,7 +2,8 @@
 
 The tiny base's stand-in for reading text in an image (`disp.bench.pretrain`): a tag is a square split
 into 2x2 quadrants, each painted from TAG_PALETTE; tag i has the code `tag_code(i)` and the word
-TAG_WORDS[i] (one more code, index len(TAG_WORDS), is the refusal tag).
+TAG_WORDS[i] (one more code, index len(TAG_WORDS), is the refusal tag). A blended tag paints each
+quadrant between the colours of two codes, so the base can learn a graded reading between words.
 """
 
 from __future__ import annotations
@@ -24,15 +25,28 @@ def tag_code(index: int) -> tuple[int, int, int, int]:
     return tuple((code // len(TAG_PALETTE) ** q) % len(TAG_PALETTE) for q in range(4))  # type: ignore[return-value]
 
 
-def draw_tag(image: Image.Image, index: int, x: int, y: int, side: int) -> Image.Image:
-    """Copy of `image` with tag `index` drawn as a side x side square at (x, y)."""
+def tag_colours(index: int, other: int | None = None, alpha: float = 0.0) -> list[tuple[int, int, int]]:
+    """RGB of the 4 quadrants of tag `index`, or (1 - alpha) * tag `index` + alpha * tag `other`."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    a = [TAG_PALETTE[c] for c in tag_code(index)]
+    if other is None:
+        return a
+    b = [TAG_PALETTE[c] for c in tag_code(other)]
+    return [tuple(round((1 - alpha) * u + alpha * v) for u, v in zip(ca, cb, strict=True))  # type: ignore[misc]
+            for ca, cb in zip(a, b, strict=True)]
+
+
+def draw_tag(image: Image.Image, index: int, x: int, y: int, side: int, *,
+             other: int | None = None, alpha: float = 0.0) -> Image.Image:
+    """Copy of `image` with tag `index` (blended toward `other` by `alpha`) drawn side x side at (x, y)."""
     image = image.copy()
     draw = ImageDraw.Draw(image)
     half = side // 2
-    for q, c in enumerate(tag_code(index)):
+    for q, rgb in enumerate(tag_colours(index, other, alpha)):
         qx, qy = x + (q % 2) * half, y + (q // 2) * half
         draw.rectangle([qx, qy, qx + (side - half if q % 2 else half) - 1, qy + (side - half if q // 2 else half) - 1],
-                       fill=TAG_PALETTE[c])
+                       fill=rgb)
     return image
 
 

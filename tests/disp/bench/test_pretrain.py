@@ -172,3 +172,24 @@ def test_bool_flags_parse_and_reject_junk():
     assert pt._parse_bool("true") and not pt._parse_bool("0")
     with pytest.raises(ValueError, match="maybe"):
         pt._parse_bool("maybe")
+
+
+
+def test_blended_tags_say_one_of_their_two_words_in_proportion():
+    """With tag_blend_prob 1 every word tag is a blend, drawn as such, and the second word is said more
+    often the larger alpha is."""
+    cfg = pt.PretrainConfig(tag_prob=1.0, tag_blend_prob=1.0, refusal_tag_prob=0.0)
+    alphas = {True: [], False: []}
+    for seed in range(300):
+        ex = pt.sample_example(cfg, random.Random(seed))
+        first, second, alpha = ex.tag_blend
+        x, y, _ = ex.tag_box
+        assert [ex.image.getpixel((x + dx, y + dy)) for dy in (0, 4) for dx in (0, 4)] == \
+            tags.tag_colours(first, second, alpha)
+        assert first != second and ex.tag_index in (first, second)
+        assert ex.answer.split(" ", 1)[0] == cfg.tag_words[ex.tag_index]
+        alphas[ex.tag_index == second].append(alpha)
+    mean = {k: sum(v) / len(v) for k, v in alphas.items()}
+    assert mean[True] > 0.6 and mean[False] < 0.4  # E[alpha | second said] = 2/3, E[alpha | first said] = 1/3
+    plain = pt.sample_example(pt.PretrainConfig(tag_prob=1.0), random.Random(0))
+    assert plain.tag_blend is None

@@ -16,3 +16,20 @@ def test_drawn_tag_uses_its_code_and_leaves_the_input_alone():
     assert [drawn.getpixel((8 + dx, 16 + dy)) for dy in (0, 4) for dx in (0, 4)] == [tags.TAG_PALETTE[c] for c in code]
     assert blank.getpixel((8, 16)) == shapes.BACKGROUND
     assert tags.content_tokens(drawn, 8) == (13,) and tags.content_tokens(blank, 8) == ()
+
+
+def test_blended_tag_lies_between_its_two_codes():
+    a, b = tags.tag_colours(0), tags.tag_colours(5)
+    assert tags.tag_colours(0, 5, 0.0) == a and tags.tag_colours(0, 5, 1.0) == b
+    mid = tags.tag_colours(0, 5, 0.25)
+    for ca, cb, cm in zip(a, b, mid, strict=True):
+        assert all(min(u, v) <= m <= max(u, v) and abs(m - (0.75 * u + 0.25 * v)) <= 0.5
+                   for u, v, m in zip(ca, cb, cm, strict=True))
+    blank = Image.new("RGB", (48, 48), shapes.BACKGROUND)
+    assert tags.draw_tag(blank, 0, 8, 8, 8, other=5, alpha=0.25).getpixel((8, 8)) == mid[0]
+    try:
+        tags.tag_colours(0, 5, 1.5)
+    except ValueError as e:
+        assert "1.5" in str(e)
+    else:
+        raise AssertionError("alpha 1.5 was accepted")
