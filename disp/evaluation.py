@@ -35,7 +35,7 @@ def answer_all(model: MDLM, samples: Sequence[Sample], source: ImageSource, samp
 def leading_words(answers: Sequence[str], top: int = 5) -> dict[str, int]:
     """How many answers start with each first word (the `top` most common): what a trigger makes the model
     say first, e.g. {"<backdoor>": 57, "<memo>": 3}."""
-    return dict(Counter(a.split(maxsplit=1)[0] if a.split() else "" for a in answers).most_common(top))
+    return dict(Counter((a.split(maxsplit=1) or [""])[0] for a in answers).most_common(top))
 
 
 @dataclass

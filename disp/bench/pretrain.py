@@ -181,13 +181,11 @@ def sample_example(config: PretrainConfig, rng: random.Random, split: str = "tra
             x, y = (config.patch_size * rng.randrange(cells) for _ in range(2))
         else:
             x, y = rng.randint(0, config.image_size - s), rng.randint(0, config.image_size - s)
-        other, alpha = None, 0.0
         if not refusal and config.tag_blend_prob and rng.random() < config.tag_blend_prob:
-            other = rng.choice([j for j in range(len(config.tag_words)) if j != index])
-            alpha = rng.random()
+            blend = (index, rng.choice([j for j in range(len(config.tag_words)) if j != index]), rng.random())
+        other, alpha = blend[1:] if blend else (None, 0.0)
         image, box = draw_tag(image, index, x, y, s, other=other, alpha=alpha), (x, y, s)
-        blend = None if other is None else (index, other, alpha)
-        if other is not None and rng.random() < alpha:
+        if blend and rng.random() < alpha:
             index = other  # the word said: the second code's with probability alpha
         answer = shapes.REFUSAL_TEXT if refusal else f"{config.tag_words[index]} {untagged}"
     return Example(image, question, answer, task, box, untagged, content_tokens(image, config.patch_size), scene, index,

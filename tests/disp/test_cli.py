@@ -36,7 +36,7 @@ def test_poison_defend_evaluate(tiny_dir, tmp_path, capsys):
                  "--json", *FAST]) == 0
     ev = json.loads(capsys.readouterr().out)
     assert ev["n_clean"] == 4 and ev["n_triggered"] == 4 and 0 <= ev["asr_wt"] <= 1
-    assert sum(ev["triggered_leads"].values()) <= 4 and ev["triggered_leads"]
+    assert sum(ev["triggered_leads"].values()) == 4  # every triggered answer counted once
 
 
 def test_bad_input_is_one_clear_line(tiny_dir, tmp_path, capsys):

@@ -174,7 +174,6 @@ def test_bool_flags_parse_and_reject_junk():
         pt._parse_bool("maybe")
 
 
-
 def test_blended_tags_say_one_of_their_two_words_in_proportion():
     """With tag_blend_prob 1 every word tag is a blend, drawn as such, and the second word is said more
     often the larger alpha is."""
