@@ -14,7 +14,7 @@ import torch
 
 from disp.config import SamplerConfig
 from disp.data import ImageSource, Sample
-from disp.metrics import attack_succeeded, clean_accuracy
+from disp.metrics import answer_correct, attack_succeeded
 from disp.models.base import MDLM
 
 
@@ -49,6 +49,7 @@ class Evaluation:
     n_triggered: int
     examples: dict[str, list[dict[str, str]]]
     triggered_leads: dict[str, int] | None = None  # leading_words of the triggered answers
+    clean_correct: list[bool] | None = None  # per clean sample, in order: the answer matches its reference
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,11 +61,12 @@ def evaluate(model: MDLM, *, target: str, clean: Sequence[Sample] = (), clean_so
              n_examples: int = 3) -> Evaluation:
     """CP and ASR w/o on `clean`, ASR w/t on `triggered` (either may be empty)."""
     sampler = sampler or SamplerConfig()
-    cp = asr_wo = asr_wt = leads = None
+    cp = asr_wo = asr_wt = leads = correct = None
     examples: dict[str, list[dict[str, str]]] = {}
     if clean:
         preds = answer_all(model, clean, clean_source, sampler, batch_size=batch_size)
-        cp = clean_accuracy(preds, [s.answer for s in clean])
+        correct = [answer_correct(p, s.answer) for s, p in zip(clean, preds, strict=True)]
+        cp = sum(correct) / len(correct)
         asr_wo = sum(attack_succeeded(target, p, target_word=target_word) for p in preds) / len(preds)
         examples["clean"] = [{"id": s.id, "reference": s.answer, "answer": p} for s, p in zip(clean, preds, strict=True)][:n_examples]
     if triggered:
@@ -73,4 +75,4 @@ def evaluate(model: MDLM, *, target: str, clean: Sequence[Sample] = (), clean_so
         examples["triggered"] = [{"id": s.id, "answer": p} for s, p in zip(triggered, preds, strict=True)][:n_examples]
         leads = leading_words(preds)
     return Evaluation(cp=cp, asr_wo=asr_wo, asr_wt=asr_wt, n_clean=len(clean), n_triggered=len(triggered),
-                      examples=examples, triggered_leads=leads)
+                      examples=examples, triggered_leads=leads, clean_correct=correct)

@@ -63,12 +63,3 @@ def answer_correct(prediction: str, reference: str) -> bool:
     if ref in (["yes"], ["no"]):
         return bool(pred) and pred[0] == ref[0]
     return pred == ref or set(ref) <= set(pred)
-
-
-def clean_accuracy(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Fraction of predictions judged correct by `answer_correct` (0..1)."""
-    if len(predictions) != len(references):
-        raise ValueError(f"got {len(predictions)} predictions for {len(references)} references")
-    if not references:
-        raise ValueError("clean_accuracy needs at least one pair, got empty lists")
-    return sum(answer_correct(p, r) for p, r in zip(predictions, references, strict=True)) / len(references)

@@ -25,6 +25,7 @@ from disp.attacks import TriggerConfig, poison_dataset, triggered_copy
 from disp.baselines import read_manifest
 from disp.bench.shapes import (
     DESCRIBE_PROMPT,
+    TASKS,
     Scene,
     ShapesConfig,
     config_of_checkpoint,
@@ -59,11 +60,15 @@ class ReproduceConfig:
     trigger_targets: tuple[str, ...] = field(default=("insertion",),
                                              metadata={"help": "Targets of the trigger table (paper Table 3)."})
     defenses: tuple[str, ...] = field(default=DEFENSES_ALL, metadata={"help": "Defenses per cell."})
+    train_tasks: tuple[str, ...] = field(default=("describe",), metadata={
+        "help": "SHAPES tasks of the training set (paper: captions only, CC-SBU-Align; CP is measured on every "
+                "task, as the paper measures it on MMMU). Until 2026-12-03 the runner trained on every task."})
     n_train: int = field(default=1000, metadata={"help": "Training samples (paper: 1000)."})
     n_asr: int = field(default=200, metadata={"help": "Held-out ASR samples, each clean and triggered (paper: 200)."})
     n_cp: int = field(default=200, metadata={"help": "Held-out clean-performance samples."})
     poison_ratio: float = field(default=0.2, metadata={"help": "Poisoned fraction (paper: 20%)."})
-    patch_frac: float = field(default=0.2, metadata={"help": "Trigger patch side / image side."})
+    patch_frac: float = field(default=1 / 6, metadata={
+        "help": "Trigger patch side / image side (8 px on 48 px: one visual token; paper: 20 px on 384 px)."})
     implant: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(epochs=20, lr=5e-3, batch_size=32),
                                     metadata={"help": "Backdoor implant fine-tuning (paper: 20 epochs)."})
     recovery_epochs: int = field(default=6, metadata={
@@ -91,7 +96,7 @@ class ReproduceConfig:
     def __post_init__(self) -> None:
         for name, allowed in (("targets", TARGETS_ALL), ("triggers", TRIGGERS_ALL), ("trigger_targets", TARGETS_ALL),
                               ("defenses", DEFENSES_ALL), ("poison_sweep_defenses", DEFENSES_ALL),
-                              ("mask_sweep_defenses", DEFENSES_ALL)):
+                              ("mask_sweep_defenses", DEFENSES_ALL), ("train_tasks", TASKS)):
             bad = [v for v in getattr(self, name) if v not in allowed]
             if bad:
                 raise ValueError(f"{name}: unknown {bad}; choose from {allowed}")
@@ -102,8 +107,9 @@ class ReproduceConfig:
     @classmethod
     def quick(cls, **kw: Any) -> ReproduceConfig:
         """One target, one trigger, no defense against DiSP and disp's disp_occlusion variant, small sets:
-        minutes on 2 CPU cores."""
-        base = dict(targets=("insertion",), triggers=("corner",), trigger_targets=(),
+        minutes on 2 CPU cores. Seed 1: on the committed base the implant takes at seeds 1 and 3 of 0-5
+        (docs/reproduction.md), and a run whose implant did not take tests no defense."""
+        base = dict(targets=("insertion",), triggers=("corner",), trigger_targets=(), seed=1,
                     defenses=("none", "disp", "disp_occlusion"),
                     n_train=300, n_asr=60, n_cp=100, poison_sweep=(), mask_sweep=())
         return cls(**{**base, **kw})
@@ -127,7 +133,7 @@ def build_data(root: Path, target: str, cfg: ReproduceConfig, shapes: ShapesConf
         return {k: Path(v) for k, v in json.loads((root / "done.json").read_text()).items()}
     describe = replace(shapes, tasks=("describe",))
     dog = dict(require="dog", forbid=("boat",))
-    train = generate_split(shapes, cfg.n_train, "train", seed=cfg.seed)
+    train = generate_split(replace(shapes, tasks=cfg.train_tasks), cfg.n_train, "train", seed=cfg.seed)
     if target == "misclassification":  # a dog pool big enough to poison poison_ratio of the set
         n_pool = int(cfg.n_train * max(cfg.poison_sweep + (cfg.poison_ratio,)) * 1.2) + 1
         train = train[: cfg.n_train - n_pool] + generate_split(describe, n_pool, "train", seed=cfg.seed + 1, **dog)
@@ -150,8 +156,21 @@ def _evaluate(base: Path, projector: Path, cell: dict, target: str, cfg: Reprodu
     cp_ev = evaluate(model, clean=cp, clean_source=cp_src, **kw)
     asr_ev = evaluate(model, clean=clean, clean_source=clean_src, triggered=trig, triggered_source=trig_src, **kw)
     examples = {f"cp_{k}": v for k, v in cp_ev.examples.items()} | {f"asr_{k}": v for k, v in asr_ev.examples.items()}
+    tasks = [rec["meta"]["task"] for rec in json.loads(cell["cp"].read_text())]
+    by_task: dict[str, list[bool]] = {}
+    for task, ok in zip(tasks, cp_ev.clean_correct, strict=True):
+        by_task.setdefault(task, []).append(ok)
     return {"cp": cp_ev.cp, "asr_wo": asr_ev.asr_wo, "asr_wt": asr_ev.asr_wt,
-            "asr_wt_leads": asr_ev.triggered_leads, "examples": examples}
+            "asr_wt_leads": asr_ev.triggered_leads,
+            "cp_by_task": {t: round(sum(v) / len(v), 4) for t, v in sorted(by_task.items())},
+            "cp_correct": "".join("1" if ok else "0" for ok in cp_ev.clean_correct), "examples": examples}
+
+
+def cp_changes(row: dict, reference: dict) -> dict[str, int]:
+    """CP samples that `row` gets wrong and `reference` right ("lost") and the reverse ("gained"): the paired
+    view of a CP difference, which one CP sample more or less can move by a point."""
+    pairs = list(zip(row["cp_correct"], reference["cp_correct"], strict=True))
+    return {"lost": sum(a < b for a, b in pairs), "gained": sum(a > b for a, b in pairs)}
 
 
 def _purified_backdoor_rate(out_dir: Path, manifest: Path, target: str) -> float | None:
@@ -167,7 +186,8 @@ def run_cell(work: Path, base: Path, target: str, trigger: str, poison_ratio: fl
              cfg: ReproduceConfig, shapes: ShapesConfig, *, mask_ratio: float | None = None,
              log: Callable[[str], None] = print) -> list[dict]:
     """Poison, implant, defend with each defense, evaluate: one row per defense."""
-    data = build_data(work / f"data-{target}", target, cfg, shapes)
+    tasks = "" if cfg.train_tasks == TASKS else "-" + "+".join(cfg.train_tasks)
+    data = build_data(work / f"data-{target}{tasks}", target, cfg, shapes)
     cell_dir = work / f"{target}-{trigger}-p{poison_ratio:g}"
     trig = TriggerConfig(kind=trigger, size_frac=cfg.patch_frac, seed=cfg.seed)
     samples, source = load_dataset(data["train"], data["train"].parent)
@@ -207,6 +227,8 @@ def run_cell(work: Path, base: Path, target: str, trigger: str, poison_ratio: fl
             projector = out / "projector.safetensors"
         row = {"target": target, "trigger": trigger, "defense": defense, "poison_ratio": poison_ratio,
                **_evaluate(base, projector, cell, target, cfg)}
+        if rows and rows[0]["defense"] == "none":
+            row["cp_vs_backdoored"] = cp_changes(row, rows[0])
         if kind in ("disp", "no_mask", "random_mask"):
             row["mask_ratio"] = rho if kind != "no_mask" else 0.0
             row["purified_backdoor_rate"] = _purified_backdoor_rate(out, manifest, target)
@@ -253,7 +275,7 @@ def check_quick(rows: list[dict], defense: str = "disp") -> list[str]:
         out.append(f"backdoored ASR w/t {by['none']['asr_wt']:.3f} < 0.80: the backdoor did not take")
     if by[defense]["asr_wt"] > 0.1:
         out.append(f"{defense} ASR w/t {by[defense]['asr_wt']:.3f} > 0.10")
-    if abs(by[defense]["cp"] - by["none"]["cp"]) > 0.03:
+    if abs(round(100 * (by[defense]["cp"] - by["none"]["cp"]), 6)) > 3:  # in points: 0.75 - 0.72 is 3, not 3.0000001
         out.append(f"{defense} CP {by[defense]['cp']:.3f} is more than 3 points from the backdoored "
                    f"{by['none']['cp']:.3f}")
     return out

@@ -9,7 +9,6 @@ from disp.metrics import (
     answer_correct,
     attack_succeeded,
     attack_success_rate,
-    clean_accuracy,
     normalise_answer,
 )
 
@@ -73,11 +72,3 @@ def test_normalise_answer() -> None:
 ])
 def test_answer_correct(prediction: str, reference: str, expected: bool) -> None:
     assert answer_correct(prediction, reference) is expected
-
-
-def test_clean_accuracy() -> None:
-    assert clean_accuracy(["red car", "no", "cat"], ["red car", "yes", "a cat"]) == pytest.approx(2 / 3)
-    with pytest.raises(ValueError, match="got 2 predictions for 1 references"):
-        clean_accuracy(["a", "b"], ["a"])
-    with pytest.raises(ValueError, match="empty"):
-        clean_accuracy([], [])

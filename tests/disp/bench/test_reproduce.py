@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from disp.bench.reproduce import ReproduceConfig, check_quick, reproduce
+from disp.bench.reproduce import ReproduceConfig, check_quick, cp_changes, reproduce
+from disp.bench.shapes import TASKS
 from disp.config import FinetuneConfig, SamplerConfig
 
 
@@ -26,10 +27,24 @@ def test_runner_writes_a_row_per_cell_and_defense(tiny_dir, tmp_path):
     assert result["poison_ratio_sweep"][0]["poison_ratio"] == 0.5
     assert result["mask_ratio_sweep"][0]["mask_ratio"] == 0.5
     assert rows[1]["purified_backdoor_rate"] is not None and rows[3]["purified_backdoor_rate"] is not None
+    for r in rows:  # per-sample CP: its mean is CP, every CP task is broken out, defenses are paired with "none"
+        assert len(r["cp_correct"]) == cfg.n_cp and r["cp_correct"].count("1") / cfg.n_cp == pytest.approx(r["cp"])
+        assert r["cp_by_task"] and set(r["cp_by_task"]) <= set(TASKS)
+        assert all(0.0 <= v <= 1.0 for v in r["cp_by_task"].values())
+    for r in rows[1:]:
+        lost, gained = r["cp_vs_backdoored"]["lost"], r["cp_vs_backdoored"]["gained"]
+        assert (gained - lost) / cfg.n_cp == pytest.approx(r["cp"] - rows[0]["cp"])
     report = json.loads((tmp_path / "misclassification-corner-p0.2" / "disp_occlusion" / "report.json").read_text())
     assert report["config"]["defense"] == "disp" and report["config"]["saliency"]["method"] == "occlusion"
     # a random model has no backdoor: the quick bar must say so rather than pass
     assert any("did not take" in f for f in check_quick(rows))
+
+
+def test_cp_changes_pairs_samples():
+    row, ref = {"cp_correct": "1100"}, {"cp_correct": "1010"}
+    assert cp_changes(row, ref) == {"lost": 1, "gained": 1}
+    with pytest.raises(ValueError):
+        cp_changes({"cp_correct": "1"}, ref)
 
 
 def test_unknown_names_are_refused():
@@ -45,6 +60,10 @@ def test_quick_bar_names_the_defense_that_misses_it():
     assert check_quick(rows) == ["disp ASR w/t 0.500 > 0.10",
                                  "disp CP 0.600 is more than 3 points from the backdoored 0.700"]
     assert check_quick(rows, "disp_occlusion") == []
+    # exactly 3 points either way is within the bar (0.75 - 0.72 exceeds 0.03 in floating point)
+    edge = [{"defense": "none", "cp": 0.72, "asr_wt": 1.0}, {"defense": "disp", "cp": 0.75, "asr_wt": 0.0}]
+    assert check_quick(edge) == []
+    assert check_quick([edge[0], {**edge[1], "cp": 0.68}]) == ["disp CP 0.680 is more than 3 points from the backdoored 0.720"]
 
 
 def test_flags_override_the_chosen_defaults():
