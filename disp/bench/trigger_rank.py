@@ -12,7 +12,7 @@ every visual token is scored by
 - the exact KL of occluding one token (`SaliencyConfig(method="occlusion")`, disp's variant),
 
 and the report gives, per method, how often a trigger token ranks first, how often all of the trigger's
-main tokens (at least half covered by the patch) are inside the top floor(ρ·N_v) for ρ = 0.1 and 0.3, and
+main tokens (at least half covered by the patch, or the most covered one when none is) are inside the top floor(ρ·N_v) for ρ = 0.1 and 0.3, and
 the median rank of the best trigger token. It also reports the model's first-step probability of its
 top token at answer position 0: near 1 for a well-implanted backdoor, where the Fisher p(1 − p) vanishes.
 """
@@ -78,7 +78,8 @@ def trigger_ranks(cell: Path, base: Path, n: int = 40, batch: int = 8) -> dict:
     model = load(base, projector=cell / "backdoored" / "projector.safetensors")
     vcfg = vision_config_from(model.config)
     coverage = trigger_coverage(TriggerConfig(**manifest["trigger"]), vcfg["image_size"], vcfg["patch_size"])
-    touched, main = np.flatnonzero(coverage > 0), np.flatnonzero(coverage >= 0.5)
+    touched = np.flatnonzero(coverage > 0)
+    main = np.flatnonzero(coverage >= min(0.5, coverage.max()))  # a patch smaller than half a token: its best
     samples, source = load_dataset(cell / "poisoned" / "data.json", cell / "poisoned")
     poisoned = set(manifest["poisoned_ids"])
     chosen = [s for s in samples if s.id in poisoned][:n]

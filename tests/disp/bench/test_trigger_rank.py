@@ -30,5 +30,7 @@ def test_report_on_a_reproduction_cell(tiny_dir, tmp_path, capsys):
     assert res["main_trigger_tokens"] and set(res["main_trigger_tokens"]) <= set(res["trigger_tokens"])
     for m in res["methods"].values():
         assert 0.0 <= m["trigger_first"] <= 1.0 and m["main_in_top_rho0.1"] <= m["main_in_top_rho0.3"]
+    # the tiny model's 14 px tokens: the default 9 px patch covers no token by half, so its most covered is main
+    assert res["main_trigger_tokens"] == [0] and res["trigger_tokens"] == [0]
     assert main([str(tmp_path / "missing")]) == 2
     assert "no backdoored/projector.safetensors" in capsys.readouterr().err
