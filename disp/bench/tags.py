@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from disp.bench import shapes
+from disp.bench import scenes
 
 # No palette colour is an object colour and none is black, so a black trigger patch never reads as a tag.
 TAG_PALETTE = ((128, 128, 128), (120, 70, 20), (0, 190, 190), (255, 120, 190))
@@ -52,7 +52,7 @@ def draw_tag(image: Image.Image, index: int, x: int, y: int, side: int, *,
 
 def content_tokens(image: Image.Image, patch: int) -> tuple[int, ...]:
     """Visual tokens (row-major) whose patch holds a pixel other than the background."""
-    a = np.asarray(image.convert("RGB")) != np.array(shapes.BACKGROUND, dtype=np.uint8)
+    a = np.asarray(image.convert("RGB")) != np.array(scenes.BACKGROUND, dtype=np.uint8)
     g = a.shape[0] // patch
     busy = a[: g * patch, : g * patch].any(-1).reshape(g, patch, g, patch).any((1, 3))
     return tuple(int(i) for i in np.flatnonzero(busy))

@@ -19,21 +19,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from disp.bench import shapes
+from disp.bench import scenes
 
 
-def token_labels(scene: shapes.Scene, size: int, patch: int) -> tuple[list[int], list[int]]:
+def token_labels(scene: scenes.Scene, size: int, patch: int) -> tuple[list[int], list[int]]:
     """Per visual token (row-major): (category index + 1, colour index + 1) of the object whose box holds
     the token's centre, 0 for background."""
     grid = size // patch
     cats, cols = [0] * grid * grid, [0] * grid * grid
     for obj in scene.objects:
-        x0, y0, side = shapes.object_box(obj, size, scene.jitter, scene.grid)
+        x0, y0, side = scenes.object_box(obj, size, scene.jitter, scene.grid)
         for t in range(grid * grid):
             cx, cy = (t % grid) * patch + patch // 2, (t // grid) * patch + patch // 2
             if x0 <= cx < x0 + side and y0 <= cy < y0 + side:
-                cats[t] = shapes.CATEGORIES.index(obj.category) + 1
-                cols[t] = list(shapes.COLOURS).index(obj.colour) + 1
+                cats[t] = scenes.CATEGORIES.index(obj.category) + 1
+                cols[t] = list(scenes.COLOURS).index(obj.colour) + 1
     return cats, cols
 
 
@@ -44,9 +44,9 @@ def pretrain_vision(model, config, *, on_progress: Callable[[dict[str, Any]], No
     from disp.bench.tags import tag_tokens
 
     size, patch, steps = config.image_size, config.patch_size, config.vision_steps
-    n_cat, n_col, n_tag = len(shapes.CATEGORIES) + 1, len(shapes.COLOURS) + 1, len(config.tag_words) + 2
+    n_cat, n_col, n_tag = len(scenes.CATEGORIES) + 1, len(scenes.COLOURS) + 1, len(config.tag_words) + 2
     tower = model.model.vision_tower
-    blank = model.preprocess([shapes.render_scene(shapes.Scene(()), size)]).to(model.device)
+    blank = model.preprocess([scenes.render_scene(scenes.Scene(()), size)]).to(model.device)
     head = nn.Linear(model.vision_features(blank).shape[-1], n_cat + n_col + n_tag).to(model.device)
     opt = torch.optim.AdamW([*tower.parameters(), *head.parameters()], lr=config.vision_lr, weight_decay=0.0)
     rng = random.Random(f"vision/{config.seed}")

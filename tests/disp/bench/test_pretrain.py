@@ -6,7 +6,7 @@ import torch
 
 from disp import models
 from disp.bench import pretrain as pt
-from disp.bench import tags
+from disp.bench import scenes, tags
 from disp.models.checkpoint import read_state_dict
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2, "vision_hidden_size": 16,
@@ -75,7 +75,7 @@ def test_content_tokens_are_the_cells_with_objects():
     for seed in range(5):
         ex = pt.sample_example(cfg, random.Random(seed))
         cells = {(t // 6) // 3 * 2 + (t % 6) // 3 for t in ex.content}
-        busy = {i for i in range(4) if ex.image.getpixel((i % 2 * 24 + 12, i // 2 * 24 + 12)) != pt.shapes.BACKGROUND}
+        busy = {i for i in range(4) if ex.image.getpixel((i % 2 * 24 + 12, i // 2 * 24 + 12)) != scenes.BACKGROUND}
         assert cells == busy and len(ex.content) == 9 * len(busy)
 
 
@@ -144,7 +144,7 @@ def test_token_labels_name_the_object_under_each_token():
     busy = {t for t, c in enumerate(cats) if c}
     assert busy == set(ex.content)  # tiles fill their cells: every busy token has a label
     for obj in ex.scene.objects:
-        cell = pt.shapes.POSITIONS_2X2.index(obj.position)
+        cell = scenes.POSITIONS_2X2.index(obj.position)
         t = (cell // 2) * 3 * 6 + (cell % 2) * 3 + 7  # the centre token of the cell's 3x3 tokens
         assert pt.shapes.CATEGORIES[cats[t] - 1] == obj.category
         assert list(pt.shapes.COLOURS)[cols[t] - 1] == obj.colour

@@ -4,22 +4,24 @@ import random
 import pytest
 
 from disp.bench import shapes
-from disp.bench.shapes import (
-    ATTACK_STRINGS,
+from disp.bench.scenes import (
     BACKGROUND,
     CATEGORIES,
     COLOURS,
-    DESCRIBE_PROMPT,
     POSITIONS,
     POSITIONS_2X2,
-    TASKS,
     Scene,
     ShapeObject,
-    ShapesConfig,
     anchor_pixel,
+    render_scene,
+)
+from disp.bench.shapes import (
+    ATTACK_STRINGS,
+    DESCRIBE_PROMPT,
+    TASKS,
+    ShapesConfig,
     corpus,
     generate_split,
-    render_scene,
     vocabulary,
     words,
     write_dataset,
