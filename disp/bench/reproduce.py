@@ -173,6 +173,23 @@ def cp_changes(row: dict, reference: dict) -> dict[str, int]:
     return {"lost": sum(a < b for a, b in pairs), "gained": sum(a > b for a, b in pairs)}
 
 
+def check_cell_settings(cell_dir: Path, base: Path, cfg: ReproduceConfig) -> None:
+    """Record what a cell's poisoned data and implant depend on in `cell_dir/settings.json`, or refuse to reuse
+    a cell that was built with other settings (its cached poisoned set and implant would be silently wrong)."""
+    settings = {"base": str(base), "train_tasks": list(cfg.train_tasks), "n_train": cfg.n_train, "seed": cfg.seed,
+                "patch_frac": cfg.patch_frac, "implant": asdict(cfg.implant)}
+    path = cell_dir / "settings.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        differ = sorted(k for k in settings if saved.get(k) != settings[k])
+        if differ:
+            what = "; ".join(f"{k}: {saved.get(k)!r}, now {settings[k]!r}" for k in differ)
+            raise ValueError(f"{cell_dir} was built with other settings ({what}); use another --work directory")
+        return
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=1))
+
+
 def _purified_backdoor_rate(out_dir: Path, manifest: Path, target: str) -> float | None:
     """Fraction of poisoned samples whose rewritten answer still carries the backdoor."""
     purified = out_dir / "purified.json"
@@ -189,6 +206,7 @@ def run_cell(work: Path, base: Path, target: str, trigger: str, poison_ratio: fl
     tasks = "" if cfg.train_tasks == TASKS else "-" + "+".join(cfg.train_tasks)
     data = build_data(work / f"data-{target}{tasks}", target, cfg, shapes)
     cell_dir = work / f"{target}-{trigger}-p{poison_ratio:g}"
+    check_cell_settings(cell_dir, base, cfg)
     trig = TriggerConfig(kind=trigger, size_frac=cfg.patch_frac, seed=cfg.seed)
     samples, source = load_dataset(data["train"], data["train"].parent)
     if not (cell_dir / "poisoned" / "manifest.json").is_file():

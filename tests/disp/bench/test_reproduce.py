@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from disp.bench.reproduce import ReproduceConfig, check_quick, cp_changes, reproduce
+from disp.bench.reproduce import ReproduceConfig, check_cell_settings, check_quick, cp_changes, reproduce
 from disp.bench.shapes import TASKS
 from disp.config import FinetuneConfig, SamplerConfig
 
@@ -45,6 +45,16 @@ def test_cp_changes_pairs_samples():
     assert cp_changes(row, ref) == {"lost": 1, "gained": 1}
     with pytest.raises(ValueError):
         cp_changes({"cp_correct": "1"}, ref)
+
+
+def test_a_cell_built_with_other_settings_is_refused(tmp_path):
+    cell = tmp_path / "insertion-corner-p0.2"
+    check_cell_settings(cell, tmp_path / "base", ReproduceConfig(seed=1))
+    check_cell_settings(cell, tmp_path / "base", ReproduceConfig(seed=1, defenses=("none",)))  # defenses: same cell
+    with pytest.raises(ValueError, match=r"other settings \(seed: 1, now 2; train_tasks: \['describe'\], now "
+                                         r"\['count'\]\); use another --work"):
+        check_cell_settings(cell, tmp_path / "base", ReproduceConfig(seed=2, train_tasks=("count",)))
+    assert json.loads((cell / "settings.json").read_text())["seed"] == 1  # the stored record is kept
 
 
 def test_unknown_names_are_refused():
