@@ -6,10 +6,11 @@ from that backdoored projector and measure CP, ASR w/o and ASR w/t on held-out d
 ratio (Figure 3) and DiSP's mask ratio. Rows carry `target, trigger, defense, poison_ratio, cp, asr_wo,
 asr_wt` (fractions) plus diagnostics.
 
-Data per cell: a SHAPES training set (all tasks; for misclassification a pool of "describe" samples
-showing a dog is mixed in, as the paper poisons dog images), an ASR set of held-out "describe" samples
-(dog scenes for misclassification) with and without the trigger, and a CP set of held-out samples of
-every task. The defense never reads the manifest, except the oracle filter (an upper bound).
+Data per cell: a SHAPES training set (`train_tasks`, captions by default; for misclassification a pool of
+"describe" samples showing a dog is mixed in, as the paper poisons dog images), an ASR set of held-out
+"describe" samples (dog scenes for misclassification) with and without the trigger, and a CP set of
+held-out samples of every task. The defense never reads the manifest, except the oracle filter (an upper
+bound).
 """
 
 from __future__ import annotations
@@ -126,16 +127,29 @@ def _materialise(records: list[dict], root: Path, name: str, shapes: ShapesConfi
     return write_records(root / f"{name}.json", out)
 
 
-def build_data(root: Path, target: str, cfg: ReproduceConfig, shapes: ShapesConfig) -> dict[str, Path]:
-    """Training, CP and ASR sets for one target; cached under root."""
-    root.mkdir(parents=True, exist_ok=True)
+def dog_pool_size(cfg: ReproduceConfig) -> int:
+    """Dog "describe" samples mixed into a misclassification training set: enough to poison the largest
+    ratio this config runs (the paper poisons dog images)."""
+    return int(cfg.n_train * max(cfg.poison_sweep + (cfg.poison_ratio,)) * 1.2) + 1
+
+
+def data_settings(target: str, base: Path, cfg: ReproduceConfig) -> dict:
+    """What the training, CP and ASR sets of `target` depend on."""
+    settings = {"base": str(base), "train_tasks": list(cfg.train_tasks), "n_train": cfg.n_train, "n_asr": cfg.n_asr,
+                "n_cp": cfg.n_cp, "seed": cfg.seed}
+    return settings | ({"dog_pool": dog_pool_size(cfg)} if target == "misclassification" else {})
+
+
+def build_data(root: Path, target: str, base: Path, cfg: ReproduceConfig, shapes: ShapesConfig) -> dict[str, Path]:
+    """Training, CP and ASR sets for one target; cached under root, refused if cached under other settings."""
+    check_settings(root, data_settings(target, base, cfg), what="data built")
     if (root / "done.json").is_file():
         return {k: Path(v) for k, v in json.loads((root / "done.json").read_text()).items()}
     describe = replace(shapes, tasks=("describe",))
     dog = dict(require="dog", forbid=("boat",))
     train = generate_split(replace(shapes, tasks=cfg.train_tasks), cfg.n_train, "train", seed=cfg.seed)
-    if target == "misclassification":  # a dog pool big enough to poison poison_ratio of the set
-        n_pool = int(cfg.n_train * max(cfg.poison_sweep + (cfg.poison_ratio,)) * 1.2) + 1
+    if target == "misclassification":
+        n_pool = dog_pool_size(cfg)
         train = train[: cfg.n_train - n_pool] + generate_split(describe, n_pool, "train", seed=cfg.seed + 1, **dog)
     asr = generate_split(describe, cfg.n_asr, "test", seed=cfg.seed + 2, **(dog if target == "misclassification" else {}))
     for rec in asr:
@@ -173,21 +187,29 @@ def cp_changes(row: dict, reference: dict) -> dict[str, int]:
     return {"lost": sum(a < b for a, b in pairs), "gained": sum(a > b for a, b in pairs)}
 
 
-def check_cell_settings(cell_dir: Path, base: Path, cfg: ReproduceConfig) -> None:
-    """Record what a cell's poisoned data and implant depend on in `cell_dir/settings.json`, or refuse to reuse
-    a cell that was built with other settings (its cached poisoned set and implant would be silently wrong)."""
-    settings = {"base": str(base), "train_tasks": list(cfg.train_tasks), "n_train": cfg.n_train, "seed": cfg.seed,
-                "patch_frac": cfg.patch_frac, "implant": asdict(cfg.implant)}
-    path = cell_dir / "settings.json"
+def check_settings(root: Path, settings: dict, *, what: str) -> None:
+    """Record in `root/settings.json` what a cached stage depends on, or refuse to reuse a cache that was made
+    with other settings (its contents would be silently wrong). A cache without a record is refused too."""
+    path = root / "settings.json"
     if path.is_file():
         saved = json.loads(path.read_text())
-        differ = sorted(k for k in settings if saved.get(k) != settings[k])
+        differ = sorted(k for k in settings.keys() | saved.keys() if saved.get(k) != settings.get(k))
         if differ:
-            what = "; ".join(f"{k}: {saved.get(k)!r}, now {settings[k]!r}" for k in differ)
-            raise ValueError(f"{cell_dir} was built with other settings ({what}); use another --work directory")
+            diff = "; ".join(f"{k}: {saved.get(k)!r}, now {settings.get(k)!r}" for k in differ)
+            raise ValueError(f"{root} holds {what} with other settings ({diff}); use another --work directory")
         return
-    cell_dir.mkdir(parents=True, exist_ok=True)
+    if root.is_dir() and any(root.iterdir()):
+        raise ValueError(f"{root} holds {what} without a settings record; use another --work directory")
+    root.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(settings, indent=1))
+
+
+def check_cell_settings(cell_dir: Path, base: Path, cfg: ReproduceConfig) -> None:
+    """A cell's poisoned data and implant depend on its data and on these settings (its target, trigger and
+    poison ratio are in its name)."""
+    check_settings(cell_dir, {"base": str(base), "train_tasks": list(cfg.train_tasks), "n_train": cfg.n_train,
+                              "seed": cfg.seed, "patch_frac": cfg.patch_frac, "implant": asdict(cfg.implant)},
+                   what="a poisoned set and implant built")
 
 
 def _purified_backdoor_rate(out_dir: Path, manifest: Path, target: str) -> float | None:
@@ -203,8 +225,7 @@ def run_cell(work: Path, base: Path, target: str, trigger: str, poison_ratio: fl
              cfg: ReproduceConfig, shapes: ShapesConfig, *, mask_ratio: float | None = None,
              log: Callable[[str], None] = print) -> list[dict]:
     """Poison, implant, defend with each defense, evaluate: one row per defense."""
-    tasks = "" if cfg.train_tasks == TASKS else "-" + "+".join(cfg.train_tasks)
-    data = build_data(work / f"data-{target}{tasks}", target, cfg, shapes)
+    data = build_data(work / f"data-{target}", target, base, cfg, shapes)
     cell_dir = work / f"{target}-{trigger}-p{poison_ratio:g}"
     check_cell_settings(cell_dir, base, cfg)
     trig = TriggerConfig(kind=trigger, size_frac=cfg.patch_frac, seed=cfg.seed)

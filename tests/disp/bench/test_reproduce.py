@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
-from disp.bench.reproduce import ReproduceConfig, check_cell_settings, check_quick, cp_changes, reproduce
+from disp.bench.reproduce import (
+    ReproduceConfig,
+    build_data,
+    check_cell_settings,
+    check_quick,
+    cp_changes,
+    reproduce,
+)
 from disp.bench.shapes import TASKS
 from disp.config import FinetuneConfig, SamplerConfig
 
@@ -55,6 +63,37 @@ def test_a_cell_built_with_other_settings_is_refused(tmp_path):
                                          r"\['count'\]\); use another --work"):
         check_cell_settings(cell, tmp_path / "base", ReproduceConfig(seed=2, train_tasks=("count",)))
     assert json.loads((cell / "settings.json").read_text())["seed"] == 1  # the stored record is kept
+
+
+def test_data_built_with_other_settings_is_refused_before_anything_is_written(tiny_dir, tmp_path):
+    """The data of a target is shared by every cell of a work dir: a second run with another seed, size or
+    poison sweep (which sizes the misclassification dog pool) must not reuse it."""
+    from disp.bench.shapes import config_of_checkpoint
+
+    shapes = config_of_checkpoint(tiny_dir)
+    cfg = ReproduceConfig(n_train=10, n_asr=2, n_cp=2, poison_sweep=(), seed=1)
+    root = tmp_path / "data-misclassification"
+    paths = build_data(root, "misclassification", tiny_dir, cfg, shapes)
+    assert build_data(root, "misclassification", tiny_dir, replace(cfg, defenses=("none",)), shapes) == paths
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    with pytest.raises(ValueError, match=r"data built with other settings \(dog_pool: 3, now 7; seed: 1, now 2\)"):
+        build_data(root, "misclassification", tiny_dir, replace(cfg, seed=2, poison_sweep=(0.5,)), shapes)
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before  # nothing rebuilt or overwritten
+    assert json.loads((root / "settings.json").read_text())["seed"] == 1
+    # the insertion data does not depend on the dog pool, so another poison sweep reuses it
+    ins = tmp_path / "data-insertion"
+    build_data(ins, "insertion", tiny_dir, cfg, shapes)
+    build_data(ins, "insertion", tiny_dir, replace(cfg, poison_sweep=(0.5,)), shapes)
+
+
+def test_a_cache_without_a_settings_record_is_refused(tiny_dir, tmp_path):
+    from disp.bench.shapes import config_of_checkpoint
+
+    old = tmp_path / "data-insertion"
+    old.mkdir()
+    (old / "done.json").write_text("{}")  # a cache from before settings were recorded
+    with pytest.raises(ValueError, match="data built without a settings record"):
+        build_data(old, "insertion", tiny_dir, ReproduceConfig(n_train=10), config_of_checkpoint(tiny_dir))
 
 
 def test_unknown_names_are_refused():
