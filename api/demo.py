@@ -4,7 +4,7 @@ progress bar, download the purified projector, and print CP and ASR before and a
 
 `disp.demo.prepare_inputs` builds the poisoned SHAPES data and the backdoored projector, and
 `disp.demo.evaluate_projectors` scores projectors; both run in this (client) process, the service is a
-separate one. The sampler of the job's settings is `disp.demo.SAMPLER`'s.
+separate one. The job's settings are `DemoInputs.defense` (the reproduction's), sent as the API's JSON.
 """
 
 from __future__ import annotations
@@ -73,15 +73,16 @@ def start_service(data_dir: Path, port: int) -> subprocess.Popen:
     raise TimeoutError("disp serve did not become ready")
 
 
-def run_demo(workdir: str | Path, *, quick: bool = True, port: int | None = None) -> dict:
+def run_demo(workdir: str | Path, *, quick: bool = True, n_asr: int | None = None, n_cp: int | None = None,
+             port: int | None = None) -> dict:
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     from dataclasses import asdict
 
-    from disp.demo import SAMPLER, evaluate_projectors, prepare_inputs, print_table
+    from disp.demo import evaluate_projectors, prepare_inputs, print_table
 
-    inputs = prepare_inputs(workdir, quick=quick)
+    inputs = prepare_inputs(workdir, quick=quick, n_asr=n_asr, n_cp=n_cp)
     dataset_zip = zip_dataset(inputs.poisoned_dir, workdir / "poisoned.zip")
     data_dir, port = workdir / "service", port or _free_port()
     data_dir.mkdir(exist_ok=True)
@@ -89,15 +90,10 @@ def run_demo(workdir: str | Path, *, quick: bool = True, port: int | None = None
     try:
         key = json.loads(_admin(data_dir, "keys", "create", "--tenant", "demo", "--json"))["api_key"]
         _admin(data_dir, "models", "register", "--name", "demo-base", "--dir", str(inputs.model_dir))
-        sampler = asdict(SAMPLER)
-        settings = {
-            "saliency": {"batch_size": 8},
-            "purify": {"sampler": sampler},
-            "finetune": {"epochs": 1 if quick else 4, "lr": 1e-3, "batch_size": 8},
-        }
+        settings = asdict(inputs.defense)
         with DispClient(f"http://127.0.0.1:{port}", key) as client:
             dataset = client.wait_ready("dataset", client.upload_dataset(dataset_zip)["id"])
-            adapter = client.upload_checkpoint(inputs.backdoored, kind="adapter", base_model="demo-base")
+            adapter = client.upload_checkpoint(inputs.cell.backdoored, kind="adapter", base_model="demo-base")
             client.wait_ready("checkpoint", adapter["id"])
             job = client.create_job(dataset_id=dataset["id"], checkpoint_id=adapter["id"], settings=settings)
             print(f"job {job['id']}: {dataset['num_records']} records")
@@ -111,7 +107,7 @@ def run_demo(workdir: str | Path, *, quick: bool = True, port: int | None = None
     finally:
         service.terminate()
         service.wait(60)
-    rows = evaluate_projectors(inputs, {"backdoored": inputs.backdoored, "DiSP (service)": files["projector"]})
+    rows = evaluate_projectors(inputs, {"backdoored": inputs.cell.backdoored, "DiSP (service)": files["projector"]})
     print_table(rows)
     print(f"total {time.perf_counter() - t0:.1f}s; artifacts in {workdir / 'downloaded'}")
     return {"rows": rows, "job": job, "files": {k: str(v) for k, v in files.items()}}

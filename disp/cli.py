@@ -310,8 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("rest", nargs=argparse.REMAINDER, help="the recipe's own flags")
 
     p = sub.add_parser("demo", help="poison a small dataset, defend it, and show ASR before and after")
-    p.add_argument("--workdir", type=Path, default=Path("runs/demo"))
-    p.add_argument("--full", action="store_true", help="larger data and more epochs")
+    p.add_argument("--workdir", type=Path, default=Path("runs/demo"), help="working directory (cached stages)")
+    p.add_argument("--full", action="store_true", help="evaluate on 200 + 200 ASR and 200 CP samples (default 60 + 60, 100)")
     p.add_argument("--local", action="store_true", help="run the pipeline in this process instead of the service")
 
     try:  # the service's commands (serve, jobs, keys, models), when the service extra is installed

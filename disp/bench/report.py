@@ -1,10 +1,11 @@
 """Tables and figures of a `disp bench reproduce` result, shaped like the paper's Tables 1 and 3 and
 Figures 3 and 4.
 
-    python -m disp.bench.report RESULT.json [--rho RHO.json] [--figures DIR]
+    python -m disp.bench.report RESULT.json [RESULT.json ...] [--merged OUT.json] [--rho RHO.json] [--figures DIR]
 
 RESULT.json is `disp bench reproduce --json` output (or `scripts/reproduce_parallel.sh`'s merged
-reproduce.json); RHO.json is `scripts/reproduce_rho.sh`'s collected rows (DiSP at other mask ratios).
+reproduce.json); several are merged into one (`merge`, written to --merged), as `scripts/reproduce_cpu.sh`
+makes them. RHO.json is `scripts/reproduce_rho.sh`'s collected rows (DiSP at other mask ratios).
 Markdown tables go to stdout; PNGs (matplotlib, the `bench` extra) to --figures.
 """
 
@@ -16,7 +17,30 @@ from pathlib import Path
 
 DEFENSE_NAMES = {"none": "Backdoored (no defense)", "disp": "DiSP", "random_drop": "Random drop 20%",
                  "pruning": "Magnitude pruning 30%", "oracle_filter": "Oracle filter", "no_mask": "No-mask (ablation)",
-                 "random_mask": "Random-mask (ablation)"}
+                 "random_mask": "Random-mask (ablation)", "disp_occlusion": "disp_occlusion (disp's variant)"}
+SWEEP_CELL = ("insertion", "corner")  # the cell both sweeps vary
+
+
+def merge(results: list[dict]) -> dict:
+    """One result from several `disp bench reproduce` results run as parts of one protocol (same settings, each
+    part its own cells and sweeps). The main table's insertion / corner rows also stand in the sweeps, at the
+    default poison ratio and mask ratio, for the defenses a sweep runs and where it has no point of its own."""
+    cfg = results[0].get("config", {})
+    keep = ("n_train", "n_asr", "n_cp", "seed", "poison_ratio", "patch_frac", "implant", "train_tasks", "mask_ratio")
+    for res in results[1:]:
+        differ = [k for k in keep if res.get("config", {}).get(k) != cfg.get(k)]
+        if differ:
+            raise ValueError(f"results made with other settings cannot be merged: {differ}")
+    rows = [r for res in results for r in res["rows"]]
+    main = [r for r in rows if (r["target"], r["trigger"]) == SWEEP_CELL]
+    sweeps = {}
+    for key, field, defenses in (("poison_ratio_sweep", "poison_ratio", "poison_sweep_defenses"),
+                                 ("mask_ratio_sweep", "mask_ratio", "mask_sweep_defenses")):
+        points = [r for res in results for r in res.get(key, [])]
+        swept = {d for res in results if res.get(key) for d in res["config"][defenses]}
+        have = {(r["defense"], r.get(field)) for r in points}
+        sweeps[key] = points + [r for r in main if r["defense"] in swept and (r["defense"], r.get(field)) not in have]
+    return {"config": cfg, "rows": rows, **sweeps, "seconds": round(sum(res.get("seconds", 0) for res in results), 1)}
 
 
 def pct(x: float | None) -> str:
@@ -133,11 +157,14 @@ def figure_mask(rows: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("result", type=Path)
+    ap.add_argument("result", type=Path, nargs="+", help="one or more results (merged)")
+    ap.add_argument("--merged", type=Path, default=None, help="write the merged result here")
     ap.add_argument("--rho", type=Path, default=None, help="rows of scripts/reproduce_rho.sh")
     ap.add_argument("--figures", type=Path, default=None, help="write figure3.png and figure4.png here")
     args = ap.parse_args(argv)
-    res = json.loads(args.result.read_text())
+    res = merge([json.loads(p.read_text()) for p in args.result])
+    if args.merged:
+        args.merged.write_text(json.dumps(res, indent=2))
     rows = res["rows"]
     print("## Table 1 shape (trigger: corner)\n\n" + main_table(rows) + "\n")
     print("## Table 3 shape (target: insertion)\n\n" + trigger_table(rows) + "\n")

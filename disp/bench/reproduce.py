@@ -161,16 +161,17 @@ def build_data(root: Path, target: str, base: Path, cfg: ReproduceConfig, shapes
     return paths
 
 
-def _evaluate(base: Path, projector: Path, cell: dict, target: str, cfg: ReproduceConfig) -> dict:
-    cp, cp_src = load_dataset(cell["cp"], cell["cp"].parent)
-    clean, clean_src = load_dataset(cell["asr_clean"], cell["asr_clean"].parent)
-    trig, trig_src = load_dataset(cell["asr_triggered"], cell["asr_triggered"].parent)
+def evaluate_cell(base: Path, projector: Path, cell: Cell, target: str, cfg: ReproduceConfig) -> dict:
+    """CP (overall, per task, per sample) on the cell's CP set; ASR w/o and w/t on its ASR sets."""
+    cp, cp_src = load_dataset(cell.cp, cell.cp.parent)
+    clean, clean_src = load_dataset(cell.asr_clean, cell.asr_clean.parent)
+    trig, trig_src = load_dataset(cell.asr_triggered, cell.asr_triggered.parent)
     model = load(base, projector=projector, device=cfg.torch_device())
     kw = dict(target=target, sampler=cfg.sampler, batch_size=cfg.batch_size)
     cp_ev = evaluate(model, clean=cp, clean_source=cp_src, **kw)
     asr_ev = evaluate(model, clean=clean, clean_source=clean_src, triggered=trig, triggered_source=trig_src, **kw)
     examples = {f"cp_{k}": v for k, v in cp_ev.examples.items()} | {f"asr_{k}": v for k, v in asr_ev.examples.items()}
-    tasks = [rec["meta"]["task"] for rec in json.loads(cell["cp"].read_text())]
+    tasks = [rec["meta"]["task"] for rec in json.loads(cell.cp.read_text())]
     by_task: dict[str, list[bool]] = {}
     for task, ok in zip(tasks, cp_ev.clean_correct, strict=True):
         by_task.setdefault(task, []).append(ok)
@@ -221,10 +222,23 @@ def _purified_backdoor_rate(out_dir: Path, manifest: Path, target: str) -> float
     return sum(attack_succeeded(target, a) for a in answers) / len(answers) if answers else None
 
 
-def run_cell(work: Path, base: Path, target: str, trigger: str, poison_ratio: float, defenses: tuple[str, ...],
-             cfg: ReproduceConfig, shapes: ShapesConfig, *, mask_ratio: float | None = None,
-             log: Callable[[str], None] = print) -> list[dict]:
-    """Poison, implant, defend with each defense, evaluate: one row per defense."""
+@dataclass
+class Cell:
+    """One target × trigger × poison ratio: its poisoned training set, its backdoored projector and its
+    held-out sets (CP: every task; ASR: "describe" without and with the trigger)."""
+
+    dir: Path
+    poisoned_json: Path
+    manifest: Path  # which samples were poisoned: the oracle filter and diagnostics only
+    backdoored: Path
+    cp: Path
+    asr_clean: Path
+    asr_triggered: Path
+
+
+def prepare_cell(work: Path, base: Path, target: str, trigger: str, poison_ratio: float, cfg: ReproduceConfig,
+                 shapes: ShapesConfig, *, log: Callable[[str], None] = print) -> Cell:
+    """Poison the training set and implant the backdoor by projector-only fine-tuning; cached under work."""
     data = build_data(work / f"data-{target}", target, base, cfg, shapes)
     cell_dir = work / f"{target}-{trigger}-p{poison_ratio:g}"
     check_cell_settings(cell_dir, base, cfg)
@@ -236,41 +250,53 @@ def run_cell(work: Path, base: Path, target: str, trigger: str, poison_ratio: fl
         asr, asr_src = load_dataset(data["asr"], data["asr"].parent)
         triggered_copy(asr, asr_src, None, cell_dir / "asr_clean")
         triggered_copy(asr, asr_src, trig, cell_dir / "asr_triggered")
-    cell = {"cp": data["cp"], "asr_clean": cell_dir / "asr_clean" / "data.json",
-            "asr_triggered": cell_dir / "asr_triggered" / "data.json"}
-    poisoned_json, manifest = cell_dir / "poisoned" / "data.json", cell_dir / "poisoned" / "manifest.json"
-    backdoored = cell_dir / "backdoored" / "projector.safetensors"
-    if not backdoored.is_file():
+    cell = Cell(cell_dir, cell_dir / "poisoned" / "data.json", cell_dir / "poisoned" / "manifest.json",
+                cell_dir / "backdoored" / "projector.safetensors", data["cp"],
+                cell_dir / "asr_clean" / "data.json", cell_dir / "asr_triggered" / "data.json")
+    if not cell.backdoored.is_file():
         t = time.perf_counter()
         model = load(base, device=cfg.torch_device())
-        psamples, psrc = load_dataset(poisoned_json, poisoned_json.parent)
+        psamples, psrc = load_dataset(cell.poisoned_json, cell.poisoned_json.parent)
         finetune_samples(model, psamples, psrc, cfg.implant, cell_dir / "backdoored", run_key="implant")
         log(f"[{target}/{trigger}/p={poison_ratio:g}] implanted in {time.perf_counter() - t:.0f}s")
-    rows = []
+    return cell
+
+
+def defense_config(defense: str, cfg: ReproduceConfig, mask_ratio: float | None = None) -> DefenseConfig:
+    """A runner defense name (a `DefenseConfig.defense` or one of VARIANTS) as the settings every cell uses:
+    the reproduction's batch, sampler and recovery schedule."""
+    kind, saliency, purify = VARIANTS.get(defense, (defense, {}, {}))
     rho = cfg.mask_ratio if mask_ratio is None else mask_ratio
+    return DefenseConfig(defense=kind, saliency=SaliencyConfig(batch_size=cfg.batch_size, **saliency),
+                         purify=PurifyConfig(mask_ratio=rho, batch_size=cfg.batch_size, sampler=cfg.sampler, **purify),
+                         finetune=replace(cfg.implant, epochs=cfg.recovery_epochs,
+                                          lr=cfg.recovery_lr if cfg.recovery_lr is not None else cfg.implant.lr))
+
+
+def run_cell(work: Path, base: Path, target: str, trigger: str, poison_ratio: float, defenses: tuple[str, ...],
+             cfg: ReproduceConfig, shapes: ShapesConfig, *, mask_ratio: float | None = None,
+             log: Callable[[str], None] = print) -> list[dict]:
+    """Poison, implant, defend with each defense, evaluate: one row per defense."""
+    cell = prepare_cell(work, base, target, trigger, poison_ratio, cfg, shapes, log=log)
+    rows = []
     for defense in defenses:
         t = time.perf_counter()
-        out = cell_dir / (f"{defense}" + (f"-rho{rho:g}" if mask_ratio is not None else ""))
-        kind, saliency, purify = VARIANTS.get(defense, (defense, {}, {}))
-        dcfg = DefenseConfig(defense=kind, saliency=SaliencyConfig(batch_size=cfg.batch_size, **saliency),
-                             purify=PurifyConfig(mask_ratio=rho, batch_size=cfg.batch_size, sampler=cfg.sampler,
-                                                 **purify),
-                             finetune=replace(cfg.implant, epochs=cfg.recovery_epochs,
-                                              lr=cfg.recovery_lr if cfg.recovery_lr is not None else cfg.implant.lr))
+        dcfg = defense_config(defense, cfg, mask_ratio)
+        out = cell.dir / (f"{defense}" + (f"-rho{dcfg.purify.mask_ratio:g}" if mask_ratio is not None else ""))
         if defense == "none":
-            projector, report = backdoored, {}
+            projector, report = cell.backdoored, {}
         else:
-            report = defend(model_dir=base, projector=backdoored, data_json=poisoned_json,
-                            images=poisoned_json.parent, out_dir=out, config=dcfg, manifest=manifest,
+            report = defend(model_dir=base, projector=cell.backdoored, data_json=cell.poisoned_json,
+                            images=cell.poisoned_json.parent, out_dir=out, config=dcfg, manifest=cell.manifest,
                             device=cfg.torch_device())
             projector = out / "projector.safetensors"
         row = {"target": target, "trigger": trigger, "defense": defense, "poison_ratio": poison_ratio,
-               **_evaluate(base, projector, cell, target, cfg)}
+               **evaluate_cell(base, projector, cell, target, cfg)}
         if rows and rows[0]["defense"] == "none":
             row["cp_vs_backdoored"] = cp_changes(row, rows[0])
-        if kind in ("disp", "no_mask", "random_mask"):
-            row["mask_ratio"] = rho if kind != "no_mask" else 0.0
-            row["purified_backdoor_rate"] = _purified_backdoor_rate(out, manifest, target)
+        if dcfg.defense in ("disp", "no_mask", "random_mask"):
+            row["mask_ratio"] = dcfg.purify.mask_ratio if dcfg.defense != "no_mask" else 0.0
+            row["purified_backdoor_rate"] = _purified_backdoor_rate(out, cell.manifest, target)
             row["answers_changed"] = report.get("answers_changed")
         row["seconds"] = round(time.perf_counter() - t, 1)
         log(json.dumps(row))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 
@@ -148,6 +148,37 @@ def test_report_tables_and_figures(tmp_path):
     figure_poison([row("none"), {**row("none"), "poison_ratio": 0.4}], tmp_path / "f3.png")
     figure_mask([row("disp", mask_ratio=0.1, purified_backdoor_rate=0.5)], tmp_path / "f4.png")
     assert (tmp_path / "f3.png").stat().st_size > 1000 and (tmp_path / "f4.png").stat().st_size > 1000
+
+
+def test_parts_merge_into_one_result_with_the_main_cell_in_the_sweeps(tmp_path):
+    from disp.bench.report import main as report_main
+    from disp.bench.report import merge
+
+    def row(defense, poison_ratio=0.2, **kw):
+        return {"target": "insertion", "trigger": "corner", "defense": defense, "poison_ratio": poison_ratio,
+                "cp": 0.8, "asr_wo": 0.0, "asr_wt": 0.5, **kw}
+
+    cfg = asdict(ReproduceConfig(poison_sweep=(0.1,), poison_sweep_defenses=("none", "disp"), mask_sweep=(0.5,),
+                                 mask_sweep_defenses=("disp",)))
+    main = {"config": {**cfg, "poison_sweep": [], "mask_sweep": []}, "seconds": 10.0, "poison_ratio_sweep": [],
+            "mask_ratio_sweep": [],
+            "rows": [row("none"), row("disp", mask_ratio=0.3), row("pruning"), {**row("none"), "trigger": "noise"}]}
+    sweeps = {"config": cfg, "seconds": 5.0, "rows": [], "mask_ratio_sweep": [row("disp", mask_ratio=0.5)],
+              "poison_ratio_sweep": [row("none", 0.1), row("disp", 0.1, mask_ratio=0.3)]}
+    merged = merge([main, sweeps])
+    assert len(merged["rows"]) == 4 and merged["seconds"] == 15.0
+    assert sorted((r["defense"], r["poison_ratio"]) for r in merged["poison_ratio_sweep"]) == [
+        ("disp", 0.1), ("disp", 0.2), ("none", 0.1), ("none", 0.2)]  # pruning is not in the sweep
+    assert sorted(r["mask_ratio"] for r in merged["mask_ratio_sweep"]) == [0.3, 0.5]
+    assert merge([sweeps])["mask_ratio_sweep"] == sweeps["mask_ratio_sweep"]  # nothing to add, nothing doubled
+    with pytest.raises(ValueError, match=r"other settings cannot be merged: \['seed'\]"):
+        merge([main, {**sweeps, "config": {**cfg, "seed": 7}}])
+    paths = []
+    for i, res in enumerate((main, sweeps)):
+        paths.append(tmp_path / f"part{i}.json")
+        paths[-1].write_text(json.dumps(res))
+    assert report_main([*map(str, paths), "--merged", str(tmp_path / "m.json")]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["rows"] == merged["rows"]
 
 
 def test_committed_base_sees_the_image():
