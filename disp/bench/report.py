@@ -81,6 +81,34 @@ def trigger_table(rows: list[dict], target: str = "insertion") -> str:
     return "\n".join(lines)
 
 
+def target_table(rows: list[dict], defenses: tuple[str, ...] = ("disp", "disp_occlusion")) -> str:
+    """Per cell, the full run's targets: backdoored ASR w/t >= 90 %, and each defense's ASR w/t <= 2 % with CP
+    within 2 points of the backdoored model (with the share of poisoned answers still backdoored after the
+    rewrite)."""
+    cells = list(dict.fromkeys((r["target"], r["trigger"]) for r in rows))
+    by = {(r["target"], r["trigger"], r["defense"]): r for r in rows}
+    present = [d for d in defenses if any(k[2] == d for k in by)]
+    lines = ["| cell | backdoored CP / ASR w/t | implant >= 90 % | "
+             + " | ".join(f"{d}: CP (Δ) / ASR w/t / rewrites still backdoored | {d} meets target" for d in present)
+             + " |", "|" + "---|" * (3 + 2 * len(present))]
+    for t, k in cells:
+        none = by.get((t, k, "none"))
+        if none is None:
+            continue
+        cells_out = [f"{pct(none['cp'])} / {pct(none['asr_wt'])}", "yes" if none["asr_wt"] >= 0.9 else "**no**"]
+        for d in present:
+            r = by.get((t, k, d))
+            if r is None:
+                cells_out += ["", ""]
+                continue
+            delta = round(100 * (r["cp"] - none["cp"]), 6)
+            ok = none["asr_wt"] >= 0.9 and r["asr_wt"] <= 0.02 and abs(delta) <= 2
+            cells_out += [f"{pct(r['cp'])} ({delta:+.1f}) / {pct(r['asr_wt'])} / {pct(r.get('purified_backdoor_rate'))}",
+                          "yes" if ok else "no"]
+        lines.append(f"| {t} / {k} | " + " | ".join(cells_out) + " |")
+    return "\n".join(lines)
+
+
 def rho_table(parts: dict[str, list[dict]], full_rows: list[dict]) -> str:
     """DiSP at rho 0.05 / 0.1 (scripts/reproduce_rho.sh) beside rho 0.3 (the full run), per cell."""
     cells: dict[tuple[str, str], dict[str, dict]] = {}
@@ -168,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = res["rows"]
     print("## Table 1 shape (trigger: corner)\n\n" + main_table(rows) + "\n")
     print("## Table 3 shape (target: insertion)\n\n" + trigger_table(rows) + "\n")
+    print("## Per cell: the full run's targets\n\n" + target_table(rows) + "\n")
     if args.rho:
         parts = json.loads(args.rho.read_text())["parts"]
         print("## DiSP at other mask ratios\n\n" + rho_table(parts, rows) + "\n")

@@ -133,7 +133,14 @@ def test_flags_override_the_chosen_defaults():
 
 
 def test_report_tables_and_figures(tmp_path):
-    from disp.bench.report import figure_mask, figure_poison, main_table, rho_table, trigger_table
+    from disp.bench.report import (
+        figure_mask,
+        figure_poison,
+        main_table,
+        rho_table,
+        target_table,
+        trigger_table,
+    )
 
     def row(defense, trigger="corner", target="insertion", cp=0.8, wt=0.9, **kw):
         return {"target": target, "trigger": trigger, "defense": defense, "poison_ratio": 0.2, "cp": cp,
@@ -143,6 +150,12 @@ def test_report_tables_and_figures(tmp_path):
     table = main_table(rows)
     assert "| Backdoored (no defense) | 80.0 | 0.0 | 90.0 |" in table and "| DiSP | 50.0 | 0.0 | 1.0 |" in table
     assert "| noise | 80.0 | 70.0 |" in trigger_table(rows)
+    cells = rows + [row("disp", trigger="noise", cp=0.79, wt=0.02, purified_backdoor_rate=0.25)]
+    targets = target_table(cells)
+    assert "| insertion / corner | 80.0 / 90.0 | yes | 50.0 (-30.0) / 1.0 / – | no |" in targets  # CP lost
+    assert "| insertion / noise | 80.0 / 70.0 | **no** | 79.0 (-1.0) / 2.0 / 25.0 | no |" in targets  # no implant
+    ok = target_table([row("none", wt=0.95), row("disp", cp=0.82, wt=0.0, purified_backdoor_rate=0.0)])
+    assert "| insertion / corner | 80.0 / 95.0 | yes | 82.0 (+2.0) / 0.0 / 0.0 | yes |" in ok
     rho = rho_table({"insertion-corner-rho0.05": [row("none"), row("disp", cp=0.7, wt=0.2, mask_ratio=0.05)]}, rows)
     assert "| insertion / corner | 80.0 | 90.0 | 70.0 | 20.0 |  |  | 50.0 | 1.0 |" in rho
     figure_poison([row("none"), {**row("none"), "poison_ratio": 0.4}], tmp_path / "f3.png")
