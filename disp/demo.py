@@ -39,8 +39,6 @@ class DemoInputs:
     cell: Cell  # poisoned data (+ manifest, which defenses never read), backdoored projector, held-out sets
     config: ReproduceConfig
     defense: DefenseConfig  # the settings of the DiSP run (the reproduction's)
-    n_poisoned: int
-    n_train: int
 
     @property
     def poisoned_dir(self) -> Path:
@@ -61,7 +59,7 @@ def prepare_inputs(workdir: str | Path, *, quick: bool = True, n_asr: int | None
     n_poisoned = len(json.loads(cell.manifest.read_text())["poisoned_ids"])
     n_train = len(json.loads(cell.poisoned_json.read_text()))
     print(f"poisoned {n_poisoned} of {n_train} training captions (content insertion, 8 px corner patch)")
-    return DemoInputs(Path(model_dir), cell, cfg, defense_config("disp", cfg), n_poisoned, n_train)
+    return DemoInputs(Path(model_dir), cell, cfg, defense_config("disp", cfg))
 
 
 def evaluate_projectors(inputs: DemoInputs, projectors: dict[str, Path]) -> dict[str, dict]:
