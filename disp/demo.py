@@ -28,7 +28,8 @@ TARGET, TRIGGER, POISON_RATIO = "insertion", "corner", 0.2
 def demo_config(*, quick: bool = True, n_asr: int | None = None, n_cp: int | None = None) -> ReproduceConfig:
     """The quick cell, evaluated on its 60 + 60 ASR and 100 CP samples, or (quick=False) on the full
     protocol's 200 + 200 and 200; n_asr / n_cp override either."""
-    sizes = {"n_asr": 60, "n_cp": 100} if quick else {"n_asr": 200, "n_cp": 200}
+    full = ReproduceConfig()
+    sizes = {} if quick else {"n_asr": full.n_asr, "n_cp": full.n_cp}
     sizes |= {k: v for k, v in (("n_asr", n_asr), ("n_cp", n_cp)) if v is not None}
     return ReproduceConfig.quick(**sizes)
 

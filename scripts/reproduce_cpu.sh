@@ -12,7 +12,7 @@ common=(--device cpu --seed 1 --n-train 300 --n-asr 200 --n-cp 200 --poison-swee
 paper=(none disp random_drop pruning oracle_filter no_mask random_mask)
 part() {  # part NAME WORK FLAGS...: rows are logged to OUT/NAME.log as they come, the result is OUT/NAME.json
   local name=$1 work=$2; shift 2
-  OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 /usr/bin/time -v "$py" -m disp.cli bench reproduce "${common[@]}" "$@" \
+  OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$py" -m disp.cli bench reproduce "${common[@]}" "$@" \
     --work "$out/$work" --json "$out/$name.json" > "$out/$name.out" 2> "$out/$name.log"
 }
 start=$(date +%s)
