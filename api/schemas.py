@@ -31,10 +31,11 @@ class SaliencySettings(_Strict):
     topk: int = Field(5, description="Top-k vocabulary entries per generated position in the Fisher matrix.")
     factor: float = Field(0.5, description="Scale of the quadratic form (1/2 from the KL expansion, Eq. 4).")
     exact: bool = Field(False, description="Exact quadratic form via Jacobian-vector products (slow).")
-    method: Literal["fisher", "occlusion"] = Field(
-        "fisher", description="'fisher' (the paper's quadratic form) or 'occlusion' (the exact KL of Eq. 4, disp's variant)."
+    method: Literal["fisher", "occlusion", "isolation"] = Field(
+        "fisher", description="'fisher' (the paper's quadratic form), 'occlusion' (the exact KL of Eq. 4, disp's variant) "
+                              "or 'isolation' (the KL of showing visual token i alone against showing none, disp's variant)."
     )
-    occlusion_rows: int = Field(64, description="Rows (sample x masked token) per forward of the occlusion method.")
+    occlusion_rows: int = Field(64, description="Rows (sample x visual token) per forward of the occlusion and isolation methods.")
     batch_size: int = Field(8, description="Samples per scoring pass.")
     seed: int = Field(1234, description="Seed of the probe noise.")
 

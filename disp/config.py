@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 REMASKING = ("low_confidence", "random")
-SALIENCY_METHODS = ("fisher", "occlusion")
+SALIENCY_METHODS = ("fisher", "occlusion", "isolation")
 DEFENSES = ("disp", "none", "no_mask", "random_mask", "random_drop", "pruning", "oracle_filter")
 
 
@@ -72,8 +72,11 @@ class SaliencyConfig:
         factor: constant in front of the estimate (0.5 from the KL's second-order term, Eq. 4).
         exact: compute the quadratic form exactly with Jacobian-vector products instead of probes.
         method: "fisher", the paper's second-order score (Eq. 5–8); "occlusion", not the paper's: the
-            exact KL divergence that Eq. 4 expands, one forward per masked visual token (disp's variant).
-        occlusion_rows: rows (sample × masked token) per forward pass of the occlusion method.
+            exact KL divergence that Eq. 4 expands, one forward per masked visual token (disp's variant);
+            "isolation", not the paper's either: the KL between the first step with visual token i shown
+            alone (every other one masked) and with all of them masked (disp's variant for triggers that
+            span several tokens).
+        occlusion_rows: rows (sample × visual token) per forward pass of the occlusion and isolation methods.
         batch_size: samples scored per forward/backward pass.
         seed: seed of the probe noise.
     """
@@ -82,9 +85,10 @@ class SaliencyConfig:
     topk: int = _help("Top-k vocabulary entries per generated position in the Fisher matrix.", 5)
     factor: float = _help("Scale of the quadratic form (1/2 from the KL expansion, Eq. 4).", 0.5)
     exact: bool = _help("Exact quadratic form via Jacobian-vector products (slow; for verification).", False)
-    method: str = _help("'fisher' (the paper's quadratic form) or 'occlusion' (disp's variant: the exact KL of "
-                        "Eq. 4, one forward per visual token).", "fisher")
-    occlusion_rows: int = _help("Rows (sample x masked token) per forward of the occlusion method.", 64)
+    method: str = _help("'fisher' (the paper's quadratic form), 'occlusion' (disp's variant: the exact KL of "
+                        "Eq. 4, one forward per visual token) or 'isolation' (disp's variant: the KL of showing "
+                        "visual token i alone against showing none, one forward per visual token).", "fisher")
+    occlusion_rows: int = _help("Rows (sample x visual token) per forward of the occlusion and isolation methods.", 64)
     batch_size: int = _help("Samples per scoring pass.", 8)
     seed: int = _help("Seed of the probe noise.", 1234)
 

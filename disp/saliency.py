@@ -22,6 +22,13 @@ embedding, with one forward per token and no expansion. A strongly implanted bac
 near-certain of its first answer tokens; there p(1 − p) ≈ 0, so the second-order term misses a change of
 the logits that the exact divergence shows in full (docs/reproduction.md, "Why the Fisher score misses the
 trigger"). Cost: N_v forward passes per sample, against one forward and M backward passes.
+
+`isolation_saliency`, disp's second variant, scores a token by what it says on its own: the KL divergence
+between the first step with visual token i alone visible (every other visual token held as the mask
+embedding) and the first step with every visual token masked. A trigger drawn over several tokens, each of
+which sets the backdoor off alone, survives the occlusion of any one of them, so neither the Fisher form
+nor occlusion ranks all of them high; shown alone, each one does (docs/reproduction.md). Cost: N_v + 1
+forward passes per sample.
 """
 
 from __future__ import annotations
@@ -225,12 +232,42 @@ def occlusion_saliency(model: MDLM, prompt: PromptBatch, config: SaliencyConfig,
     return scores.view(B, N).float()
 
 
+@torch.no_grad()
+def isolation_saliency(model: MDLM, prompt: PromptBatch, config: SaliencyConfig,
+                       sampler: SamplerConfig) -> torch.Tensor:
+    """s_i = KL(p_{i} ‖ p_∅) over p_{i}'s top-k entries of the first block: p_{i} with visual token i the only
+    one visible, p_∅ with every visual token held as the mask embedding: prompt of B samples → scores [B, N_v]
+    (float32). The B·N_v isolated copies run `config.occlusion_rows` at a time.
+    """
+    B, P, _ = prompt.embeds.shape
+    G = min(sampler.block_length, sampler.gen_length)
+    embeds, mask = first_step_inputs(model, prompt, sampler.gen_length)
+    pos = prompt.image_positions  # (B, N)
+    N = pos.shape[1]
+    blank = embeds.clone()
+    blank[torch.arange(B, device=embeds.device)[:, None], pos] = model.mask_embedding().to(embeds.dtype)
+    none_shown = model.forward_embeds(blank, mask, logits_from=P)[:, :G]  # (B, G, V)
+    pairs = torch.cartesian_prod(torch.arange(B), torch.arange(N)).to(embeds.device)
+    scores = torch.empty(B * N, dtype=torch.float64, device=embeds.device)
+    for lo in range(0, B * N, config.occlusion_rows):
+        b, i = pairs[lo : lo + config.occlusion_rows].unbind(1)
+        rows = torch.arange(len(b), device=embeds.device)
+        x = blank[b].clone()
+        x[rows, pos[b, i]] = embeds[b, pos[b, i]]
+        logits = model.forward_embeds(x, mask[b], logits_from=P)[:, :G]
+        idx = logits.topk(config.topk, dim=-1).indices
+        scores[lo : lo + len(b)] = top_k_kl(logits.gather(-1, idx), idx, none_shown[b])
+    return scores.view(B, N).float()
+
+
 def visual_saliency(model: MDLM, prompt: PromptBatch, config: SaliencyConfig, sampler: SamplerConfig,
                     *, generator: torch.Generator | None = None) -> torch.Tensor:
     """Scores [B, N_v] by the configured method: the paper's Fisher form (Hutchinson by default, exact with
-    config.exact) or disp's occlusion variant."""
+    config.exact) or disp's occlusion or isolation variant."""
     if config.method == "occlusion":
         return occlusion_saliency(model, prompt, config, sampler)
+    if config.method == "isolation":
+        return isolation_saliency(model, prompt, config, sampler)
     if config.exact:
         return exact_saliency(model, prompt, config, sampler)
     return hutchinson_saliency(model, prompt, config, sampler, generator=generator)

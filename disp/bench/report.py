@@ -17,7 +17,8 @@ from pathlib import Path
 
 DEFENSE_NAMES = {"none": "Backdoored (no defense)", "disp": "DiSP", "random_drop": "Random drop 20%",
                  "pruning": "Magnitude pruning 30%", "oracle_filter": "Oracle filter", "no_mask": "No-mask (ablation)",
-                 "random_mask": "Random-mask (ablation)", "disp_occlusion": "disp_occlusion (disp's variant)"}
+                 "random_mask": "Random-mask (ablation)", "disp_occlusion": "disp_occlusion (disp's variant)",
+                 "disp_isolation": "disp_isolation (disp's variant)"}
 SWEEP_CELL = ("insertion", "corner")  # the cell both sweeps vary
 
 

@@ -42,10 +42,15 @@ from disp.pipeline import defend, finetune_samples, load_dataset
 
 # Runner-only names for DiSP with other settings: disp's variants, not the paper's, reported beside it.
 # disp_occlusion: occlusion KL saliency, and of the top-ρ only tokens whose KL is >= OCCLUSION_MIN_NATS;
-# disp_occlusion_top: occlusion KL saliency with the paper's top-ρ rule.
+# disp_occlusion_top: occlusion KL saliency with the paper's top-ρ rule;
+# disp_isolation: isolation KL saliency (each visual token shown alone), and of the top-ρ only tokens whose KL
+# is >= ISOLATION_MIN_NATS (a clean SHAPES token shown alone scores up to about 10 nats, a trigger token 80-290;
+# chosen after those measurements, docs/reproduction.md).
 OCCLUSION_MIN_NATS = 1.0
+ISOLATION_MIN_NATS = 20.0
 VARIANTS = {"disp_occlusion": ("disp", {"method": "occlusion"}, {"min_score": OCCLUSION_MIN_NATS}),
-            "disp_occlusion_top": ("disp", {"method": "occlusion"}, {})}
+            "disp_occlusion_top": ("disp", {"method": "occlusion"}, {}),
+            "disp_isolation": ("disp", {"method": "isolation"}, {"min_score": ISOLATION_MIN_NATS})}
 DEFENSES_ALL = ("none", "disp", "random_drop", "pruning", "oracle_filter", "no_mask", "random_mask", *VARIANTS)
 TARGETS_ALL = ("insertion", "refusal", "misclassification")
 TRIGGERS_ALL = ("corner", "center", "noise", "multi", "blended")

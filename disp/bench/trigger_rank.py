@@ -9,7 +9,9 @@ every visual token is scored by
 
 - the paper's Fisher form: Hutchinson with M = 6 (the product's default) and M = 64, and exactly (JVPs);
 - the Fisher form of the tempered distributions softmax(z/T), T = 3 and 10 (a diagnostic only);
-- the exact KL of occluding one token (`SaliencyConfig(method="occlusion")`, disp's variant),
+- the exact KL of occluding one token (`SaliencyConfig(method="occlusion")`, disp's variant);
+- the KL of showing one token alone against showing none (`SaliencyConfig(method="isolation")`, disp's
+  second variant),
 
 and the report gives, per method, how often a trigger token ranks first, how often all of the trigger's
 main tokens (at least half covered by the patch, or the most covered one when none is) are inside the top floor(ρ·N_v) for ρ = 0.1 and 0.3, and
@@ -45,6 +47,7 @@ METHODS = {
     "fisher, T=3": dict(config=SaliencyConfig(), temperature=3.0),
     "fisher, T=10": dict(config=SaliencyConfig(), temperature=10.0),
     "occlusion": dict(config=SaliencyConfig(method="occlusion")),
+    "isolation": dict(config=SaliencyConfig(method="isolation")),
 }
 
 

@@ -13,6 +13,7 @@ from disp.saliency import (
     first_step_inputs,
     fisher_probes,
     hutchinson_saliency,
+    isolation_saliency,
     occlusion_saliency,
     top_salient,
     visual_saliency,
@@ -157,6 +158,38 @@ def test_occlusion_scores_do_not_depend_on_batch_or_chunk(tiny_model, scene, sol
     for b, (q, img) in enumerate(zip(questions, images, strict=True)):
         single = visual_saliency(tiny_model, tiny_model.prompt_batch([q], [img]),
                                  SaliencyConfig(method="occlusion"), SAMPLER)[0]
+        torch.testing.assert_close(batched[b], single, rtol=1e-4, atol=1e-9)
+
+
+def test_isolation_is_the_kl_of_showing_one_token_alone(tiny_dir, scene):
+    model = models.load(tiny_dir, dtype=torch.float64)
+    pb = model.prompt_batch(["What is it?"], [scene])
+    iso = isolation_saliency(model, pb, SaliencyConfig(), SAMPLER)[0].double()
+    embeds, mask = first_step_inputs(model, pb, SAMPLER.gen_length)
+    P, cols = pb.embeds.shape[1], pb.image_positions[0]
+    blank = embeds.clone()
+    blank[0, cols] = model.mask_embedding()
+    with torch.no_grad():
+        log_none = torch.log_softmax(model.forward_embeds(blank, mask)[0, P : P + 16], -1)
+        for i in (0, 5, 15):
+            x = blank.clone()
+            x[0, cols[i]] = embeds[0, cols[i]]
+            alone = model.forward_embeds(x, mask)[0, P : P + 16]
+            idx = alone.topk(5, -1).indices
+            logp = torch.log_softmax(alone.gather(-1, idx), -1)
+            logq = torch.log_softmax(log_none.gather(-1, idx), -1)
+            torch.testing.assert_close(iso[i], (logp.exp() * (logp - logq)).sum(), rtol=1e-6, atol=1e-12)
+    assert (iso >= 0).all() and iso.max() > 0
+
+
+def test_isolation_scores_do_not_depend_on_batch_or_chunk(tiny_model, scene, solid_images):
+    images = [scene, solid_images[0], solid_images[2]]
+    questions = ["What is it?", "Describe this image in detail.", "Colour?"]
+    batched = visual_saliency(tiny_model, tiny_model.prompt_batch(questions, images),
+                              SaliencyConfig(method="isolation", occlusion_rows=5), SAMPLER)
+    for b, (q, img) in enumerate(zip(questions, images, strict=True)):
+        single = visual_saliency(tiny_model, tiny_model.prompt_batch([q], [img]),
+                                 SaliencyConfig(method="isolation"), SAMPLER)[0]
         torch.testing.assert_close(batched[b], single, rtol=1e-4, atol=1e-9)
 
 

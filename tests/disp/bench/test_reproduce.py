@@ -8,11 +8,13 @@ from dataclasses import asdict, replace
 import pytest
 
 from disp.bench.reproduce import (
+    ISOLATION_MIN_NATS,
     ReproduceConfig,
     build_data,
     check_cell_settings,
     check_quick,
     cp_changes,
+    defense_config,
     reproduce,
 )
 from disp.bench.shapes import TASKS
@@ -46,6 +48,14 @@ def test_runner_writes_a_row_per_cell_and_defense(tiny_dir, tmp_path):
     assert report["config"]["defense"] == "disp" and report["config"]["saliency"]["method"] == "occlusion"
     # a random model has no backdoor: the quick bar must say so rather than pass
     assert any("did not take" in f for f in check_quick(rows))
+
+
+def test_variants_are_disp_with_their_saliency_and_threshold():
+    cfg = ReproduceConfig()
+    paper, iso = defense_config("disp", cfg), defense_config("disp_isolation", cfg)
+    assert (paper.saliency.method, paper.purify.min_score) == ("fisher", 0.0)
+    assert iso.defense == "disp" and iso.saliency.method == "isolation" and iso.purify.min_score == ISOLATION_MIN_NATS
+    assert iso.finetune == paper.finetune and iso.purify.mask_ratio == paper.purify.mask_ratio == cfg.mask_ratio
 
 
 def test_cp_changes_pairs_samples():
