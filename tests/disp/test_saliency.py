@@ -150,14 +150,15 @@ def test_occlusion_is_near_the_fisher_form_for_a_near_mask_token(tiny_dir, scene
     torch.testing.assert_close(occ, quad, rtol=2e-2, atol=0)
 
 
-def test_occlusion_scores_do_not_depend_on_batch_or_chunk(tiny_model, scene, solid_images):
+@pytest.mark.parametrize("method", ["occlusion", "isolation"])
+def test_per_token_kl_scores_do_not_depend_on_batch_or_chunk(tiny_model, scene, solid_images, method):
     images = [scene, solid_images[0], solid_images[2]]
     questions = ["What is it?", "Describe this image in detail.", "Colour?"]
     batched = visual_saliency(tiny_model, tiny_model.prompt_batch(questions, images),
-                              SaliencyConfig(method="occlusion", occlusion_rows=7), SAMPLER)
+                              SaliencyConfig(method=method, occlusion_rows=7), SAMPLER)
     for b, (q, img) in enumerate(zip(questions, images, strict=True)):
         single = visual_saliency(tiny_model, tiny_model.prompt_batch([q], [img]),
-                                 SaliencyConfig(method="occlusion"), SAMPLER)[0]
+                                 SaliencyConfig(method=method), SAMPLER)[0]
         torch.testing.assert_close(batched[b], single, rtol=1e-4, atol=1e-9)
 
 
@@ -180,17 +181,6 @@ def test_isolation_is_the_kl_of_showing_one_token_alone(tiny_dir, scene):
             logq = torch.log_softmax(log_none.gather(-1, idx), -1)
             torch.testing.assert_close(iso[i], (logp.exp() * (logp - logq)).sum(), rtol=1e-6, atol=1e-12)
     assert (iso >= 0).all() and iso.max() > 0
-
-
-def test_isolation_scores_do_not_depend_on_batch_or_chunk(tiny_model, scene, solid_images):
-    images = [scene, solid_images[0], solid_images[2]]
-    questions = ["What is it?", "Describe this image in detail.", "Colour?"]
-    batched = visual_saliency(tiny_model, tiny_model.prompt_batch(questions, images),
-                              SaliencyConfig(method="isolation", occlusion_rows=5), SAMPLER)
-    for b, (q, img) in enumerate(zip(questions, images, strict=True)):
-        single = visual_saliency(tiny_model, tiny_model.prompt_batch([q], [img]),
-                                 SaliencyConfig(method="isolation"), SAMPLER)[0]
-        torch.testing.assert_close(batched[b], single, rtol=1e-4, atol=1e-9)
 
 
 def test_top_salient_takes_floor_of_ratio():
