@@ -207,6 +207,24 @@ def top_k_kl(ref: torch.Tensor, idx: torch.Tensor, logits: torch.Tensor) -> torc
     return (log_p.exp() * (log_p - log_q)).sum((-1, -2))
 
 
+def _one_token_edits(model: MDLM, prompt: PromptBatch, base: torch.Tensor, mask: torch.Tensor,
+                     values: torch.Tensor, rows_per_pass: int, G: int, score) -> torch.Tensor:
+    """For every (sample b, visual token i): base[b] [L, D] with token i's column set to values[b, i] [D], run
+    to the first block's logits [n, G, V] and scored by score(b, logits) → [n]: scores [B, N_v] (float32).
+    The B·N_v edited copies run rows_per_pass at a time."""
+    B, P, _ = prompt.embeds.shape
+    N = prompt.image_positions.shape[1]
+    pairs = torch.cartesian_prod(torch.arange(B), torch.arange(N)).to(base.device)  # (B·N, 2): sample, token
+    scores = torch.empty(B * N, dtype=torch.float64, device=base.device)
+    for lo in range(0, B * N, rows_per_pass):
+        b, i = pairs[lo : lo + rows_per_pass].unbind(1)
+        x = base[b].clone()
+        x[torch.arange(len(b), device=x.device), prompt.image_positions[b, i]] = values[b, i]
+        logits = model.forward_embeds(x, mask[b], logits_from=P)[:, :G]
+        scores[lo : lo + len(b)] = score(b, logits)
+    return scores.view(B, N).float()
+
+
 @torch.no_grad()
 def occlusion_saliency(model: MDLM, prompt: PromptBatch, config: SaliencyConfig,
                        sampler: SamplerConfig) -> torch.Tensor:
@@ -219,17 +237,9 @@ def occlusion_saliency(model: MDLM, prompt: PromptBatch, config: SaliencyConfig,
     G = min(sampler.block_length, sampler.gen_length)
     embeds, mask = first_step_inputs(model, prompt, sampler.gen_length)
     ref, idx, _ = _topk_logits(model, embeds, mask, P, G, config.topk)  # (B, G, k)
-    N = prompt.image_positions.shape[1]
-    pairs = torch.cartesian_prod(torch.arange(B), torch.arange(N)).to(embeds.device)  # (B·N, 2): sample, token
-    e_mask = model.mask_embedding().to(embeds.dtype)
-    scores = torch.empty(B * N, dtype=torch.float64, device=embeds.device)
-    for lo in range(0, B * N, config.occlusion_rows):
-        b, i = pairs[lo : lo + config.occlusion_rows].unbind(1)
-        x = embeds[b].clone()
-        x[torch.arange(len(b), device=x.device), prompt.image_positions[b, i]] = e_mask
-        logits = model.forward_embeds(x, mask[b], logits_from=P)[:, :G]
-        scores[lo : lo + len(b)] = top_k_kl(ref[b], idx[b], logits)
-    return scores.view(B, N).float()
+    e_mask = model.mask_embedding().to(embeds.dtype).expand(*prompt.image_positions.shape, -1)  # (B, N, D)
+    return _one_token_edits(model, prompt, embeds, mask, e_mask, config.occlusion_rows, G,
+                            lambda b, logits: top_k_kl(ref[b], idx[b], logits))
 
 
 @torch.no_grad()
@@ -239,25 +249,20 @@ def isolation_saliency(model: MDLM, prompt: PromptBatch, config: SaliencyConfig,
     one visible, p_∅ with every visual token held as the mask embedding: prompt of B samples → scores [B, N_v]
     (float32). The B·N_v isolated copies run `config.occlusion_rows` at a time.
     """
-    B, P, _ = prompt.embeds.shape
+    B, P, D = prompt.embeds.shape
     G = min(sampler.block_length, sampler.gen_length)
     embeds, mask = first_step_inputs(model, prompt, sampler.gen_length)
     pos = prompt.image_positions  # (B, N)
-    N = pos.shape[1]
+    shown = embeds.gather(1, pos[..., None].expand(-1, -1, D))  # (B, N, D): each visual token's own embedding
     blank = embeds.clone()
     blank[torch.arange(B, device=embeds.device)[:, None], pos] = model.mask_embedding().to(embeds.dtype)
     none_shown = model.forward_embeds(blank, mask, logits_from=P)[:, :G]  # (B, G, V)
-    pairs = torch.cartesian_prod(torch.arange(B), torch.arange(N)).to(embeds.device)
-    scores = torch.empty(B * N, dtype=torch.float64, device=embeds.device)
-    for lo in range(0, B * N, config.occlusion_rows):
-        b, i = pairs[lo : lo + config.occlusion_rows].unbind(1)
-        rows = torch.arange(len(b), device=embeds.device)
-        x = blank[b].clone()
-        x[rows, pos[b, i]] = embeds[b, pos[b, i]]
-        logits = model.forward_embeds(x, mask[b], logits_from=P)[:, :G]
-        idx = logits.topk(config.topk, dim=-1).indices
-        scores[lo : lo + len(b)] = top_k_kl(logits.gather(-1, idx), idx, none_shown[b])
-    return scores.view(B, N).float()
+
+    def kl_to_none_shown(b: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        top = logits.topk(config.topk, dim=-1).indices
+        return top_k_kl(logits.gather(-1, top), top, none_shown[b])
+
+    return _one_token_edits(model, prompt, blank, mask, shown, config.occlusion_rows, G, kl_to_none_shown)
 
 
 def visual_saliency(model: MDLM, prompt: PromptBatch, config: SaliencyConfig, sampler: SamplerConfig,
