@@ -148,8 +148,8 @@ def data_settings(target: str, base: Path, cfg: ReproduceConfig) -> dict:
 def build_data(root: Path, target: str, base: Path, cfg: ReproduceConfig, shapes: ShapesConfig) -> dict[str, Path]:
     """Training, CP and ASR sets for one target; cached under root, refused if cached under other settings."""
     check_settings(root, data_settings(target, base, cfg), what="data built")
-    if (root / "done.json").is_file():
-        return {k: Path(v) for k, v in json.loads((root / "done.json").read_text()).items()}
+    if (root / "done.json").is_file():  # names relative to root, so a work dir can be moved (older ones: absolute)
+        return {k: root / v for k, v in json.loads((root / "done.json").read_text()).items()}
     describe = replace(shapes, tasks=("describe",))
     dog = dict(require="dog", forbid=("boat",))
     train = generate_split(replace(shapes, tasks=cfg.train_tasks), cfg.n_train, "train", seed=cfg.seed)
@@ -162,7 +162,7 @@ def build_data(root: Path, target: str, base: Path, cfg: ReproduceConfig, shapes
     cp = generate_split(shapes, cfg.n_cp, "val", seed=cfg.seed + 3)
     paths = {name: _materialise(recs, root, name, shapes) for name, recs in
              (("train", train), ("asr", asr), ("cp", cp))}
-    (root / "done.json").write_text(json.dumps({k: str(v) for k, v in paths.items()}))
+    (root / "done.json").write_text(json.dumps({k: v.relative_to(root).as_posix() for k, v in paths.items()}))
     return paths
 
 

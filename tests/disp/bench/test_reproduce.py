@@ -96,6 +96,21 @@ def test_data_built_with_other_settings_is_refused_before_anything_is_written(ti
     build_data(ins, "insertion", tiny_dir, replace(cfg, poison_sweep=(0.5,)), shapes)
 
 
+def test_a_work_dir_can_be_moved(tiny_dir, tmp_path):
+    """The data record names its files relative to its folder, so a moved work dir is reused where it now is."""
+    from disp.bench.shapes import config_of_checkpoint
+
+    shapes = config_of_checkpoint(tiny_dir)
+    cfg = ReproduceConfig(n_train=6, n_asr=2, n_cp=2, poison_sweep=(), seed=1)
+    build_data(tmp_path / "a" / "data-insertion", "insertion", tiny_dir, cfg, shapes)
+    (tmp_path / "a").rename(tmp_path / "b")
+    root = tmp_path / "b" / "data-insertion"
+    paths = build_data(root, "insertion", tiny_dir, cfg, shapes)
+    assert set(paths) == {"train", "asr", "cp"}
+    assert all(p.is_file() and p.parent == root for p in paths.values())
+    assert not (tmp_path / "a").exists()
+
+
 def test_a_cache_without_a_settings_record_is_refused(tiny_dir, tmp_path):
     from disp.bench.shapes import config_of_checkpoint
 
