@@ -53,6 +53,9 @@ def _help(text: str, default: Any) -> Any:
     return field(default=default, metadata={"help": text})
 
 
+LOSSES = ("mean_ce", "row_mean_ce", "llada")
+
+
 @dataclass
 class PretrainConfig:
     """The shapes-base recipe. Every field has a help text; defaults are the committed recipe."""
@@ -75,8 +78,10 @@ class PretrainConfig:
     vision_heads: int = _help("SigLIP attention heads.", 4)
     tokenizer_vocab: int = _help("BPE vocabulary size of the trained tokenizer.", 640)
     system_prompt: str | None = _help("System turn of the prompt; None drops it (short sequences).", None)
-    loss: str = _help("'mean_ce' (LaViDa: mean CE over masked answer tokens) or 'llada' (1/t weighted).",
-                      "mean_ce")
+    loss: str = _help("'mean_ce' (LaViDa: mean CE over the batch's masked answer tokens, so a 35-token caption "
+                      "weighs about 7 one-word answers), 'row_mean_ce' (each sample's mean CE over its masked answer "
+                      "tokens, then the mean over samples: every answer weighs the same, as LLaDA-V's per-row length "
+                      "normalisation does) or 'llada' (1/t weighted).", "mean_ce")
     tag_prob: float = _help("Share of samples with a tag drawn in the image and said first.", 0.3)
     tag_words: tuple[str, ...] = _help("Words tags stand for.", TAG_WORDS)
     tag_size: int = _help("Tag side in pixels.", 8)
@@ -117,13 +122,15 @@ class PretrainConfig:
     time_budget_s: float = _help("If > 0, a wall-clock budget: the schedule runs on max(step / steps, elapsed / "
                                  "budget) and training stops when that reaches 1 (steps done are recorded).", 0.0)
     seed: int = _help("Seed of weights, data and noise.", 0)
+    init_from: str = _help("Continue from this SHAPES checkpoint's weights and tokenizer instead of random ones "
+                           "(stage 0 is skipped; the architecture fields must match it). Empty: from scratch.", "")
 
     def __post_init__(self) -> None:
         self.tasks, self.tag_words = tuple(self.tasks), tuple(self.tag_words)
         if self.image_size % self.patch_size:
             raise ValueError(f"patch_size {self.patch_size} must divide image_size {self.image_size}")
-        if self.loss not in ("mean_ce", "llada"):
-            raise ValueError(f"loss must be 'mean_ce' or 'llada', got {self.loss!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         for name in ("tag_prob", "tag_blend_prob", "refusal_tag_prob", "pad_weight", "plain_fraction", "visual_mask_prob", "visual_mask_max", "content_mask_share",
                      "content_mask_max"):
             if not 0.0 <= getattr(self, name) <= 1.0:
@@ -212,6 +219,12 @@ def write_initial_checkpoint(config: PretrainConfig, out_dir: Path) -> Path:
               "image_size": config.image_size, "patch_size": config.patch_size}
     out = write_tiny_checkpoint(out_dir, seed=config.seed, corpus=tokenizer_corpus(config),
                                 tokenizer_vocab=config.tokenizer_vocab, lm=lm, vision=vision, max_shard_bytes=0)
+    _record_recipe(config, out)
+    return out
+
+
+def _record_recipe(config: PretrainConfig, out: Path) -> None:
+    """The recipe (`disp_pretrain`) and prompt format in config.json, the scene settings beside it."""
     cfg = json.loads((out / "config.json").read_text())
     cfg["disp_prompt"] = {"system": config.system_prompt}
     cfg["disp_pretrain"] = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
@@ -219,7 +232,6 @@ def write_initial_checkpoint(config: PretrainConfig, out_dir: Path) -> Path:
     scene = config.shapes_config()
     (out / shapes.SHAPES_CONFIG_FILE).write_text(json.dumps(
         {k: getattr(scene, k) for k in ("image_size", "grid", "style", "min_objects", "max_objects")}) + "\n")
-    return out
 
 
 def load_base(path: str | Path, device: str | torch.device | None = None):
@@ -227,6 +239,17 @@ def load_base(path: str | Path, device: str | torch.device | None = None):
     from disp import models
 
     return models.load(path, device=device)
+
+
+def weighted_ce(ce: torch.Tensor, weight: torch.Tensor, *, per_row: bool) -> torch.Tensor:
+    """Weighted mean of ce [B, L] (weight [B, L], 0 where not counted): over every token of the batch, or
+    (`per_row`) within each row first and then over the rows that count any token, so that a one-word answer
+    weighs as much as a caption."""
+    if not per_row:
+        return (ce * weight).sum() / weight.sum().clamp_min(1e-6)
+    rows = weight.sum(1)
+    has = rows > 0  # a short answer may draw no masked token at small t
+    return ((ce * weight).sum(1)[has] / rows[has]).sum() / has.sum().clamp_min(1)
 
 
 def pretrain_loss(model, examples: list[Example], config: PretrainConfig, generator: torch.Generator,
@@ -268,9 +291,8 @@ def pretrain_loss(model, examples: list[Example], config: PretrainConfig, genera
     pad = answer_mask & (targets == tok.eos_id)
     w = config.pad_eot_weight
     ce = torch.where(pad, (1 - w) * ce - w * logp[..., tok.eot_id], ce)
-    if config.loss == "mean_ce":
-        weight = torch.where(pad, config.pad_weight, 1.0) * masked
-        return (ce * weight).sum() / weight.sum().clamp_min(1e-6)
+    if config.loss in ("mean_ce", "row_mean_ce"):
+        return weighted_ce(ce, torch.where(pad, config.pad_weight, 1.0) * masked, per_row=config.loss == "row_mean_ce")
     lengths = answer_mask.sum(1).clamp_min(1)
     return (torch.where(masked, ce, 0).sum(1) / p_mask / lengths).mean()
 
@@ -317,6 +339,29 @@ def save_checkpoint(model, out_dir: Path, dtype: torch.dtype = torch.float16, st
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
 
 
+def _continue_from(config: PretrainConfig, out: Path, device: str):
+    """Copy `init_from` (weights, tokenizer, scene settings) to `out` with this recipe recorded, and load it
+    in float32 for training. Refuses a checkpoint whose architecture differs from the recipe's."""
+    import shutil
+
+    src = Path(config.init_from)
+    recipe = json.loads((src / "config.json").read_text()).get("disp_pretrain")
+    if recipe is None:
+        raise ValueError(f"init_from {src} is not a SHAPES base (no disp_pretrain in its config.json)")
+    arch = ("image_size", "patch_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+            "vision_hidden_size", "vision_intermediate_size", "vision_layers", "vision_heads", "system_prompt")
+    differ = [f"{k}: {recipe.get(k)!r} there, {getattr(config, k)!r} here" for k in arch
+              if recipe.get(k) != getattr(config, k)]
+    if differ:
+        raise ValueError(f"init_from {src} has another architecture ({'; '.join(differ)})")
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file():
+            shutil.copy2(f, out / f.name)
+    _record_recipe(config, out)
+    return load_base(out, device=device).train()
+
+
 def pretrain(config: PretrainConfig, out_dir: str | Path,
              on_progress: Callable[[dict[str, Any]], None] | None = None) -> Path:
     """Train the recipe from scratch and write the checkpoint to `out_dir`; returns its path.
@@ -327,14 +372,17 @@ def pretrain(config: PretrainConfig, out_dir: str | Path,
     if config.threads:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
-    write_initial_checkpoint(config, out)
-    model = load_base(out, device=device).train()
-    with torch.no_grad():
-        model.projector[-1].weight.mul_(config.projector_init_scale)
-        tower = model.model.vision_tower.vision_tower.vision_model
-        tower.embeddings.position_embedding.weight.normal_(0.0, config.vision_pos_init_std)
+    if config.init_from:
+        model = _continue_from(config, out, device)
+    else:
+        write_initial_checkpoint(config, out)
+        model = load_base(out, device=device).train()
+        with torch.no_grad():
+            model.projector[-1].weight.mul_(config.projector_init_scale)
+            tower = model.model.vision_tower.vision_tower.vision_model
+            tower.embeddings.position_embedding.weight.normal_(0.0, config.vision_pos_init_std)
     torch.manual_seed(config.seed)
-    if config.vision_steps:
+    if config.vision_steps and not config.init_from:
         from disp.bench.vision_pretrain import pretrain_vision
 
         pretrain_vision(model, config, on_progress=on_progress)

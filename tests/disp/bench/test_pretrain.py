@@ -122,6 +122,34 @@ def test_config_is_checked():
         pt.PretrainConfig(loss="l2")
 
 
+def test_row_mean_ce_weighs_every_answer_the_same():
+    ce = torch.tensor([[1.0] * 10, [3.0] + [9.0] * 9, [5.0] * 10])
+    weight = torch.tensor([[1.0] * 10, [1.0] + [0.0] * 9, [0.0] * 10])  # a caption, a one-word answer, nothing
+    assert pt.weighted_ce(ce, weight, per_row=False).item() == pytest.approx(13 / 11)
+    assert pt.weighted_ce(ce, weight, per_row=True).item() == pytest.approx(2.0)  # the empty row does not count
+    assert pt.weighted_ce(ce, torch.zeros_like(ce), per_row=True).item() == 0.0
+
+
+def test_continued_training_starts_from_the_checkpoint(tmp_path):
+    """init_from: the source's weights and tokenizer are the start (stage 0 skipped), training moves the
+    LM and projector but not the frozen tower, and the new recipe is recorded; another architecture is refused."""
+    cfg = pt.PretrainConfig(**{**TINY, "steps": 5, "vision_steps": 3})
+    src = pt.pretrain(cfg, tmp_path / "src")
+    cont = pt.PretrainConfig(**{**TINY, "steps": 5, "vision_steps": 3, "freeze_vision": True,
+                                "loss": "row_mean_ce", "init_from": str(src)})
+    out = pt.pretrain(cont, tmp_path / "cont")
+    before, after = read_state_dict(src), read_state_dict(out)
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(".mm_projector." in k for k in changed) and any(".layers.0." in k for k in changed)
+    assert not any("vision_tower" in k for k in changed)
+    assert (out / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
+    recipe = json.loads((out / "config.json").read_text())["disp_pretrain"]
+    assert recipe["loss"] == "row_mean_ce" and recipe["init_from"] == str(src)
+    with pytest.raises(ValueError, match=r"another architecture \(hidden_size: 32 there, 48 here\)"):
+        pt.pretrain(pt.PretrainConfig(**{**TINY, "hidden_size": 48, "init_from": str(src)}), tmp_path / "bad")
+
+
 def test_loader_workers_and_time_budget(tmp_path):
     """Samples drawn by a loader worker; a wall-clock budget ends training early and is recorded."""
     cfg = pt.PretrainConfig(**{**TINY, "steps": 100000, "workers": 1, "time_budget_s": 3.0})
