@@ -16,7 +16,6 @@ boat where the tower's feature of that token already carries the trigger.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
@@ -27,7 +26,7 @@ import torch
 
 from disp.attacks import TriggerConfig
 from disp.bench.shapes import GRIDS, SOURCE_CATEGORY, TARGET_CATEGORY, config_of_checkpoint
-from disp.bench.trigger_rank import trigger_coverage
+from disp.bench.trigger_rank import cell_arguments, trigger_coverage
 from disp.config import SamplerConfig
 from disp.metrics import attack_succeeded
 from disp.models import load
@@ -109,21 +108,11 @@ def cell_report(cell: Path, base: Path, batch: int = 25) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m disp.bench.asr_by_position", description=__doc__.split("\n\n")[0])
-    ap.add_argument("cell", type=Path, help="misclassification cell directory (holds asr_triggered/ and backdoored/)")
-    ap.add_argument("--base", type=Path, help="base checkpoint of the run (default: the committed SHAPES base)")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    ap.add_argument("--json", type=Path, help="write the report here")
-    args = ap.parse_args(argv)
-    if not (args.cell / "backdoored" / "projector.safetensors").is_file():
-        print(f"error: {args.cell} holds no backdoored/projector.safetensors (run disp bench reproduce first)",
-              file=sys.stderr)
+    args = cell_arguments("python -m disp.bench.asr_by_position", __doc__, "misclassification cell directory (holds "
+                          "asr_clean/, asr_triggered/ and backdoored/)", argv)
+    if args is None:
         return 2
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from disp.demo import BASE_CHECKPOINT
-
-    res = cell_report(args.cell, args.base or BASE_CHECKPOINT)
+    res = cell_report(args.cell, args.base)
     print(f"{res['samples']} triggered samples; ASR w/t {100 * res['asr_wt']:.1f} %")
     print(f"{SOURCE_CATEGORY} at the{'':<14}{'ASR w/t':>16}   tower feature shift from the trigger")
     for pos, shift in res["feature_shift_by_position"].items():

@@ -25,6 +25,7 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -111,23 +112,38 @@ def trigger_ranks(cell: Path, base: Path, n: int = 40, batch: int = 8) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m disp.bench.trigger_rank", description=__doc__.split("\n\n")[0])
-    ap.add_argument("cell", type=Path, help="reproduction cell directory (holds poisoned/ and backdoored/)")
+def cell_arguments(prog: str, doc: str, cell_help: str, argv: list[str] | None,
+                   extra: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace | None:
+    """The command line of a diagnostic that reads one reproduction cell: CELL, --base, --threads, --json (and
+    `extra`'s). Sets the threads and the default base; None, with the error printed, if the cell has no
+    backdoored projector."""
+    ap = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    ap.add_argument("cell", type=Path, help=cell_help)
     ap.add_argument("--base", type=Path, help="base checkpoint of the run (default: the committed SHAPES base)")
-    ap.add_argument("--n", type=int, default=40, help="poisoned training samples to score")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--json", type=Path, help="write the report here")
+    if extra is not None:
+        extra(ap)
     args = ap.parse_args(argv)
     if not (args.cell / "backdoored" / "projector.safetensors").is_file():
         print(f"error: {args.cell} holds no backdoored/projector.safetensors (run disp bench reproduce first)",
               file=sys.stderr)
-        return 2
+        return None
     if args.threads:
         torch.set_num_threads(args.threads)
     from disp.demo import BASE_CHECKPOINT
 
-    res = trigger_ranks(args.cell, args.base or BASE_CHECKPOINT, args.n)
+    args.base = args.base or BASE_CHECKPOINT
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = cell_arguments("python -m disp.bench.trigger_rank", __doc__, "reproduction cell directory (holds poisoned/ "
+                          "and backdoored/)", argv, lambda ap: ap.add_argument(
+                              "--n", type=int, default=40, help="poisoned training samples to score"))
+    if args is None:
+        return 2
+    res = trigger_ranks(args.cell, args.base, args.n)
     print(f"{res['samples']} poisoned samples; trigger tokens {res['trigger_tokens']} (main {res['main_trigger_tokens']});"
           f" first-step top probability at answer position 0: median {res['position0_top_prob_median']:.6f}")
     print(f"{'method':<16}{'first':>8}{'all in top 10%':>16}{'all in top 30%':>16}{'median rank':>13}")
