@@ -34,15 +34,15 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 
 from disp.bench import shapes
-from disp.bench.tags import TAG_WORDS, content_tokens, draw_tag, tag_tokens
+from disp.bench.pretrain_data import Example, ExampleStream, sample_example, tokenizer_corpus
+from disp.bench.tags import TAG_WORDS, tag_tokens
 from disp.losses import mask_answers, training_batch
 from disp.models import resolve_device
 from disp.models.checkpoint import write_state_dict
@@ -54,6 +54,9 @@ def _help(text: str, default: Any) -> Any:
 
 
 LOSSES = ("mean_ce", "row_mean_ce", "llada")
+
+
+__all__ = ["Example", "ExampleStream", "PretrainConfig", "pretrain", "sample_example", "tokenizer_corpus"]
 
 
 @dataclass
@@ -145,67 +148,6 @@ class PretrainConfig:
         return PromptTemplate(system=self.system_prompt)
 
 
-# -- data ----------------------------------------------------------------------------------------------
-@dataclass
-class Example:
-    """`answer` is what the image asks for; `plain` the answer if the tag were not there."""
-
-    image: Image.Image | None
-    question: str
-    answer: str
-    task: str
-    tag_box: tuple[int, int, int] | None = None  # (x, y, side) in pixels
-    plain: str = ""
-    content: tuple[int, ...] = ()  # visual tokens (row-major) showing anything but background
-    scene: shapes.Scene | None = None
-    tag_index: int | None = None  # the word said; len(tag_words) for the refusal tag
-    tag_blend: tuple[int, int, float] | None = None  # (first, second, alpha) of a blended tag
-
-
-def sample_example(config: PretrainConfig, rng: random.Random, split: str = "train", *,
-                   no_tags: bool = False) -> Example:
-    """One training sample: a scene of `split`, a task's question and answer, maybe a tag.
-
-    The refusal tag (tag index len(tag_words)) turns the answer into the refusal sentence; any other tag
-    prefixes its word. `no_tags` draws no tag at all (the curriculum's first stage).
-    """
-    scfg = config.shapes_config()
-    while True:
-        scene = shapes.sample_scene(scfg, rng)
-        if shapes.split_of(scene.signature, scfg.holdout_fraction) == split:
-            break
-    task = rng.choice(config.tasks)
-    question, untagged, _ = shapes.ask(scene, task, scfg, rng)
-    image = shapes.render_scene(scene, config.image_size)
-    answer, box, index, blend = untagged, None, None, None
-    u = rng.random()
-    if not no_tags and u < config.tag_prob + config.refusal_tag_prob:
-        refusal = u >= config.tag_prob
-        index = len(config.tag_words) if refusal else rng.randrange(len(config.tag_words))
-        s = config.tag_size
-        if config.tag_align:
-            cells = (config.image_size - s) // config.patch_size + 1
-            x, y = (config.patch_size * rng.randrange(cells) for _ in range(2))
-        else:
-            x, y = rng.randint(0, config.image_size - s), rng.randint(0, config.image_size - s)
-        if not refusal and config.tag_blend_prob and rng.random() < config.tag_blend_prob:
-            blend = (index, rng.choice([j for j in range(len(config.tag_words)) if j != index]), rng.random())
-        other, alpha = blend[1:] if blend else (None, 0.0)
-        image, box = draw_tag(image, index, x, y, s, other=other, alpha=alpha), (x, y, s)
-        if blend and rng.random() < alpha:
-            index = other  # the word said: the second code's with probability alpha
-        answer = shapes.REFUSAL_TEXT if refusal else f"{config.tag_words[index]} {untagged}"
-    return Example(image, question, answer, task, box, untagged, content_tokens(image, config.patch_size), scene, index,
-                   blend)
-
-
-def tokenizer_corpus(config: PretrainConfig, n: int = 3000) -> list[str]:
-    """SHAPES questions and answers, attack strings, tag words and the vocabulary."""
-    texts = shapes.corpus(config.shapes_config(), n, seed=config.seed)
-    extra = [*shapes.ATTACK_STRINGS, " ".join(shapes.vocabulary(config.shapes_config()))]
-    return texts + (extra + [f"{w} There" for w in config.tag_words]) * 50
-
-
 # -- model ---------------------------------------------------------------------------------------------
 def write_initial_checkpoint(config: PretrainConfig, out_dir: Path) -> Path:
     """A random-weight checkpoint with the recipe's tokenizer and shapes (LLaDA-V layout)."""
@@ -295,27 +237,6 @@ def pretrain_loss(model, examples: list[Example], config: PretrainConfig, genera
         return weighted_ce(ce, torch.where(pad, config.pad_weight, 1.0) * masked, per_row=config.loss == "row_mean_ce")
     lengths = answer_mask.sum(1).clamp_min(1)
     return (torch.where(masked, ce, 0).sum(1) / p_mask / lengths).mean()
-
-
-class ExampleStream(torch.utils.data.IterableDataset):
-    """Endless batches (pixel_values [B, 3, S, S], examples without their images); each loader worker
-    draws from its own seeded stream ("pretrain/{seed}/{worker}")."""
-
-    def __init__(self, config: PretrainConfig, processor: Callable[[list[Image.Image]], torch.Tensor]):
-        self.config, self.processor = config, processor
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        rng = random.Random(f"pretrain/{self.config.seed}/{info.id if info else 0}")
-        workers = info.num_workers if info else 1
-        plain_batches = self.config.plain_fraction * self.config.steps / workers  # loader workers take turns
-        made = 0
-        while True:
-            no_tags = made < plain_batches
-            examples = [sample_example(self.config, rng, no_tags=no_tags) for _ in range(self.config.batch_size)]
-            made += 1
-            pixels = self.processor([e.image for e in examples])
-            yield pixels, [replace(e, image=None) for e in examples]
 
 
 def _lr_at(step: int, config: PretrainConfig, progress: float | None = None) -> float:
