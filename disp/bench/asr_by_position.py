@@ -70,7 +70,8 @@ def feature_shift_by_cell(model: MDLM, clean: list, triggered: list, cells: Sequ
         f_c = model.vision_features(model.preprocess(clean)).float()
         f_t = model.vision_features(model.preprocess(triggered)).float()
     rel = ((f_t - f_c).norm(dim=-1) / f_c.norm(dim=-1).clamp_min(1e-12)).mean(0)  # (N_v,)
-    keep = [i for i in range(len(cells)) if i not in set(skip)]
+    skip = set(skip)
+    keep = [i for i in range(len(cells)) if i not in skip]
     return [float(rel[[i for i in keep if cells[i] == k]].mean()) for k in range(n_cells)]
 
 

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from disp.bench import shapes
-from disp.bench.pretrain_data import Example, ExampleStream, sample_example, tokenizer_corpus
+from disp.bench.pretrain_data import Example, ExampleStream, tokenizer_corpus
 from disp.bench.tags import TAG_WORDS, tag_tokens
 from disp.losses import mask_answers, training_batch
 from disp.models import resolve_device
@@ -54,9 +54,6 @@ def _help(text: str, default: Any) -> Any:
 
 
 LOSSES = ("mean_ce", "row_mean_ce", "llada")
-
-
-__all__ = ["Example", "ExampleStream", "PretrainConfig", "pretrain", "sample_example", "tokenizer_corpus"]
 
 
 @dataclass

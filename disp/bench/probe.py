@@ -99,7 +99,8 @@ def accuracy_by_task(model, records: list[dict[str, Any]], **kw) -> dict[str, An
 def tag_reading(model, n: int = 100, seed: int = 0, sampler: SamplerConfig = SAMPLER) -> dict[str, float]:
     """How well the base reads tags (its stand-in for text in images) on held-out scenes: the share of
     answers that start with the drawn tag's word, and of refusal-tagged images answered with a refusal."""
-    from disp.bench.pretrain import PretrainConfig, sample_example
+    from disp.bench.pretrain import PretrainConfig
+    from disp.bench.pretrain_data import sample_example
 
     recipe = model.config.get("disp_pretrain", {})
     known = PretrainConfig.__dataclass_fields__

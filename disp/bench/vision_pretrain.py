@@ -40,7 +40,7 @@ def token_labels(scene: scenes.Scene, size: int, patch: int) -> tuple[list[int],
 def pretrain_vision(model, config, *, on_progress: Callable[[dict[str, Any]], None] | None = None) -> float:
     """Train `model`'s vision tower in place for `config.vision_steps` (a `PretrainConfig`); returns the last
     step's token accuracy (category, colour and tag all right)."""
-    from disp.bench.pretrain import sample_example
+    from disp.bench.pretrain_data import sample_example
     from disp.bench.tags import tag_tokens
 
     size, patch, steps = config.image_size, config.patch_size, config.vision_steps

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from disp.bench.asr_by_position import asr_by_position, cell_report, main, source_position, token_cells
@@ -21,8 +23,6 @@ def test_source_position_reads_the_dog_of_a_caption():
 
 
 def test_source_position_of_generated_captions():
-    import random
-
     rng = random.Random(0)
     cfg = ShapesConfig(grid=3, categories=("dog", "ball", "box"))
     seen = 0

@@ -7,6 +7,7 @@ import torch
 from disp import models
 from disp.bench import pretrain as pt
 from disp.bench import scenes, tags
+from disp.bench.pretrain_data import ExampleStream, sample_example
 from disp.models.checkpoint import read_state_dict
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_layers": 1, "num_heads": 2, "vision_hidden_size": 16,
@@ -42,7 +43,7 @@ def test_tokenizer_keeps_attack_strings_short(tmp_path):
 
 def test_tags_are_drawn_and_said_first():
     cfg = pt.PretrainConfig(tag_prob=1.0, tag_align=False, tag_size=6)
-    ex = pt.sample_example(cfg, random.Random(0))
+    ex = sample_example(cfg, random.Random(0))
     assert ex.tag_box is not None and ex.answer.split(" ", 1)[0] in cfg.tag_words
     x, y, s = ex.tag_box
     colours = {ex.image.getpixel((x + dx, y + dy)) for dx in range(s) for dy in range(s)}
@@ -53,7 +54,7 @@ def test_aligned_tags_sit_on_one_visual_token():
     cfg = pt.PretrainConfig(tag_prob=1.0)
     assert cfg.tag_align and cfg.tag_size == cfg.patch_size
     for seed in range(20):
-        ex = pt.sample_example(cfg, random.Random(seed))
+        ex = sample_example(cfg, random.Random(seed))
         x, y, s = ex.tag_box
         assert x % cfg.patch_size == 0 and y % cfg.patch_size == 0
         assert len(tags.tag_tokens(ex.tag_box, cfg.image_size, cfg.patch_size)) == 1
@@ -61,7 +62,7 @@ def test_aligned_tags_sit_on_one_visual_token():
 
 def test_refusal_tag_turns_the_answer_into_the_refusal():
     cfg = pt.PretrainConfig(tag_prob=0.0, refusal_tag_prob=1.0, grid=2, style="tile", min_objects=2)
-    ex = pt.sample_example(cfg, random.Random(1))
+    ex = sample_example(cfg, random.Random(1))
     assert ex.answer == pt.shapes.REFUSAL_TEXT and ex.plain and ex.plain != ex.answer
     refusal_code = tags.tag_code(len(cfg.tag_words))
     assert refusal_code not in {tags.tag_code(i) for i in range(len(cfg.tag_words))}
@@ -73,7 +74,7 @@ def test_content_tokens_are_the_cells_with_objects():
     """On a 2x2 tile scene (36 tokens of 8 px, 9 per cell) the content tokens are every token of a busy cell."""
     cfg = pt.PretrainConfig(tag_prob=0.0, grid=2, style="tile", min_objects=2)
     for seed in range(5):
-        ex = pt.sample_example(cfg, random.Random(seed))
+        ex = sample_example(cfg, random.Random(seed))
         cells = {(t // 6) // 3 * 2 + (t % 6) // 3 for t in ex.content}
         busy = {i for i in range(4) if ex.image.getpixel((i % 2 * 24 + 12, i // 2 * 24 + 12)) != scenes.BACKGROUND}
         assert cells == busy and len(ex.content) == 9 * len(busy)
@@ -85,7 +86,7 @@ def test_content_masking_hides_only_content_tokens(tmp_path):
                                "visual_mask_prob": 1.0, "content_mask_share": 1.0, "content_mask_max": 1.0})
     model = pt.load_base(pt.write_initial_checkpoint(cfg, tmp_path / "m"))
     rng = random.Random(0)
-    examples = [pt.sample_example(cfg, rng) for _ in range(6)]
+    examples = [sample_example(cfg, rng) for _ in range(6)]
     seen = []
     real = model.forward_embeds
 
@@ -157,7 +158,7 @@ def test_loader_workers_and_time_budget(tmp_path):
     out = pt.pretrain(cfg, tmp_path / "ck", on_progress=seen.append)
     done = json.loads((out / "config.json").read_text())["disp_pretrain"]["steps_done"]
     assert 1 <= done < 100000 and seen[-1]["step"] == done and seen[-1]["elapsed_s"] >= 3.0
-    stream = pt.ExampleStream(cfg, pt.load_base(out).processor)
+    stream = ExampleStream(cfg, pt.load_base(out).processor)
     pixels, examples = next(iter(stream))
     assert pixels.shape == (cfg.batch_size, 3, cfg.image_size, cfg.image_size)
     assert len(examples) == cfg.batch_size and all(e.image is None and e.answer for e in examples)
@@ -167,7 +168,7 @@ def test_token_labels_name_the_object_under_each_token():
     from disp.bench.vision_pretrain import token_labels
 
     cfg = pt.PretrainConfig(tag_prob=0.0, grid=2, style="tile", min_objects=2)
-    ex = pt.sample_example(cfg, random.Random(2))
+    ex = sample_example(cfg, random.Random(2))
     cats, cols = token_labels(ex.scene, cfg.image_size, cfg.patch_size)
     busy = {t for t, c in enumerate(cats) if c}
     assert busy == set(ex.content)  # tiles fill their cells: every busy token has a label
@@ -208,7 +209,7 @@ def test_blended_tags_say_one_of_their_two_words_in_proportion():
     cfg = pt.PretrainConfig(tag_prob=1.0, tag_blend_prob=1.0, refusal_tag_prob=0.0)
     alphas = {True: [], False: []}
     for seed in range(300):
-        ex = pt.sample_example(cfg, random.Random(seed))
+        ex = sample_example(cfg, random.Random(seed))
         first, second, alpha = ex.tag_blend
         x, y, _ = ex.tag_box
         assert [ex.image.getpixel((x + dx, y + dy)) for dy in (0, 4) for dx in (0, 4)] == \
@@ -218,5 +219,5 @@ def test_blended_tags_say_one_of_their_two_words_in_proportion():
         alphas[ex.tag_index == second].append(alpha)
     mean = {k: sum(v) / len(v) for k, v in alphas.items()}
     assert mean[True] > 0.6 and mean[False] < 0.4  # E[alpha | second said] = 2/3, E[alpha | first said] = 1/3
-    plain = pt.sample_example(pt.PretrainConfig(tag_prob=1.0), random.Random(0))
+    plain = sample_example(pt.PretrainConfig(tag_prob=1.0), random.Random(0))
     assert plain.tag_blend is None
