@@ -28,7 +28,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, section: str, cls, rena
             continue
         flag = "--" + renames.get(f.name, f.name.replace("_", "-"))
         dest = f"{section}__{f.name}"
-        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        help_text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")
         if isinstance(default, bool):
             group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
@@ -44,7 +44,7 @@ def add_defense_flags(parser: argparse.ArgumentParser, *, sections=("sampler", "
             if is_dataclass(default):
                 continue
             parser.add_argument("--" + f.name.replace("_", "-"), dest=f"defense__{f.name}", type=type(default),
-                                default=default, help=f"{f.metadata['help']} (default: {default})")
+                                default=default, help=f"{f.metadata['help']} (default: {default})".replace("%", "%%"))
     for section, cls, renames in SECTIONS:
         if section in sections:
             add_dataclass_flags(parser, section, cls, renames)

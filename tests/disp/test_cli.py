@@ -71,3 +71,27 @@ def test_lavida_end_to_end_through_the_cli(tmp_path, capsys):
                  "--target", "insertion", "--clean", poison["test_clean"], "--triggered", poison["test_triggered"],
                  "--json", *FAST]) == 0
     assert json.loads(capsys.readouterr().out)["n_triggered"] == 2
+
+
+def test_every_subcommand_prints_its_help(capsys):
+    """Every flag's help renders (argparse reads '%' in help as a format character)."""
+    import argparse
+
+    import pytest
+
+    from disp.cli import build_parser
+
+    def commands(parser, prefix=()):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield (*prefix, name)
+                    yield from commands(sub, (*prefix, name))
+
+    found = list(commands(build_parser()))
+    assert ("defend",) in found and ("bench", "reproduce") in found
+    for command in found:
+        with pytest.raises(SystemExit) as stop:
+            main([*command, "--help"])
+        assert stop.value.code == 0, command
+        assert "usage: disp " + " ".join(command) in capsys.readouterr().out

@@ -221,3 +221,13 @@ def test_blended_tags_say_one_of_their_two_words_in_proportion():
     assert mean[True] > 0.6 and mean[False] < 0.4  # E[alpha | second said] = 2/3, E[alpha | first said] = 1/3
     plain = sample_example(pt.PretrainConfig(tag_prob=1.0), random.Random(0))
     assert plain.tag_blend is None
+
+
+def test_help_lists_every_field_even_those_whose_help_says_percent(capsys):
+    """argparse treats '%' in help as a format; a field's help such as '35 %' once crashed --help."""
+    assert any("%" in f.metadata["help"] for f in pt.PretrainConfig.__dataclass_fields__.values())
+    with pytest.raises(SystemExit) as stop:
+        pt.main(["--help"])
+    assert stop.value.code == 0
+    out = capsys.readouterr().out
+    assert all(f"--{name}" in out for name in pt.PretrainConfig.__dataclass_fields__)
