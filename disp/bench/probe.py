@@ -96,6 +96,28 @@ def accuracy_by_task(model, records: list[dict[str, Any]], **kw) -> dict[str, An
             "examples": [[question_of(r), answer_of(r), p] for r, p in list(zip(records, preds, strict=True))[:6]]}
 
 
+@torch.no_grad()
+def first_token_margin(model, records: list[dict[str, Any]], first: str = "yes.", second: str = "no.",
+                       gen_length: int = 32) -> dict[str, dict[str, float]]:
+    """log p(first) − log p(second) of the two answers' first tokens at answer position 0 of the first
+    denoising step (every answer position masked), mean and std per reference answer. A model that reads
+    the image separates the groups; one that answers from the question alone gives both its prior."""
+    from disp.saliency import first_step_inputs
+
+    a, b = model.tokenizer.encode_text(first)[0], model.tokenizer.encode_text(second)[0]
+    if a == b:
+        raise ValueError(f"{first!r} and {second!r} start with the same token")
+    prompt = model.prompt_batch([question_of(r) for r in records], [record_image(model, r) for r in records])
+    embeds, mask = first_step_inputs(model, prompt, gen_length)
+    logp = model.forward_embeds(embeds, mask, logits_from=prompt.embeds.shape[1])[:, 0].float().log_softmax(-1)
+    margin = (logp[:, a] - logp[:, b]).cpu()
+    out = {}
+    for ref in sorted({answer_of(r) for r in records}):
+        m = margin[torch.tensor([answer_of(r) == ref for r in records])]
+        out[ref] = {"n": len(m), "mean": m.mean().item(), "std": m.std().item() if len(m) > 1 else 0.0}
+    return out
+
+
 def tag_reading(model, n: int = 100, seed: int = 0, sampler: SamplerConfig = SAMPLER) -> dict[str, float]:
     """How well the base reads tags (its stand-in for text in images) on held-out scenes: the share of
     answers that start with the drawn tag's word, and of refusal-tagged images answered with a refusal."""
@@ -269,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--device", default=None, help="torch device (default: cpu)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--exists-margin", action="store_true", help="on --n exists records: the first-step "
+                        "margin log p(yes) - log p(no), per reference answer (does the model read the image?)")
     parser.add_argument("--allow-eos", action="store_true",
                         help="sample with EOS allowed at masked positions (SamplerConfig.suppress_eos=False)")
     args = parser.parse_args(argv)
@@ -284,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
         res["seconds"] = round(time.time() - t0, 1)
         result[f"clean@mask{ratio}"] = res
         print(f"mask {ratio}: {json.dumps({k: v for k, v in res.items() if k != 'examples'})}", flush=True)
+    if args.exists_margin:
+        result["exists_margin"] = first_token_margin(model, test_records(model, args.n, "test", tasks=["exists"]))
+        print(f"exists margin: {json.dumps(result['exists_margin'])}", flush=True)
     if args.tags:
         result["tags"] = tag_reading(model, sampler=sampler)
         print(f"tags: {json.dumps(result['tags'])}", flush=True)

@@ -1,0 +1,35 @@
+import pytest
+import torch
+
+from disp.bench import probe
+from disp.demo import BASE_CHECKPOINT
+from disp.models import load
+from disp.saliency import first_step_inputs
+
+
+@pytest.fixture(scope="module")
+def base():
+    return load(BASE_CHECKPOINT).eval()
+
+
+def test_first_token_margin_is_the_first_denoising_step_per_record(base):
+    records = probe.test_records(base, 24, "test", seed=3, tasks=["exists"])
+    res = probe.first_token_margin(base, records)
+    assert set(res) == {"yes.", "no."} and sum(g["n"] for g in res.values()) == 24
+    # one record alone, unpadded, gives the margin its group's mean is built from
+    yes, no = base.tokenizer.encode_text("yes.")[0], base.tokenizer.encode_text("no.")[0]
+    alone = [r for r in records if probe.answer_of(r) == "no."][:1]
+    with torch.no_grad():
+        prompt = base.prompt_batch([probe.question_of(alone[0])], [probe.record_image(base, alone[0])])
+        embeds, mask = first_step_inputs(base, prompt, 32)
+        logp = base.forward_embeds(embeds, mask, logits_from=prompt.embeds.shape[1])[0, 0].float().log_softmax(-1)
+    assert probe.first_token_margin(base, alone)["no."]["mean"] == pytest.approx((logp[yes] - logp[no]).item(), abs=1e-4)
+    with pytest.raises(ValueError, match="start with the same token"):
+        probe.first_token_margin(base, records, "yes.", "yes")
+
+
+def test_committed_base_answers_exists_without_reading_the_image(base):
+    """docs/reproduction.md (eighth session): v2 says "yes" with the same margin whatever the image holds."""
+    res = probe.first_token_margin(base, probe.test_records(base, 60, "test", seed=4, tasks=["exists"]))
+    assert res["yes."]["mean"] > 0 and res["no."]["mean"] > 0
+    assert abs(res["yes."]["mean"] - res["no."]["mean"]) < 0.1, res
