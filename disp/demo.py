@@ -22,6 +22,8 @@ from disp.models.tiny import write_tiny_checkpoint
 from disp.pipeline import defend
 
 BASE_CHECKPOINT = Path(__file__).parent / "assets" / "shapes-base"
+# v3 answers every look-up question; the protocol has not been run on it yet (docs/reproduction.md)
+BASE_V3_CHECKPOINT = Path(__file__).parent / "assets" / "shapes-base-v3"
 TARGET, TRIGGER, POISON_RATIO = "insertion", "corner", 0.2
 
 

@@ -166,11 +166,14 @@ def write_initial_checkpoint(config: PretrainConfig, out_dir: Path) -> Path:
     return out
 
 
-def _record_recipe(config: PretrainConfig, out: Path) -> None:
-    """The recipe (`disp_pretrain`) and prompt format in config.json, the scene settings beside it."""
+def _record_recipe(config: PretrainConfig, out: Path, parent: dict[str, Any] | None = None) -> None:
+    """The recipe (`disp_pretrain`) and prompt format in config.json, the scene settings beside it. A
+    continued run keeps the recipe it started from under `continued_from` (so a chain nests)."""
     cfg = json.loads((out / "config.json").read_text())
     cfg["disp_prompt"] = {"system": config.system_prompt}
     cfg["disp_pretrain"] = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()}
+    if parent is not None:
+        cfg["disp_pretrain"]["continued_from"] = parent
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     scene = config.shapes_config()
     (out / shapes.SHAPES_CONFIG_FILE).write_text(json.dumps(
@@ -280,7 +283,7 @@ def _continue_from(config: PretrainConfig, out: Path, device: str):
     for f in src.iterdir():
         if f.is_file():
             shutil.copy2(f, out / f.name)
-    _record_recipe(config, out)
+    _record_recipe(config, out, parent=recipe)
     return load_base(out, device=device).train()
 
 

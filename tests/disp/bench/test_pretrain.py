@@ -147,6 +147,13 @@ def test_continued_training_starts_from_the_checkpoint(tmp_path):
     assert (out / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
     recipe = json.loads((out / "config.json").read_text())["disp_pretrain"]
     assert recipe["loss"] == "row_mean_ce" and recipe["init_from"] == str(src)
+    # the recipe it continued from is kept, and a chain nests
+    assert recipe["continued_from"]["loss"] == "mean_ce" and recipe["continued_from"]["steps_done"] == 5
+    assert "continued_from" not in recipe["continued_from"]
+    again = pt.pretrain(pt.PretrainConfig(**{**TINY, "steps": 1, "freeze_vision": True, "init_from": str(out)}),
+                        tmp_path / "again")
+    chain = json.loads((again / "config.json").read_text())["disp_pretrain"]
+    assert chain["steps"] == 1 and chain["continued_from"]["continued_from"]["steps_done"] == 5
     with pytest.raises(ValueError, match=r"another architecture \(hidden_size: 32 there, 48 here\)"):
         pt.pretrain(pt.PretrainConfig(**{**TINY, "hidden_size": 48, "init_from": str(src)}), tmp_path / "bad")
 
