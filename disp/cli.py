@@ -186,6 +186,7 @@ def _add_reproduce_flags(parser: argparse.ArgumentParser) -> None:
     from dataclasses import fields
 
     from disp.bench.reproduce import ReproduceConfig
+    from disp.cli_flags import field_help
 
     defaults = ReproduceConfig()
     for f in fields(ReproduceConfig):
@@ -193,7 +194,7 @@ def _add_reproduce_flags(parser: argparse.ArgumentParser) -> None:
         flag, dest = "--" + f.name.replace("_", "-"), "rp_" + f.name
         if f.name in ("base", "device") or not isinstance(value, (tuple, int, float)):
             continue
-        help_text = f.metadata["help"].replace("%", "%%")
+        help_text = field_help(f)
         if isinstance(value, tuple):
             kind = float if value and isinstance(value[0], float) else str
             parser.add_argument(flag, dest=dest, nargs="*", type=kind, default=None, help=help_text)

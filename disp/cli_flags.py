@@ -16,6 +16,15 @@ SECTIONS = [
 ]
 
 
+def field_help(f, default=MISSING) -> str:
+    """A dataclass field's help text for argparse, with its default appended when given; '%' is escaped,
+    since argparse formats help strings with %."""
+    text = f.metadata.get("help", "")
+    if default is not MISSING:
+        text = f"{text} (default: {default})"
+    return text.replace("%", "%%")
+
+
 def _default(f):
     return f.default_factory() if f.default is MISSING else f.default
 
@@ -28,7 +37,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, section: str, cls, rena
             continue
         flag = "--" + renames.get(f.name, f.name.replace("_", "-"))
         dest = f"{section}__{f.name}"
-        help_text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")
+        help_text = field_help(f, default)
         if isinstance(default, bool):
             group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
@@ -44,7 +53,7 @@ def add_defense_flags(parser: argparse.ArgumentParser, *, sections=("sampler", "
             if is_dataclass(default):
                 continue
             parser.add_argument("--" + f.name.replace("_", "-"), dest=f"defense__{f.name}", type=type(default),
-                                default=default, help=f"{f.metadata['help']} (default: {default})".replace("%", "%%"))
+                                default=default, help=field_help(f, default))
     for section, cls, renames in SECTIONS:
         if section in sections:
             add_dataclass_flags(parser, section, cls, renames)

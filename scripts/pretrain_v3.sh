@@ -9,12 +9,12 @@ out=$1; shift
 py=${PYTHON:-.venv/bin/python}
 stage() { local name=$1; shift; "$py" -m disp.bench.pretrain "$out/$name" "$@" > "$out/$name.log" 2>&1; }
 mkdir -p "$out"
-more=(--warmup 50 --lr 2e-4 --steps)
+cont=(--warmup 50 --lr 2e-4)  # every continuation
 stage a --vision_position_labels true "$@"
-stage b --init_from "$out/a" --tasks describe describe objects colour colour where where where at which which \
-  count exists exists exists "${more[@]}" 1500 "$@"
-stage c --init_from "$out/b" --tasks describe describe objects colour colour colour where where where at which \
-  count exists exists exists "${more[@]}" 2000 "$@"
-stage d --init_from "$out/c" --tasks describe objects colour where where where where at which count exists \
-  exists exists exists "${more[@]}" 2000 "$@"
+stage b --init_from "$out/a" --steps 1500 "${cont[@]}" --tasks describe describe objects colour colour where where \
+  where at which which count exists exists exists "$@"
+stage c --init_from "$out/b" --steps 2000 "${cont[@]}" --tasks describe describe objects colour colour colour where \
+  where where at which count exists exists exists "$@"
+stage d --init_from "$out/c" --steps 2000 "${cont[@]}" --tasks describe objects colour where where where where at \
+  which count exists exists exists exists "$@"
 echo "wrote $out/d"

@@ -358,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m disp.bench.pretrain OUT [--field value ...]`: any PretrainConfig field can be set."""
     import argparse
 
+    from disp.cli_flags import field_help
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", help="checkpoint directory to write")
     for f in PretrainConfig.__dataclass_fields__.values():
@@ -365,9 +367,9 @@ def main(argv: list[str] | None = None) -> int:
         if kind is bool:
             kind = _parse_bool
         if isinstance(f.default, tuple):
-            parser.add_argument(f"--{f.name}", nargs="+", default=None, help=f.metadata["help"].replace("%", "%%"))
+            parser.add_argument(f"--{f.name}", nargs="+", default=None, help=field_help(f))
         else:
-            parser.add_argument(f"--{f.name}", type=kind, default=None, help=f.metadata["help"].replace("%", "%%"))
+            parser.add_argument(f"--{f.name}", type=kind, default=None, help=field_help(f))
     args = parser.parse_args(argv)
     given = {k: v for k, v in vars(args).items() if k != "out" and v is not None}
     if given.get("system_prompt") == "none":
