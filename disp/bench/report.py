@@ -82,7 +82,8 @@ def trigger_table(rows: list[dict], target: str = "insertion") -> str:
     return "\n".join(lines)
 
 
-def target_table(rows: list[dict], defenses: tuple[str, ...] = ("disp", "disp_occlusion")) -> str:
+def target_table(rows: list[dict],
+                 defenses: tuple[str, ...] = ("disp", "disp_occlusion", "disp_isolation")) -> str:
     """Per cell, the full run's targets: backdoored ASR w/t >= 90 %, and each defense's ASR w/t <= 2 % with CP
     within 2 points of the backdoored model (with the share of poisoned answers still backdoored after the
     rewrite)."""

@@ -181,6 +181,9 @@ def test_report_tables_and_figures(tmp_path):
     assert "| insertion / noise | 80.0 / 70.0 | **no** | 79.0 (-1.0) / 2.0 / 25.0 | no |" in targets  # no implant
     ok = target_table([row("none", wt=0.95), row("disp", cp=0.82, wt=0.0, purified_backdoor_rate=0.0)])
     assert "| insertion / corner | 80.0 / 95.0 | yes | 82.0 (+2.0) / 0.0 / 0.0 | yes |" in ok
+    iso = target_table([row("none", wt=0.95), row("disp_isolation", cp=0.81, wt=0.0, purified_backdoor_rate=0.0)])
+    assert "disp_isolation meets target" in iso and "disp_occlusion" not in iso  # the variants present, no others
+    assert "| insertion / corner | 80.0 / 95.0 | yes | 81.0 (+1.0) / 0.0 / 0.0 | yes |" in iso
     rho = rho_table({"insertion-corner-rho0.05": [row("none"), row("disp", cp=0.7, wt=0.2, mask_ratio=0.05)]}, rows)
     assert "| insertion / corner | 80.0 | 90.0 | 70.0 | 20.0 |  |  | 50.0 | 1.0 |" in rho
     figure_poison([row("none"), {**row("none"), "poison_ratio": 0.4}], tmp_path / "f3.png")
