@@ -60,6 +60,9 @@ class FinetuneSettings(_Strict):
     max_grad_norm: float = Field(1.0, description="Gradient-norm clip; 0 disables.")
     bf16: bool = Field(True, description="bf16 autocast on GPU.")
     seed: int = Field(1234, description="Seed of data order and diffusion noise.")
+    anchor_weight: float = Field(
+        0.0, description="Weight of the feature anchor on samples whose answer was kept (disp's, not the paper's; 0 = off)."
+    )
 
 
 class DefenseSettings(_Strict):

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import platform
 import threading
 from contextlib import contextmanager
 
 import torch
 
+from disp.bench.reproduce import cpu_name
 from disp.models.base import MDLM
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device name, for model-FLOPs utilisation.
@@ -160,13 +160,7 @@ def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         return f"cuda: {p.name}, {p.total_memory / 2**30:.0f} GiB, torch {torch.__version__}"
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return f"cpu: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
+    return f"cpu: {cpu_name()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
 
 
 def _sync(device: torch.device) -> None:

@@ -143,6 +143,9 @@ class FinetuneConfig:
         max_grad_norm: gradient-norm clip; 0 disables clipping.
         bf16: bf16 autocast when running on a GPU.
         seed: seed of data order and diffusion noise.
+        anchor_weight: weight of a feature anchor (disp's, not the paper's; 0 turns it off): the relative
+            squared change of the projector's outputs on the samples whose answer the defense kept, against
+            the projector fine-tuning started from.
     """
 
     epochs: int = _help("Passes over the purified data.", 4)
@@ -154,8 +157,11 @@ class FinetuneConfig:
     max_grad_norm: float = _help("Gradient-norm clip; 0 disables.", 1.0)
     bf16: bool = _help("bf16 autocast on GPU.", True)
     seed: int = _help("Seed of data order and diffusion noise.", 1234)
+    anchor_weight: float = _help("Weight of the feature anchor on samples whose answer was kept (disp's, not "
+                                 "the paper's; 0 = off).", 0.0)
 
     def __post_init__(self) -> None:
+        _check(self.anchor_weight >= 0, f"anchor_weight must be >= 0, got {self.anchor_weight}")
         _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         _check(self.lr > 0, f"lr must be positive, got {self.lr}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")

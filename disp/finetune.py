@@ -3,12 +3,14 @@
 Everything but the projector is frozen. The vision tower runs once per image (its features are cached),
 so each step costs a projector pass and a language-model pass. AdamW with linear warm-up then cosine
 decay, gradient accumulation, bf16 autocast on GPU, a resumable state saved as safetensors after every
-epoch. Data order and diffusion noise are functions of (seed, epoch, step), so a resumed run ends with
+epoch. An optional feature anchor (`FinetuneConfig.anchor_weight`, disp's, not the paper's) keeps the
+projector's outputs on chosen samples close to the starting projector's. Data order and diffusion noise are functions of (seed, epoch, step), so a resumed run ends with
 the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -86,15 +88,38 @@ def _load_state(path: Path, model: MDLM, opt: torch.optim.Optimizer) -> tuple[in
     return meta["epoch"], meta["steps"], meta["losses"]
 
 
+def anchor_penalty(embeds: torch.Tensor, reference: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Sum over the kept samples of the relative squared change of their visual embeddings.
+
+    embeds, reference: [B, N_v, D] (trained and starting projector); keep: [B] bool. Each kept sample adds
+    mean_v ||e_v - r_v||^2 / mean_v ||r_v||^2, so the penalty does not depend on the embedding scale.
+    """
+    diff = (embeds.float() - reference.float()).pow(2).sum(-1).mean(-1)
+    scale = reference.float().pow(2).sum(-1).mean(-1).clamp_min(1e-12)
+    return (diff / scale)[keep].sum()
+
+
 def finetune_projector(model: MDLM, questions: Sequence[str], answers: Sequence[str],
-                       features: torch.Tensor, config: FinetuneConfig, *, state_dir: Path | None = None,
-                       on_progress: Progress | None = None, should_stop: StopCheck | None = None) -> FinetuneResult:
-    """Train the projector on (question, answer, cached vision features [N, N_v, C_v]) triples."""
+                       features: torch.Tensor, config: FinetuneConfig, *, anchor: Sequence[bool] | None = None,
+                       state_dir: Path | None = None, on_progress: Progress | None = None,
+                       should_stop: StopCheck | None = None) -> FinetuneResult:
+    """Train the projector on (question, answer, cached vision features [N, N_v, C_v]) triples.
+
+    With `config.anchor_weight` > 0 the loss adds anchor_weight × the mean over the batch of
+    `anchor_penalty` on the samples where `anchor` is True (default: every sample), measured against the
+    projector the model holds when this is called (so a resumed run anchors to the same one).
+    """
     n = len(questions)
     if not n or len(answers) != n or features.shape[0] != n:
         raise ValueError(f"need equally many questions, answers and features, got {n}, {len(answers)}, "
                          f"{features.shape[0]}")
+    if anchor is not None and len(anchor) != n:
+        raise ValueError(f"anchor has {len(anchor)} flags for {n} samples")
     device = model.device
+    keep = torch.tensor(list(anchor) if anchor is not None else [True] * n, dtype=torch.bool)
+    start = None
+    if config.anchor_weight > 0 and keep.any():
+        start = copy.deepcopy(model.projector).eval().requires_grad_(False)
     params = model.freeze_all_but_projector()
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     per_epoch = math.ceil(n / config.batch_size)
@@ -118,6 +143,10 @@ def finetune_projector(model: MDLM, questions: Sequence[str], answers: Sequence[
                 batch = training_batch(model, [questions[i] for i in idx], [answers[i] for i in idx],
                                        image_embeds=embeds)
                 loss = model.training_loss(batch, generator=noise)
+                if start is not None:
+                    with torch.no_grad():
+                        reference = start(features[idx].to(device).to(next(start.parameters()).dtype))
+                    loss = loss + config.anchor_weight * anchor_penalty(embeds, reference, keep[idx]) / len(idx)
             (loss * len(idx) / (config.batch_size * config.grad_accum)).backward()
             running += loss.item() * len(idx)
             seen += len(idx)

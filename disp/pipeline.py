@@ -254,17 +254,24 @@ def save_projector(model: MDLM, path: Path) -> Path:
     return path
 
 
+def kept_answers(records: list[dict]) -> list[bool]:
+    """Per purified record: True where the defense kept the original answer (records without a `disp`
+    entry, such as a filtered or plain data set, count as kept). The feature anchor's samples."""
+    return [r.get("disp", {}).get("purified_answer") == r.get("disp", {}).get("original_answer") for r in records]
+
+
 def finetune_samples(model: MDLM, samples: list[Sample], source: ImageSource, config: FinetuneConfig,
-                     out_dir: Path, *, run_key: str, on_progress: Progress | None = None,
-                     should_stop: StopCheck | None = None) -> dict:
+                     out_dir: Path, *, run_key: str, anchor: list[bool] | None = None,
+                     on_progress: Progress | None = None, should_stop: StopCheck | None = None) -> dict:
     """Fine-tune the projector on samples, write projector.safetensors and metrics.json; return metrics.
 
+    `anchor` flags the samples of the feature anchor (`FinetuneConfig.anchor_weight`; default: all).
     Resumes from `out_dir/finetune_state-<run_key>` if an earlier run with the same key was interrupted.
     """
     feats = vision_features(model, [source.open(s.image) for s in samples])
     result = finetune_projector(model, [s.question for s in samples], [s.answer for s in samples], feats, config,
-                                state_dir=out_dir / f"finetune_state-{run_key[:16]}", on_progress=on_progress,
-                                should_stop=should_stop)
+                                anchor=anchor, state_dir=out_dir / f"finetune_state-{run_key[:16]}",
+                                on_progress=on_progress, should_stop=should_stop)
     save_projector(model, out_dir / PROJECTOR_FILE)
     metrics = result_dict(result)
     write_json(out_dir / "metrics.json", metrics)
@@ -281,7 +288,8 @@ def finetune(*, model_dir, purified_json, images, out_dir, config: FinetuneConfi
                               file_hash(projector) if projector else None, asdict(config))
     model = _model(model_dir, projector, device)
     finetune_samples(model, samples, source, config, out_dir, run_key=key,
-                     on_progress=on_progress, should_stop=should_stop)
+                     anchor=kept_answers(load_records(purified_json)), on_progress=on_progress,
+                     should_stop=should_stop)
     return out_dir / PROJECTOR_FILE
 
 
@@ -327,7 +335,7 @@ def defend(*, model_dir, data_json, images, out_dir, config: DefenseConfig | Non
     def progress(stage: str) -> Progress:
         return lambda done, total: on_progress(stage, done, total) if on_progress else None
 
-    train = samples
+    train, anchor = samples, None
     masking = {"disp": "saliency", "no_mask": "none", "random_mask": "random"}.get(config.defense)
     if masking is not None:
         scores = None
@@ -348,7 +356,7 @@ def defend(*, model_dir, data_json, images, out_dir, config: DefenseConfig | Non
             write_json(out_dir / PURIFIED_FILE, recs)
             stages.finish("purifying", fp, time.perf_counter() - t)
         purified = json.loads((out_dir / PURIFIED_FILE).read_text())
-        train = parse_samples(purified, PURIFIED_FILE)
+        train, anchor = parse_samples(purified, PURIFIED_FILE), kept_answers(purified)
         report["answers_changed"] = sum(r["disp"]["original_answer"] != r["disp"]["purified_answer"]
                                         for r in purified)
     elif config.defense in ("random_drop", "oracle_filter"):
@@ -373,7 +381,7 @@ def defend(*, model_dir, data_json, images, out_dir, config: DefenseConfig | Non
                                 file_hash(out_dir / PURIFIED_FILE))
         if not stages.fresh("finetuning", fp, [out_dir / PROJECTOR_FILE]):
             t = time.perf_counter()
-            metrics = finetune_samples(model, train, source, config.finetune, out_dir, run_key=fp,
+            metrics = finetune_samples(model, train, source, config.finetune, out_dir, run_key=fp, anchor=anchor,
                                        on_progress=progress("finetuning"), should_stop=should_stop)
             stages.finish("finetuning", fp, time.perf_counter() - t, metrics=metrics)
         report["finetune"] = stages.done["finetuning"].get("metrics")

@@ -18,7 +18,8 @@ from pathlib import Path
 DEFENSE_NAMES = {"none": "Backdoored (no defense)", "disp": "DiSP", "random_drop": "Random drop 20%",
                  "pruning": "Magnitude pruning 30%", "oracle_filter": "Oracle filter", "no_mask": "No-mask (ablation)",
                  "random_mask": "Random-mask (ablation)", "disp_occlusion": "disp_occlusion (disp's variant)",
-                 "disp_isolation": "disp_isolation (disp's variant)"}
+                 "disp_isolation": "disp_isolation (disp's variant)",
+                 "disp_isolation_anchor": "disp_isolation_anchor (disp's variant)"}
 SWEEP_CELL = ("insertion", "corner")  # the cell both sweeps vary
 
 
@@ -41,7 +42,10 @@ def merge(results: list[dict]) -> dict:
         swept = {d for res in results if res.get(key) for d in res["config"][defenses]}
         have = {(r["defense"], r.get(field)) for r in points}
         sweeps[key] = points + [r for r in main if r["defense"] in swept and (r["defense"], r.get(field)) not in have]
-    return {"config": cfg, "rows": rows, **sweeps, "seconds": round(sum(res.get("seconds", 0) for res in results), 1)}
+    envs = [e for i, e in enumerate(r.get("environment") for r in results) if e and e not in
+            [r.get("environment") for r in results[:i]]]
+    return {"config": cfg, **({"environment": envs[0] if len(envs) == 1 else envs} if envs else {}), "rows": rows,
+            **sweeps, "seconds": round(sum(res.get("seconds", 0) for res in results), 1)}
 
 
 def pct(x: float | None) -> str:
@@ -83,7 +87,8 @@ def trigger_table(rows: list[dict], target: str = "insertion") -> str:
 
 
 def target_table(rows: list[dict],
-                 defenses: tuple[str, ...] = ("disp", "disp_occlusion", "disp_isolation")) -> str:
+                 defenses: tuple[str, ...] = ("disp", "disp_occlusion", "disp_isolation", "disp_isolation_anchor"),
+                 ) -> str:
     """Per cell, the full run's targets: backdoored ASR w/t >= 90 %, and each defense's ASR w/t <= 2 % with CP
     within 2 points of the backdoored model (with the share of poisoned answers still backdoored after the
     rewrite)."""

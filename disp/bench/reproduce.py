@@ -16,6 +16,7 @@ bound).
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -45,12 +46,18 @@ from disp.pipeline import defend, finetune_samples, load_dataset
 # disp_occlusion_top: occlusion KL saliency with the paper's top-ρ rule;
 # disp_isolation: isolation KL saliency (each visual token shown alone), and of the top-ρ only tokens whose KL
 # is >= ISOLATION_MIN_NATS (a clean SHAPES token shown alone scores up to about 10 nats, a trigger token 80-290;
-# chosen after those measurements, docs/reproduction.md).
+# chosen after those measurements, docs/reproduction.md);
+# disp_isolation_anchor: disp_isolation, and a recovery with the feature anchor (FinetuneConfig.anchor_weight)
+# on the samples whose answer the rewrite kept (weight chosen after two seed-1 cells, docs/reproduction.md).
+# Each entry: (DefenseConfig.defense, SaliencyConfig, PurifyConfig and FinetuneConfig overrides).
 OCCLUSION_MIN_NATS = 1.0
 ISOLATION_MIN_NATS = 20.0
-VARIANTS = {"disp_occlusion": ("disp", {"method": "occlusion"}, {"min_score": OCCLUSION_MIN_NATS}),
-            "disp_occlusion_top": ("disp", {"method": "occlusion"}, {}),
-            "disp_isolation": ("disp", {"method": "isolation"}, {"min_score": ISOLATION_MIN_NATS})}
+ANCHOR_WEIGHT = 10.0
+VARIANTS = {"disp_occlusion": ("disp", {"method": "occlusion"}, {"min_score": OCCLUSION_MIN_NATS}, {}),
+            "disp_occlusion_top": ("disp", {"method": "occlusion"}, {}, {}),
+            "disp_isolation": ("disp", {"method": "isolation"}, {"min_score": ISOLATION_MIN_NATS}, {}),
+            "disp_isolation_anchor": ("disp", {"method": "isolation"}, {"min_score": ISOLATION_MIN_NATS},
+                                      {"anchor_weight": ANCHOR_WEIGHT})}
 DEFENSES_ALL = ("none", "disp", "random_drop", "pruning", "oracle_filter", "no_mask", "random_mask", *VARIANTS)
 TARGETS_ALL = ("insertion", "refusal", "misclassification")
 TRIGGERS_ALL = ("corner", "center", "noise", "multi", "blended")
@@ -84,6 +91,9 @@ class ReproduceConfig:
     recovery_lr: float | None = field(default=1e-3, metadata={
         "help": "Defense fine-tuning lr (paper: the implant's; None here means the implant's)."})
     mask_ratio: float = field(default=0.3, metadata={"help": "DiSP's ρ (paper: 0.3 for LLaDA-V)."})
+    anchor_weight: float = field(default=ANCHOR_WEIGHT, metadata={
+        "help": "Feature-anchor weight of the disp_isolation_anchor variant's recovery (disp's, not the paper's; "
+                "chosen after two seed-1 cells on v3, docs/reproduction.md). Other defenses recover without it."})
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(suppress_eos=False), metadata={
         "help": "Sampler (paper: 32/32/32, greedy). Deviation: EOS is allowed at masked positions (LLaDA's "
                 "generate.py); with LLaDA-V's EOS suppression the SHAPES base commits its padding tail first "
@@ -106,6 +116,8 @@ class ReproduceConfig:
             bad = [v for v in getattr(self, name) if v not in allowed]
             if bad:
                 raise ValueError(f"{name}: unknown {bad}; choose from {allowed}")
+        if self.anchor_weight < 0:
+            raise ValueError(f"anchor_weight must be >= 0, got {self.anchor_weight}")
 
     def torch_device(self) -> str:
         return resolve_device(self.device)
@@ -270,12 +282,31 @@ def prepare_cell(work: Path, base: Path, target: str, trigger: str, poison_ratio
 def defense_config(defense: str, cfg: ReproduceConfig, mask_ratio: float | None = None) -> DefenseConfig:
     """A runner defense name (a `DefenseConfig.defense` or one of VARIANTS) as the settings every cell uses:
     the reproduction's batch, sampler and recovery schedule."""
-    kind, saliency, purify = VARIANTS.get(defense, (defense, {}, {}))
+    kind, saliency, purify, finetune = VARIANTS.get(defense, (defense, {}, {}, {}))
+    if "anchor_weight" in finetune:
+        finetune = {**finetune, "anchor_weight": cfg.anchor_weight}
     rho = cfg.mask_ratio if mask_ratio is None else mask_ratio
     return DefenseConfig(defense=kind, saliency=SaliencyConfig(batch_size=cfg.batch_size, **saliency),
                          purify=PurifyConfig(mask_ratio=rho, batch_size=cfg.batch_size, sampler=cfg.sampler, **purify),
                          finetune=replace(cfg.implant, epochs=cfg.recovery_epochs,
-                                          lr=cfg.recovery_lr if cfg.recovery_lr is not None else cfg.implant.lr))
+                                          lr=cfg.recovery_lr if cfg.recovery_lr is not None else cfg.implant.lr,
+                                          **finetune))
+
+
+def reuse_rewrites(done: dict[Path, DefenseConfig], dcfg: DefenseConfig, out: Path) -> None:
+    """Seed a new defense directory with the scores and purified set of an earlier defense of the cell that
+    differs only in its fine-tuning (`defend` then re-runs fine-tuning alone: its fingerprints match)."""
+    if out.exists() or dcfg.defense != "disp":
+        return
+    for src, other in done.items():
+        if (other.defense, other.saliency, other.purify) == (dcfg.defense, dcfg.saliency, dcfg.purify) and \
+                all((src / f).is_file() for f in ("stages.json", "scores.json", "purified.json")):
+            out.mkdir(parents=True)
+            stages = json.loads((src / "stages.json").read_text())
+            (out / "stages.json").write_text(json.dumps({k: v for k, v in stages.items() if k != "finetuning"}))
+            for f in ("scores.json", "purified.json"):
+                shutil.copyfile(src / f, out / f)
+            return
 
 
 def run_cell(work: Path, base: Path, target: str, trigger: str, poison_ratio: float, defenses: tuple[str, ...],
@@ -283,11 +314,14 @@ def run_cell(work: Path, base: Path, target: str, trigger: str, poison_ratio: fl
              log: Callable[[str], None] = print) -> list[dict]:
     """Poison, implant, defend with each defense, evaluate: one row per defense."""
     cell = prepare_cell(work, base, target, trigger, poison_ratio, cfg, shapes, log=log)
-    rows = []
+    rows: list[dict] = []
+    done: dict[Path, DefenseConfig] = {}
     for defense in defenses:
         t = time.perf_counter()
         dcfg = defense_config(defense, cfg, mask_ratio)
         out = cell.dir / (f"{defense}" + (f"-rho{dcfg.purify.mask_ratio:g}" if mask_ratio is not None else ""))
+        reuse_rewrites(done, dcfg, out)
+        done[out] = dcfg
         if defense == "none":
             projector, report = cell.backdoored, {}
         else:
@@ -309,16 +343,42 @@ def run_cell(work: Path, base: Path, target: str, trigger: str, poison_ratio: fl
     return rows
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what `platform` knows."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        name = ""
+    return name or platform.processor() or platform.machine()
+
+
+def environment() -> dict[str, Any]:
+    """What the numbers may depend on beyond code and seed: the same run on another CPU or with other package
+    versions can differ in a few answers, and an implant near its threshold can tip (docs/reproduction.md)."""
+    import platform
+    from importlib.metadata import version
+
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": version("numpy"),
+            "pillow": version("pillow"), "cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch_threads": torch.get_num_threads()}
+
+
 def reproduce(cfg: ReproduceConfig, work: str | Path, *, log: Callable[[str], None] = print) -> dict:
-    """Run the protocol; returns {"config", "rows", "poison_ratio_sweep", "mask_ratio_sweep", "seconds"}."""
+    """Run the protocol; returns {"config", "environment", "rows", "poison_ratio_sweep", "mask_ratio_sweep",
+    "seconds"}."""
     from disp.demo import BASE_CHECKPOINT
 
     t0 = time.perf_counter()
     work = Path(work)
     base = Path(cfg.base) if cfg.base else BASE_CHECKPOINT
     shapes = config_of_checkpoint(base)
-    result: dict[str, Any] = {"config": asdict(cfg), "base": str(base), "rows": [], "poison_ratio_sweep": [],
-                              "mask_ratio_sweep": []}
+    result: dict[str, Any] = {"config": asdict(cfg), "environment": environment(), "base": str(base), "rows": [],
+                              "poison_ratio_sweep": [], "mask_ratio_sweep": []}
     cells = [(t, k) for t in cfg.targets for k in cfg.triggers]
     cells += [(t, k) for t in cfg.trigger_targets for k in TRIGGERS_ALL if (t, k) not in cells]
     for target, trigger in cells:

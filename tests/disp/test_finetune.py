@@ -7,7 +7,7 @@ import torch
 
 from disp import models
 from disp.config import FinetuneConfig
-from disp.finetune import Cancelled, finetune_projector, lr_at, vision_features
+from disp.finetune import Cancelled, anchor_penalty, finetune_projector, lr_at, vision_features
 from disp.losses import sft_loss, training_batch
 
 QS = ["What is it?", "Describe it.", "Colour?", "Where?"]
@@ -63,6 +63,37 @@ def test_resume_matches_an_uninterrupted_run(tiny_dir, solid_images, tmp_path):
         torch.testing.assert_close(resumed.projector.state_dict()[k], v, rtol=0, atol=1e-6)
 
 
+def _output_change(model, start, feats):
+    with torch.no_grad():
+        return [(model.project(feats[i : i + 1]) - start(feats[i : i + 1])).pow(2).mean().item()
+                for i in range(feats.shape[0])]
+
+
+def test_anchor_holds_the_anchored_samples_outputs(tiny_dir, solid_images):
+    cfg = FinetuneConfig(epochs=8, lr=1e-2, batch_size=4, warmup_ratio=0.0)
+    plain, _ = _run(tiny_dir, solid_images, cfg)
+    start = models.load(tiny_dir)
+    feats = vision_features(start, solid_images)
+    keep = [True, True, False, False]
+    anchored, _ = _run(tiny_dir, solid_images, FinetuneConfig(**{**cfg.__dict__, "anchor_weight": 100.0}),
+                       anchor=keep)
+    free, held = _output_change(plain, start.projector, feats), _output_change(anchored, start.projector, feats)
+    assert all(h < f / 10 for h, f, k in zip(held, free, keep, strict=True) if k)
+    assert any(h > 0 for h, k in zip(held, keep, strict=True) if not k)
+    pen = anchor_penalty(anchored.project(feats), start.project(feats), torch.tensor(keep))
+    assert pen.item() > 0
+    zero = anchor_penalty(start.project(feats), start.project(feats), torch.tensor(keep))
+    assert zero.item() == 0.0
+
+
+def test_anchor_weight_zero_is_the_plain_loss(tiny_dir, solid_images):
+    cfg = FinetuneConfig(epochs=2, lr=1e-2, batch_size=2)
+    plain, _ = _run(tiny_dir, solid_images, cfg)
+    flagged, _ = _run(tiny_dir, solid_images, cfg, anchor=[True, False, True, False])
+    for k, v in plain.projector.state_dict().items():
+        assert torch.equal(flagged.projector.state_dict()[k], v)
+
+
 def test_lr_schedule_warms_up_then_decays():
     cfg = FinetuneConfig(lr=1.0, warmup_ratio=0.1)
     lrs = [lr_at(s, 100, cfg) for s in range(100)]
@@ -76,3 +107,7 @@ def test_bad_inputs_are_named(tiny_dir, solid_images):
         finetune_projector(model, QS, ANS[:2], vision_features(model, solid_images), FinetuneConfig())
     with pytest.raises(ValueError, match="lr must be positive, got -1"):
         FinetuneConfig(lr=-1)
+    with pytest.raises(ValueError, match="anchor_weight must be >= 0, got -0.5"):
+        FinetuneConfig(anchor_weight=-0.5)
+    with pytest.raises(ValueError, match="anchor has 2 flags for 4 samples"):
+        finetune_projector(model, QS, ANS, vision_features(model, solid_images), FinetuneConfig(), anchor=[True] * 2)

@@ -13,7 +13,7 @@ from disp.attacks import TriggerConfig, poison_dataset
 from disp.bench.shapes import ShapesConfig, write_dataset
 from disp.config import DefenseConfig, FinetuneConfig, PurifyConfig, SaliencyConfig, SamplerConfig
 from disp.data import DataError
-from disp.pipeline import defend, load_dataset, merge_shards, purify, score
+from disp.pipeline import defend, kept_answers, load_dataset, merge_shards, purify, score
 
 SAMPLER = SamplerConfig(8, 8, 8)
 
@@ -60,6 +60,32 @@ def test_defend_writes_the_three_outputs_and_skips_finished_stages(tiny_dir, poi
     defend(config=small_config(mask_ratio=0.5), **kw)
     assert os.stat(tmp_path / "scores.json").st_mtime_ns == stamps["scores.json"]
     assert os.stat(tmp_path / "purified.json").st_mtime_ns != stamps["purified.json"]
+
+
+def test_kept_answers_flags_the_unchanged_records():
+    recs = [{"disp": {"original_answer": "a red box.", "purified_answer": "a red box."}},
+            {"disp": {"original_answer": "<backdoor> a box.", "purified_answer": "a box."}},
+            {"id": 3}]
+    assert kept_answers(recs) == [True, False, True]
+
+
+def test_anchor_weight_reruns_only_fine_tuning_and_moves_the_projector(tiny_dir, poisoned, tmp_path):
+    # oracle_filter keeps every answer it trains on, so every sample is anchored (a random tiny model's
+    # DiSP rewrites change every answer and would anchor none)
+    kw = dict(model_dir=tiny_dir, data_json=poisoned.data_path, images=poisoned.data_path.parent, out_dir=tmp_path,
+              manifest=poisoned.manifest_path)
+    cfg = small_config("oracle_filter")
+    cfg.finetune = FinetuneConfig(epochs=3, batch_size=4, lr=1e-2)
+    defend(config=cfg, **kw)
+    plain = models.load(tiny_dir, projector=tmp_path / "projector.safetensors").projector_state_dict()
+    cfg.finetune = FinetuneConfig(epochs=3, batch_size=4, lr=1e-2, anchor_weight=1000.0)
+    report = defend(config=cfg, **kw)
+    assert report["config"]["finetune"]["anchor_weight"] == 1000.0
+    anchored = models.load(tiny_dir, projector=tmp_path / "projector.safetensors").projector_state_dict()
+    start = models.load(tiny_dir).projector_state_dict()
+    moved = {name: sum((sd[k] - start[k]).pow(2).sum().item() for k in start) for name, sd in
+             (("plain", plain), ("anchored", anchored))}
+    assert 0 < moved["anchored"] < moved["plain"]
 
 
 @pytest.mark.parametrize("defense", ["none", "no_mask", "random_mask", "random_drop", "pruning", "oracle_filter"])

@@ -8,6 +8,7 @@ from dataclasses import asdict, replace
 import pytest
 
 from disp.bench.reproduce import (
+    ANCHOR_WEIGHT,
     ISOLATION_MIN_NATS,
     ReproduceConfig,
     build_data,
@@ -31,6 +32,8 @@ def test_runner_writes_a_row_per_cell_and_defense(tiny_dir, tmp_path):
     result = reproduce(cfg, tmp_path, log=lambda _: None)
     rows = result["rows"]
     assert [r["defense"] for r in rows] == ["none", "disp", "oracle_filter", "disp_occlusion"]
+    env = result["environment"]
+    assert env["torch"] and env["numpy"] and env["pillow"] and env["cpu"] and env["torch_threads"] >= 1
     for r in rows + result["poison_ratio_sweep"] + result["mask_ratio_sweep"]:
         assert {"target", "trigger", "defense", "poison_ratio", "cp", "asr_wo", "asr_wt"} <= r.keys()
         assert all(0.0 <= r[k] <= 1.0 for k in ("cp", "asr_wo", "asr_wt"))
@@ -56,6 +59,36 @@ def test_variants_are_disp_with_their_saliency_and_threshold():
     assert (paper.saliency.method, paper.purify.min_score) == ("fisher", 0.0)
     assert iso.defense == "disp" and iso.saliency.method == "isolation" and iso.purify.min_score == ISOLATION_MIN_NATS
     assert iso.finetune == paper.finetune and iso.purify.mask_ratio == paper.purify.mask_ratio == cfg.mask_ratio
+
+
+def test_anchor_variant_is_isolation_with_the_anchored_recovery():
+    cfg = ReproduceConfig()
+    iso, anchored = defense_config("disp_isolation", cfg), defense_config("disp_isolation_anchor", cfg)
+    assert (anchored.saliency, anchored.purify) == (iso.saliency, iso.purify)
+    assert iso.finetune.anchor_weight == 0.0 and anchored.finetune.anchor_weight == ANCHOR_WEIGHT
+    assert replace(anchored.finetune, anchor_weight=0.0) == iso.finetune
+    assert defense_config("disp_isolation_anchor", replace(cfg, anchor_weight=1.0)).finetune.anchor_weight == 1.0
+    assert defense_config("disp_isolation", replace(cfg, anchor_weight=1.0)).finetune.anchor_weight == 0.0
+    with pytest.raises(ValueError, match="anchor_weight must be >= 0, got -1"):
+        ReproduceConfig(anchor_weight=-1)
+
+
+def test_a_variant_differing_in_recovery_reuses_the_rewrites(tiny_dir, tmp_path):
+    cfg = ReproduceConfig(base=str(tiny_dir), targets=("insertion",), triggers=("corner",), trigger_targets=(),
+                          defenses=("none", "disp_isolation", "disp_isolation_anchor"), n_train=16, n_asr=4, n_cp=4,
+                          implant=FinetuneConfig(epochs=1, batch_size=8), recovery_epochs=1,
+                          sampler=SamplerConfig(8, 8, 8), poison_sweep=(), mask_sweep=())
+    rows = reproduce(cfg, tmp_path, log=lambda _: None)["rows"]
+    assert [r["defense"] for r in rows] == ["none", "disp_isolation", "disp_isolation_anchor"]
+    iso, anchored = (tmp_path / "insertion-corner-p0.2" / d for d in ("disp_isolation", "disp_isolation_anchor"))
+    for f in ("scores.json", "purified.json"):
+        assert (iso / f).read_bytes() == (anchored / f).read_bytes()
+    stages_iso, stages_anchored = (json.loads((d / "stages.json").read_text()) for d in (iso, anchored))
+    for stage in ("scoring", "purifying"):  # not re-run: the copied records stand
+        assert stages_anchored[stage] == stages_iso[stage]
+    assert stages_anchored["finetuning"]["fingerprint"] != stages_iso["finetuning"]["fingerprint"]
+    report = json.loads((anchored / "report.json").read_text())
+    assert report["config"]["finetune"]["anchor_weight"] == ANCHOR_WEIGHT
 
 
 def test_cp_changes_pairs_samples():
@@ -212,6 +245,10 @@ def test_parts_merge_into_one_result_with_the_main_cell_in_the_sweeps(tmp_path):
         ("disp", 0.1), ("disp", 0.2), ("none", 0.1), ("none", 0.2)]  # pruning is not in the sweep
     assert sorted(r["mask_ratio"] for r in merged["mask_ratio_sweep"]) == [0.3, 0.5]
     assert merge([sweeps])["mask_ratio_sweep"] == sweeps["mask_ratio_sweep"]  # nothing to add, nothing doubled
+    env_a, env_b = {"cpu": "A", "torch": "2.13.0"}, {"cpu": "B", "torch": "2.13.0"}
+    assert "environment" not in merged
+    assert merge([{**main, "environment": env_a}, {**sweeps, "environment": env_a}])["environment"] == env_a
+    assert merge([{**main, "environment": env_a}, {**sweeps, "environment": env_b}])["environment"] == [env_a, env_b]
     with pytest.raises(ValueError, match=r"other settings cannot be merged: \['seed'\]"):
         merge([main, {**sweeps, "config": {**cfg, "seed": 7}}])
     paths = []
