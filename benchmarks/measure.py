@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 import torch
 
-from disp.bench.reproduce import cpu_name
+from disp.bench.environment import cpu_name
 from disp.models.base import MDLM
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device name, for model-FLOPs utilisation.

@@ -4,8 +4,8 @@ Everything but the projector is frozen. The vision tower runs once per image (it
 so each step costs a projector pass and a language-model pass. AdamW with linear warm-up then cosine
 decay, gradient accumulation, bf16 autocast on GPU, a resumable state saved as safetensors after every
 epoch. An optional feature anchor (`FinetuneConfig.anchor_weight`, disp's, not the paper's) keeps the
-projector's outputs on chosen samples close to the starting projector's. Data order and diffusion noise are functions of (seed, epoch, step), so a resumed run ends with
-the same weights as an uninterrupted one.
+projector's outputs on chosen samples close to the starting projector's. Data order and diffusion noise are
+functions of (seed, epoch, step), so a resumed run ends with the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations

@@ -282,13 +282,14 @@ def finetune(*, model_dir, purified_json, images, out_dir, config: FinetuneConfi
              device=None, on_progress: Progress | None = None, should_stop: StopCheck | None = None) -> Path:
     """Projector-only fine-tuning on a (purified) LLaVA dataset; resumable from `out_dir`."""
     out_dir = Path(out_dir)
-    samples, source = load_dataset(purified_json, images)
+    records = load_records(purified_json)
+    samples, source = parse_samples(records, Path(purified_json).name), open_image_source(images)
     config = config or FinetuneConfig()
     key = _Stages.fingerprint(file_hash(model_dir), file_hash(purified_json), file_hash(images),
                               file_hash(projector) if projector else None, asdict(config))
     model = _model(model_dir, projector, device)
     finetune_samples(model, samples, source, config, out_dir, run_key=key,
-                     anchor=kept_answers(load_records(purified_json)), on_progress=on_progress,
+                     anchor=kept_answers(records), on_progress=on_progress,
                      should_stop=should_stop)
     return out_dir / PROJECTOR_FILE
 
@@ -357,8 +358,7 @@ def defend(*, model_dir, data_json, images, out_dir, config: DefenseConfig | Non
             stages.finish("purifying", fp, time.perf_counter() - t)
         purified = json.loads((out_dir / PURIFIED_FILE).read_text())
         train, anchor = parse_samples(purified, PURIFIED_FILE), kept_answers(purified)
-        report["answers_changed"] = sum(r["disp"]["original_answer"] != r["disp"]["purified_answer"]
-                                        for r in purified)
+        report["answers_changed"] = len(anchor) - sum(anchor)
     elif config.defense in ("random_drop", "oracle_filter"):
         if config.defense == "random_drop":
             train = random_drop(samples, config.drop_ratio, config.finetune.seed)

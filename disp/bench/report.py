@@ -42,8 +42,10 @@ def merge(results: list[dict]) -> dict:
         swept = {d for res in results if res.get(key) for d in res["config"][defenses]}
         have = {(r["defense"], r.get(field)) for r in points}
         sweeps[key] = points + [r for r in main if r["defense"] in swept and (r["defense"], r.get(field)) not in have]
-    envs = [e for i, e in enumerate(r.get("environment") for r in results) if e and e not in
-            [r.get("environment") for r in results[:i]]]
+    envs: list[dict] = []
+    for res in results:
+        if res.get("environment") and res["environment"] not in envs:
+            envs.append(res["environment"])
     return {"config": cfg, **({"environment": envs[0] if len(envs) == 1 else envs} if envs else {}), "rows": rows,
             **sweeps, "seconds": round(sum(res.get("seconds", 0) for res in results), 1)}
 

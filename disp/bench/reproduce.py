@@ -25,6 +25,7 @@ from typing import Any
 
 from disp.attacks import TriggerConfig, poison_dataset, triggered_copy
 from disp.baselines import read_manifest
+from disp.bench.environment import environment
 from disp.bench.shapes import (
     DESCRIBE_PROMPT,
     TASKS,
@@ -341,31 +342,6 @@ def run_cell(work: Path, base: Path, target: str, trigger: str, poison_ratio: fl
         log(json.dumps(row))
         rows.append(row)
     return rows
-
-
-def cpu_name() -> str:
-    """The CPU's model name (/proc/cpuinfo), else what `platform` knows."""
-    import platform
-
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
-    except OSError:
-        name = ""
-    return name or platform.processor() or platform.machine()
-
-
-def environment() -> dict[str, Any]:
-    """What the numbers may depend on beyond code and seed: the same run on another CPU or with other package
-    versions can differ in a few answers, and an implant near its threshold can tip (docs/reproduction.md)."""
-    import platform
-    from importlib.metadata import version
-
-    import torch
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "numpy": version("numpy"),
-            "pillow": version("pillow"), "cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "torch_threads": torch.get_num_threads()}
 
 
 def reproduce(cfg: ReproduceConfig, work: str | Path, *, log: Callable[[str], None] = print) -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -75,7 +77,7 @@ def test_anchor_holds_the_anchored_samples_outputs(tiny_dir, solid_images):
     start = models.load(tiny_dir)
     feats = vision_features(start, solid_images)
     keep = [True, True, False, False]
-    anchored, _ = _run(tiny_dir, solid_images, FinetuneConfig(**{**cfg.__dict__, "anchor_weight": 100.0}),
+    anchored, _ = _run(tiny_dir, solid_images, replace(cfg, anchor_weight=100.0),
                        anchor=keep)
     free, held = _output_change(plain, start.projector, feats), _output_change(anchored, start.projector, feats)
     assert all(h < f / 10 for h, f, k in zip(held, free, keep, strict=True) if k)
