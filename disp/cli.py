@@ -67,7 +67,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     out = score(model_dir=args.model, data_json=args.data, images=args.images, out_json=args.out,
                 config=SaliencyConfig(**section_kwargs(args, "saliency")),
                 sampler=SamplerConfig(**section_kwargs(args, "sampler")), projector=args.projector,
-                device=args.device, on_progress=_bar("scoring"))
+                device=args.device, on_progress=_bar("scoring"), workers=args.workers)
     print(f"wrote saliency scores to {out}")
     return 0
 
@@ -99,7 +99,7 @@ def cmd_defend(args: argparse.Namespace) -> int:
 
     report = defend(model_dir=args.model, data_json=args.data, images=args.images, out_dir=args.out,
                     config=defense_config(args), projector=args.projector, manifest=args.manifest,
-                    device=args.device, on_progress=_stage_bars())
+                    device=args.device, on_progress=_stage_bars(), workers=args.workers)
     human = (f"{report['defense']}: trained on {report['num_train']} samples; stages "
              + ", ".join(f"{k} {v:.1f}s" for k, v in report["stages"].items()) + f"; outputs in {args.out}")
     _print(report, args.json, human)
@@ -241,6 +241,18 @@ def _common(p: argparse.ArgumentParser, *, data: bool = True) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
+def _workers(text: str) -> int:
+    if not text.lstrip("-").isdigit() or int(text) < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0 (0: one per core), got {text!r}")
+    return int(text)
+
+
+def _workers_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=_workers, default=0,
+                   help="scoring and purification batches at once on CPU threads (default 0: one per core on "
+                        "a CPU, 1 on a GPU); no output depends on it")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from disp.cli_flags import add_defense_flags
 
@@ -261,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("score", help="Fisher-Jacobian saliency of every visual token (Eq. 3-8)")
     _common(p)
+    _workers_flag(p)
     p.add_argument("--out", required=True, type=Path, help="scores JSON to write")
     add_defense_flags(p, sections=("sampler", "saliency"), defense=False)
 
@@ -282,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("defend", help="run a defense end to end (DiSP by default)")
     _common(p)
+    _workers_flag(p)
     p.add_argument("--out", required=True, type=Path, help="output directory")
     p.add_argument("--manifest", type=Path, default=None, help="attack manifest (oracle_filter only)")
     add_defense_flags(p)

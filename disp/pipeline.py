@@ -12,6 +12,7 @@ Each stage takes `on_progress(done, total)` and `should_stop()` (polled between 
 Scoring and purification batch samples of similar prompt length together (outputs keep the input
 order), decode the next batch's images on a background thread while the model works, and run the
 vision tower once per distinct image: pass one `VisionCache` to both stages to share its outputs.
+On a CPU, `workers` > 1 runs that many batches at once, one per core (`disp.parallel`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -29,13 +29,15 @@ import torch
 
 from disp import models
 from disp.baselines import magnitude_prune, oracle_filter, random_drop, read_manifest
+from disp.batching import VisionCache, length_buckets, loaded_batches
 from disp.config import DefenseConfig, FinetuneConfig, PurifyConfig, SaliencyConfig, SamplerConfig
 from disp.data import ImageSource, Sample, load_records, open_image_source, parse_samples, write_json
-from disp.finetune import Cancelled, finetune_projector, result_dict, vision_features
+from disp.finetune import Cancelled, finetune_projector, result_dict
 from disp.models.base import MDLM
 from disp.models.checkpoint import write_state_dict
+from disp.parallel import map_ordered, resolve_workers
 from disp.purify import choose_masked, purify_batch
-from disp.saliency import visual_saliency
+from disp.saliency import input_grads_only, visual_saliency
 
 Progress = Callable[[int, int], None]
 StopCheck = Callable[[], bool]
@@ -95,98 +97,58 @@ def _model(model_dir, projector, device, dtype: torch.dtype | None = None) -> MD
     return model
 
 
-# -- batching, image loading and the vision-feature cache ------------------------------------------
-class VisionCache:
-    """Vision-tower outputs by image name, kept on the CPU, so each distinct image goes through the tower
-    once however many samples and stages use it. Features are those of the tower, before the projector
-    (which fine-tuning changes), so scoring, purification and fine-tuning can all share them."""
-
-    def __init__(self) -> None:
-        self.features: dict[str, torch.Tensor] = {}
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.features
-
-    def __len__(self) -> int:
-        return len(self.features)
-
-    @torch.no_grad()
-    def add(self, model: MDLM, names: Sequence[str], pixels: torch.Tensor | None) -> None:
-        """Run the tower on pixel values [n, 3, S, S] of images `names` (those not cached yet)."""
-        if names:
-            feats = model.vision_features(pixels.to(model.device))
-            self.features.update(zip(names, feats.detach().cpu(), strict=True))
-
-    def embeds(self, model: MDLM, names: Sequence[str]) -> torch.Tensor:
-        """Projected visual embeddings [B, N_v, D] of cached images, on the model's device."""
-        with torch.no_grad():
-            return model.project(torch.stack([self.features[n] for n in names]).to(model.device))
-
-
-def _length_buckets(prompt_ids: list[list[int]], size: int) -> list[list[int]]:
-    """Sample positions in batches of `size`, ordered by prompt length so a batch carries little padding."""
-    order = sorted(range(len(prompt_ids)), key=lambda i: (len(prompt_ids[i]), i))
-    return [order[i : i + size] for i in range(0, len(order), size)]
-
-
-def _loaded_batches(model: MDLM, samples: list[Sample], source: ImageSource, batches: list[list[int]],
-                    cache: VisionCache) -> Iterator[list[int]]:
-    """Yield each batch once the tower outputs of its images are in `cache`. The next batch's images are
-    decoded and preprocessed on a background thread while the caller works on the current batch."""
-
-    def load(batch: list[int]) -> tuple[list[str], torch.Tensor | None]:
-        names = list(dict.fromkeys(samples[i].image for i in batch if samples[i].image not in cache))
-        return names, model.processor([source.open(n) for n in names]) if names else None
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="disp-images") as pool:
-        pending = pool.submit(load, batches[0]) if batches else None
-        for k, batch in enumerate(batches):
-            names, pixels = pending.result()
-            cache.add(model, names, pixels)
-            pending = pool.submit(load, batches[k + 1]) if k + 1 < len(batches) else None
-            yield batch
-
-
 # -- stages ---------------------------------------------------------------------------------------
 def score_samples(model: MDLM, samples: list[Sample], source: ImageSource, config: SaliencyConfig,
                   sampler: SamplerConfig, *, on_progress: Progress | None = None,
-                  should_stop: StopCheck | None = None,
-                  cache: VisionCache | None = None) -> dict[str, list[float]]:
+                  should_stop: StopCheck | None = None, cache: VisionCache | None = None,
+                  workers: int | None = 1) -> dict[str, list[float]]:
     """Saliency of every visual token of every sample: {id: [N_v floats]}, in the order of `samples`.
 
     A sample's scores do not depend on the batch it is scored in (the probe noise is seeded per batch).
+    `workers` batches run at once on CPU threads (`disp.parallel`; None or 0: one per core on a CPU).
     """
     cache = cache if cache is not None else VisionCache()
     ids = [model.tokenizer.encode_prompt(s.question) for s in samples]
-    out: dict[str, list[float]] = {}
-    for batch in _loaded_batches(model, samples, source, _length_buckets(ids, config.batch_size), cache):
+    # the exact form switches SDPA kernels process-wide, so it runs on one thread
+    workers = 1 if config.exact else resolve_workers(workers, model.device)
+
+    def run(batch: list[int]) -> torch.Tensor:
         embeds = cache.embeds(model, [samples[i].image for i in batch])
-        prompt = model.build_prompts([ids[i] for i in batch], embeds)
-        scores = visual_saliency(model, prompt, config, sampler)
-        out.update({samples[i].id: row.tolist() for i, row in zip(batch, scores.cpu(), strict=True)})
-        _tick(should_stop, on_progress, len(out), len(samples))
+        return visual_saliency(model, model.build_prompts([ids[i] for i in batch], embeds), config, sampler).cpu()
+
+    out: dict[str, list[float]] = {}
+    batches = loaded_batches(model, samples, source, length_buckets(ids, config.batch_size), cache)
+    with input_grads_only(model):  # set once here: worker threads share the parameters' flags
+        for batch, scores in map_ordered(run, batches, workers):
+            out.update({samples[i].id: row.tolist() for i, row in zip(batch, scores, strict=True)})
+            _tick(should_stop, on_progress, len(out), len(samples))
     return {s.id: out[s.id] for s in samples}
 
 
 def score(*, model_dir, data_json, images, out_json, config: SaliencyConfig | None = None,
           sampler: SamplerConfig | None = None, indices: Sequence[int] | None = None, projector=None,
-          device=None, on_progress: Progress | None = None, should_stop: StopCheck | None = None) -> Path:
+          device=None, on_progress: Progress | None = None, should_stop: StopCheck | None = None,
+          workers: int | None = 1) -> Path:
     """Write {"scores": {id: [...]}} for the selected samples (all by default)."""
     config, sampler = config or SaliencyConfig(), sampler or SamplerConfig()
     samples, source = load_dataset(data_json, images)
     model = _model(model_dir, projector, device)
     scores = score_samples(model, _select(samples, indices), source, config, sampler,
-                           on_progress=on_progress, should_stop=should_stop)
+                           on_progress=on_progress, should_stop=should_stop, workers=workers)
     return write_json(out_json, {"config": asdict(config), "scores": scores})
 
 
 def purify_samples(model: MDLM, samples: list[Sample], source: ImageSource, config: PurifyConfig,
                    scores: dict[str, list[float]] | None, *, masking: str = "saliency",
                    on_progress: Progress | None = None, should_stop: StopCheck | None = None,
-                   cache: VisionCache | None = None) -> list[dict]:
-    """Purified LLaVA records (answer rewritten) with a `disp` field recording what was done, in input order."""
+                   cache: VisionCache | None = None, workers: int | None = 1) -> list[dict]:
+    """Purified LLaVA records (answer rewritten) with a `disp` field recording what was done, in input order.
+
+    `workers` batches run at once on CPU threads (`disp.parallel`; None or 0: one per core on a CPU). Each
+    batch samples from its own generator, seeded with `config.seed` and its place in the batch order.
+    """
     cache = cache if cache is not None else VisionCache()
-    gen = torch.Generator(device=model.device).manual_seed(config.seed)
+    workers = resolve_workers(workers, model.device)
     mask_gen = torch.Generator().manual_seed(config.seed)
     # which tokens to hold, chosen per sample in input order (random masking draws as it always did)
     held: list[torch.Tensor] = []
@@ -199,15 +161,21 @@ def purify_samples(model: MDLM, samples: list[Sample], source: ImageSource, conf
                                    min_score=config.min_score))
         sal += list(s) if s is not None else [None] * len(chunk)
     ids = [model.tokenizer.encode_prompt(x.question) for x in samples]
+
+    def run(item: tuple[int, list[int]]) -> list[str]:
+        k, batch = item
+        gen = torch.Generator(device=model.device).manual_seed(config.seed + k)
+        return purify_batch(model, [samples[i].question for i in batch], None, torch.stack([held[i] for i in batch]),
+                            config, generator=gen,
+                            image_embeds=cache.embeds(model, [samples[i].image for i in batch])).answers
+
     out: dict[int, dict] = {}
-    for batch in _loaded_batches(model, samples, source, _length_buckets(ids, config.batch_size), cache):
-        idx = torch.stack([held[i] for i in batch])
-        res = purify_batch(model, [samples[i].question for i in batch], None, idx, config, generator=gen,
-                           image_embeds=cache.embeds(model, [samples[i].image for i in batch]))
-        for j, (i, ans) in enumerate(zip(batch, res.answers, strict=True)):
+    batches = enumerate(loaded_batches(model, samples, source, length_buckets(ids, config.batch_size), cache))
+    for (_, batch), answers in map_ordered(run, batches, workers):
+        for i, ans in zip(batch, answers, strict=True):
             x, s_i = samples[i], sal[i]
             info: dict[str, Any] = {"original_answer": x.answer, "purified_answer": ans,
-                                    "masked_visual_tokens": res.masked[j], "masking": masking}
+                                    "masked_visual_tokens": held[i][held[i] >= 0].tolist(), "masking": masking}
             if s_i is not None:
                 info["saliency"] = {"max": float(s_i.max()), "mean": float(s_i.mean()),
                                     "top": s_i.topk(min(5, s_i.shape[0])).indices.tolist()}
@@ -219,7 +187,8 @@ def purify_samples(model: MDLM, samples: list[Sample], source: ImageSource, conf
 
 def purify(*, model_dir, data_json, images, scores_json=None, out_json, config: PurifyConfig | None = None,
            masking: str = "saliency", indices: Sequence[int] | None = None, projector=None, device=None,
-           on_progress: Progress | None = None, should_stop: StopCheck | None = None) -> Path:
+           on_progress: Progress | None = None, should_stop: StopCheck | None = None,
+           workers: int | None = 1) -> Path:
     """Write the purified records (LLaVA format plus a `disp` field) for the selected samples."""
     config = config or PurifyConfig()
     samples, source = load_dataset(data_json, images)
@@ -230,7 +199,7 @@ def purify(*, model_dir, data_json, images, scores_json=None, out_json, config: 
             raise ValueError(f"{scores_json}: no scores for ids {missing[:5]}")
     model = _model(model_dir, projector, device)
     recs = purify_samples(model, _select(samples, indices), source, config, scores, masking=masking,
-                          on_progress=on_progress, should_stop=should_stop)
+                          on_progress=on_progress, should_stop=should_stop, workers=workers)
     return write_json(out_json, recs)
 
 
@@ -262,13 +231,17 @@ def kept_answers(records: list[dict]) -> list[bool]:
 
 def finetune_samples(model: MDLM, samples: list[Sample], source: ImageSource, config: FinetuneConfig,
                      out_dir: Path, *, run_key: str, anchor: list[bool] | None = None,
-                     on_progress: Progress | None = None, should_stop: StopCheck | None = None) -> dict:
+                     on_progress: Progress | None = None, should_stop: StopCheck | None = None,
+                     cache: VisionCache | None = None) -> dict:
     """Fine-tune the projector on samples, write projector.safetensors and metrics.json; return metrics.
 
     `anchor` flags the samples of the feature anchor (`FinetuneConfig.anchor_weight`; default: all).
     Resumes from `out_dir/finetune_state-<run_key>` if an earlier run with the same key was interrupted.
+    Tower outputs come from `cache` where it has them (scoring and purification fill it in `defend`).
     """
-    feats = vision_features(model, [source.open(s.image) for s in samples])
+    cache = cache if cache is not None else VisionCache()
+    cache.fill(model, [s.image for s in samples], source)
+    feats = cache.stacked([s.image for s in samples])
     result = finetune_projector(model, [s.question for s in samples], [s.answer for s in samples], feats, config,
                                 anchor=anchor, state_dir=out_dir / f"finetune_state-{run_key[:16]}",
                                 on_progress=on_progress, should_stop=should_stop)
@@ -316,10 +289,12 @@ class _Stages:
 
 def defend(*, model_dir, data_json, images, out_dir, config: DefenseConfig | None = None, projector=None,
            manifest=None, device=None, on_progress: Callable[[str, int, int], None] | None = None,
-           should_stop: StopCheck | None = None) -> dict:
+           should_stop: StopCheck | None = None, workers: int | None = 1) -> dict:
     """Run one defense end to end; writes projector.safetensors, purified.json and report.json.
 
     `on_progress(stage, done, total)`; `manifest` is read only by "oracle_filter" and for diagnostics.
+    `workers`: scoring and purification batches at once on CPU threads (`disp.parallel`; None or 0: one per
+    core on a CPU); no output depends on it. Fine-tuning uses torch's own threads.
     """
     config = config or DefenseConfig()
     out_dir = Path(out_dir)
@@ -336,6 +311,8 @@ def defend(*, model_dir, data_json, images, out_dir, config: DefenseConfig | Non
     def progress(stage: str) -> Progress:
         return lambda done, total: on_progress(stage, done, total) if on_progress else None
 
+    cache = VisionCache()  # the tower runs once per image for all three stages
+
     train, anchor = samples, None
     masking = {"disp": "saliency", "no_mask": "none", "random_mask": "random"}.get(config.defense)
     if masking is not None:
@@ -345,7 +322,8 @@ def defend(*, model_dir, data_json, images, out_dir, config: DefenseConfig | Non
             if not stages.fresh("scoring", fp, [out_dir / SCORES_FILE]):
                 t = time.perf_counter()
                 s = score_samples(model, samples, source, config.saliency, sampler,
-                                  on_progress=progress("scoring"), should_stop=should_stop)
+                                  on_progress=progress("scoring"), should_stop=should_stop, cache=cache,
+                                  workers=workers)
                 write_json(out_dir / SCORES_FILE, {"config": asdict(config.saliency), "scores": s})
                 stages.finish("scoring", fp, time.perf_counter() - t)
             scores = json.loads((out_dir / SCORES_FILE).read_text())["scores"]
@@ -353,7 +331,8 @@ def defend(*, model_dir, data_json, images, out_dir, config: DefenseConfig | Non
         if not stages.fresh("purifying", fp, [out_dir / PURIFIED_FILE]):
             t = time.perf_counter()
             recs = purify_samples(model, samples, source, config.purify, scores, masking=masking,
-                                  on_progress=progress("purifying"), should_stop=should_stop)
+                                  on_progress=progress("purifying"), should_stop=should_stop, cache=cache,
+                                  workers=workers)
             write_json(out_dir / PURIFIED_FILE, recs)
             stages.finish("purifying", fp, time.perf_counter() - t)
         purified = json.loads((out_dir / PURIFIED_FILE).read_text())
@@ -382,7 +361,7 @@ def defend(*, model_dir, data_json, images, out_dir, config: DefenseConfig | Non
         if not stages.fresh("finetuning", fp, [out_dir / PROJECTOR_FILE]):
             t = time.perf_counter()
             metrics = finetune_samples(model, train, source, config.finetune, out_dir, run_key=fp, anchor=anchor,
-                                       on_progress=progress("finetuning"), should_stop=should_stop)
+                                       on_progress=progress("finetuning"), should_stop=should_stop, cache=cache)
             stages.finish("finetuning", fp, time.perf_counter() - t, metrics=metrics)
         report["finetune"] = stages.done["finetuning"].get("metrics")
     report["stages"] = {k: v["seconds"] for k, v in stages.done.items()}

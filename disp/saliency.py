@@ -97,10 +97,12 @@ def input_grads_only(model: MDLM) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def probe_chunk(probes: int, logits_shape: torch.Size, element_size: int, device: torch.device) -> int:
-    """Probes per backward for logits of `logits_shape` [B, L, V] (see `PROBE_GRAD_BYTES`)."""
+def probe_chunk(probes: int, logits_shape: torch.Size, element_size: int, device: torch.device,
+                rows: int) -> int:
+    """Probes per backward for logits of `logits_shape` [B, G, V] read from a sequence of `rows` = B·L token
+    rows (see `PROBE_GRAD_BYTES` and `CPU_PROBE_ROWS`)."""
     if device.type == "cpu":
-        return max(1, min(probes, CPU_PROBE_ROWS // max(1, logits_shape[0] * logits_shape[1])))
+        return max(1, min(probes, CPU_PROBE_ROWS // max(1, rows)))
     return max(1, min(probes, PROBE_GRAD_BYTES // max(1, logits_shape.numel() * element_size)))
 
 
@@ -161,7 +163,7 @@ def hutchinson_saliency(model: MDLM, prompt: PromptBatch, config: SaliencyConfig
         p = torch.softmax(z.detach().double() / temperature, -1)
         y = probe_noise(config.probes, tuple(z.shape[1:]), generator)  # (M, G, k), the same for every row
         q = fisher_probes_from_noise(p, y[:, None]).to(z.dtype)  # (M, B, G, k)
-        chunk = probe_chunk(config.probes, logits_shape, z.element_size(), z.device)
+        chunk = probe_chunk(config.probes, logits_shape, z.element_size(), z.device, embeds.shape[0] * embeds.shape[1])
         for g in _probe_grads(z, embeds, q, chunk):
             g_vis = g.gather(2, cols.expand(len(g), -1, -1, -1))  # (m, B, N_v, D)
             energy += ((g_vis.double() * delta).sum(-1) ** 2).sum(0)  # Σ_m (q_mᵀ J_i δ_i)²

@@ -19,6 +19,7 @@ class WorkerSettings(CommonSettings):
     pool: str = "solo"  # CUDA-safe: no fork after the model touches the GPU
     concurrency: int = 1
     shard_size: int = 256  # records per scoring / purification shard
+    cpu_workers: int = 0  # scoring/purification batches at once on CPU threads (disp.parallel); 0: one per core
     task_time_limit_s: int = 5 * 3600  # must stay below the visibility timeout
     progress_interval_s: float = 1.0
     cancel_poll_s: float = 1.0

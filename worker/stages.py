@@ -81,6 +81,7 @@ def _common(ctx: StageContext) -> dict:
         "data_json": ctx.dataset.data_json,
         "images": ctx.dataset.images,
         "device": ctx.settings.device,
+        "workers": ctx.settings.cpu_workers,
         "on_progress": ctx.reporter.on_progress,
         "should_stop": ctx.reporter.should_stop,
     }
@@ -176,7 +177,7 @@ def run_finetune(ctx: StageContext) -> None:
         ctx.storage.put_bytes(keys.finetune_metrics(job), json.dumps(report.get("finetune") or {}).encode())
     else:
         purified = _fetch(ctx, keys.merged(job, JobStatus.purifying), "purified.json")
-        del common["data_json"]
+        del common["data_json"], common["workers"]  # fine-tuning uses torch's own threads
         pipeline.finetune(purified_json=purified, out_dir=out_dir, config=config.finetune, **common)
         ctx.storage.put_file(keys.finetune_metrics(job), out_dir / "metrics.json")
     ctx.storage.put_file(keys.projector(job), out_dir / "projector.safetensors")  # last: marks the stage done

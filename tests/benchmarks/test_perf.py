@@ -51,6 +51,46 @@ def test_quick_run_writes_every_field_and_passes(tmp_path):
         assert entry["speedup"] == pytest.approx(entry["product_sps"] / entry["reference_sps"])
     assert data["checks"]["saliency_ok"] and data["checks"]["answers_identical"] == "4/4"
     assert data["workload"]["samples"] == 4
+    assert len(data["runs"]) == 1
+
+
+def _stage(ref_s: float, prod_s: float) -> dict:
+    return {"reference_s": ref_s, "product_s": prod_s, "reference_samples": 4, "product_samples": 8,
+            "reference_sps": 4 / ref_s, "product_sps": 8 / prod_s, "speedup": (8 / prod_s) / (4 / ref_s),
+            "peak_mem_bytes": int(prod_s * 100), "reference_peak_mem_bytes": 5,
+            "reference_model_flops": 40.0, "product_model_flops": 80.0,
+            "reference_achieved_flops_per_s": 40 / ref_s, "product_achieved_flops_per_s": 80 / prod_s}
+
+
+def test_best_of_keeps_each_sides_fastest_stage_and_sums_them():
+    def run(times: dict[str, tuple[float, float]], ok: bool = True) -> dict:
+        r = {s: _stage(*t) for s, t in times.items()}
+        r["end_to_end"] = _stage(sum(t[0] for t in times.values()), sum(t[1] for t in times.values()))
+        return {**r, "outputs_identical": ok, "checks": {"strict": True, "saliency_ok": True, "finetune_ok": True}}
+
+    a = run({"saliency": (1.0, 0.5), "purification": (4.0, 1.0), "finetune": (2.0, 1.0)})
+    b = run({"saliency": (2.0, 0.25), "purification": (3.0, 2.0), "finetune": (2.0, 0.5)})
+    best = perf.best_of([a, b])
+    assert best["saliency"]["reference_s"] == 1.0 and best["saliency"]["product_s"] == 0.25
+    assert best["purification"]["reference_s"] == 3.0 and best["purification"]["product_s"] == 1.0
+    e2e = best["end_to_end"]
+    assert e2e["reference_s"] == 1.0 + 3.0 + 2.0 and e2e["product_s"] == 0.25 + 1.0 + 0.5
+    assert e2e["speedup"] == pytest.approx((8 / 1.75) / (4 / 6.0))
+    assert e2e["product_achieved_flops_per_s"] == pytest.approx(80 / 1.75)
+    assert best["saliency"]["peak_mem_bytes"] == 50  # the higher of the two runs
+    assert [r["saliency"]["speedup"] for r in best["runs"]] == [a["saliency"]["speedup"], b["saliency"]["speedup"]]
+    assert perf.passed(best)
+    assert not perf.passed(perf.best_of([a, run({"saliency": (1, 1), "purification": (1, 1), "finetune": (1, 1)},
+                                                ok=False)]))
+
+
+def test_bad_repeat_and_workers_are_named(capsys):
+    with pytest.raises(SystemExit):
+        perf.main(["--repeat", "0"])
+    assert "--repeat must be at least 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        perf.main(["--workers", "-1"])
+    assert "--workers must be at least 0" in capsys.readouterr().err
 
 
 def test_reference_saliency_is_the_products_estimator(workload):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from disp.bench.shapes import ShapesConfig, write_dataset
 from disp.cli import main
 
@@ -28,7 +30,8 @@ def test_poison_defend_evaluate(tiny_dir, tmp_path, capsys):
     poison = json.loads(capsys.readouterr().out)
     assert poison["poisoned"] == 2 and poison["samples"] == 10
     assert main(["defend", "--model", str(tiny_dir), "--data", poison["data"], "--images", str(tmp_path / "p"),
-                 "--out", str(tmp_path / "o"), "--epochs", "1", "--probes", "2", "--json", *FAST]) == 0
+                 "--out", str(tmp_path / "o"), "--epochs", "1", "--probes", "2", "--workers", "2", "--json",
+                 *FAST]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["defense"] == "disp" and report["config"]["saliency"]["probes"] == 2
     assert main(["evaluate", "--model", str(tiny_dir), "--projector", str(tmp_path / "o" / "projector.safetensors"),
@@ -46,6 +49,9 @@ def test_bad_input_is_one_clear_line(tiny_dir, tmp_path, capsys):
     assert main(["defend", "--model", str(tiny_dir), "--data", "x.json", "--images", ".", "--out", "o",
                  "--mask-ratio", "1.5"]) == 2
     assert "mask_ratio must be in [0, 1), got 1.5" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["score", "--model", str(tiny_dir), "--data", "x.json", "--images", ".", "--out", "o", "--workers", "-1"])
+    assert "--workers: must be a whole number >= 0 (0: one per core), got '-1'" in capsys.readouterr().err
     (tmp_path / "evil.pt").write_bytes(b"not opened")
     assert main(["generate", "--model", str(tmp_path / "evil.pt"), "--image", "x.png", "--prompt", "hi"]) == 2
     assert "pickle" in capsys.readouterr().err

@@ -153,3 +153,21 @@ def test_bf16_model_with_float32_projector_runs_every_stage(tiny_dir, poisoned):
                        FinetuneConfig(epochs=1, batch_size=4, lr=1e-2))
     assert any(not torch.equal(v, before[k]) for k, v in model.projector.state_dict().items())
     assert all(v.dtype == torch.float32 for v in model.projector_state_dict().values())
+
+
+def test_fine_tuning_takes_tower_outputs_from_the_shared_cache(tiny_dir, poisoned, tmp_path):
+    from disp.batching import VisionCache
+    from disp.finetune import vision_features
+    from disp.pipeline import finetune_samples
+
+    model = models.load(tiny_dir)
+    samples, source = load_dataset(poisoned.data_path, poisoned.data_path.parent)
+    expected = vision_features(model, [source.open(s.image) for s in samples])
+    cache = VisionCache()
+    cache.fill(model, [s.image for s in samples[:5]], source)
+    towered = []
+    model.vision_features = lambda pixels, _f=model.vision_features: towered.append(len(pixels)) or _f(pixels)
+    finetune_samples(model, samples, source, FinetuneConfig(epochs=1, batch_size=8), tmp_path, run_key="k",
+                     cache=cache)
+    assert sum(towered) == len({s.image for s in samples[5:]} - {s.image for s in samples[:5]})  # only the rest
+    assert torch.equal(cache.stacked([s.image for s in samples]), expected)  # what fine-tuning computed itself

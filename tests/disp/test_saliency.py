@@ -198,3 +198,14 @@ def test_bad_saliency_settings_are_named():
         SaliencyConfig(method="kl")
     with pytest.raises(ValueError, match="occlusion_rows must be >= 1, got 0"):
         SaliencyConfig(occlusion_rows=0)
+
+
+def test_probe_chunk_counts_the_rows_of_the_sequence_on_a_cpu():
+    from disp.saliency import CPU_PROBE_ROWS, probe_chunk
+
+    logits = torch.Size([8, 32, 640])  # the answer rows only (logits_from)
+    cpu = torch.device("cpu")
+    assert probe_chunk(6, logits, 4, cpu, rows=8 * 140) == max(1, CPU_PROBE_ROWS // (8 * 140))
+    assert probe_chunk(6, logits, 4, cpu, rows=2 * 100) == 6
+    assert probe_chunk(6, logits, 4, cpu, rows=10_000) == 1
+    assert probe_chunk(6, logits, 4, torch.device("cuda"), rows=10_000) == 6  # GPU: the logit cotangent's bytes
