@@ -36,7 +36,7 @@ from disp.finetune import Cancelled, finetune_projector, result_dict
 from disp.models.base import MDLM
 from disp.models.checkpoint import write_state_dict
 from disp.parallel import map_ordered, resolve_workers
-from disp.purify import choose_masked, purify_batch
+from disp.purify import PurifiedBatch, choose_masked, purify_batch
 from disp.saliency import input_grads_only, visual_saliency
 
 Progress = Callable[[int, int], None]
@@ -162,20 +162,20 @@ def purify_samples(model: MDLM, samples: list[Sample], source: ImageSource, conf
         sal += list(s) if s is not None else [None] * len(chunk)
     ids = [model.tokenizer.encode_prompt(x.question) for x in samples]
 
-    def run(item: tuple[int, list[int]]) -> list[str]:
+    def run(item: tuple[int, list[int]]) -> PurifiedBatch:
         k, batch = item
         gen = torch.Generator(device=model.device).manual_seed(config.seed + k)
         return purify_batch(model, [samples[i].question for i in batch], None, torch.stack([held[i] for i in batch]),
                             config, generator=gen,
-                            image_embeds=cache.embeds(model, [samples[i].image for i in batch])).answers
+                            image_embeds=cache.embeds(model, [samples[i].image for i in batch]))
 
     out: dict[int, dict] = {}
     batches = enumerate(loaded_batches(model, samples, source, length_buckets(ids, config.batch_size), cache))
-    for (_, batch), answers in map_ordered(run, batches, workers):
-        for i, ans in zip(batch, answers, strict=True):
+    for (_, batch), res in map_ordered(run, batches, workers):
+        for i, ans, masked in zip(batch, res.answers, res.masked, strict=True):
             x, s_i = samples[i], sal[i]
             info: dict[str, Any] = {"original_answer": x.answer, "purified_answer": ans,
-                                    "masked_visual_tokens": held[i][held[i] >= 0].tolist(), "masking": masking}
+                                    "masked_visual_tokens": masked, "masking": masking}
             if s_i is not None:
                 info["saliency"] = {"max": float(s_i.max()), "mean": float(s_i.mean()),
                                     "top": s_i.topk(min(5, s_i.shape[0])).indices.tolist()}
