@@ -76,15 +76,17 @@ def start_worker(env: dict[str, str], log_path: Path | None = None) -> subproces
         "--without-mingle",
         "--without-heartbeat",
     ]
+    # From a source tree the child needs the tree on its path; an installed package is found anyway.
     child_env = {
         **os.environ,
         **env,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
+    data_dir = Path(env["DISP_STORAGE_ROOT"]).parent
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 (the child owns it)
     return subprocess.Popen(
         cmd,
-        cwd=ROOT,
+        cwd=data_dir,
         env=child_env,
         stdout=out,
         stderr=subprocess.STDOUT,

@@ -11,7 +11,6 @@ RUN pip install \
       "boto3>=1.34" "prometheus-client>=0.20" "httpx>=0.27"
 
 COPY pyproject.toml README.md alembic.ini ./
-COPY migrations ./migrations
 COPY disp ./disp
 COPY api ./api
 COPY worker ./worker

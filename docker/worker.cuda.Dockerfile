@@ -7,7 +7,6 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
 WORKDIR /app
 
 COPY pyproject.toml README.md alembic.ini ./
-COPY migrations ./migrations
 COPY disp ./disp
 COPY api ./api
 COPY worker ./worker
