@@ -13,6 +13,7 @@ from api.config import ApiSettings
 from api.db.models import ApiKey, Artifact, Checkpoint, Dataset, Job, Tenant, Upload
 from api.db.session import get_sessionmaker
 from api.errors import ApiError, not_found
+from api.limits import check_rate
 from api.security import hash_api_key
 from api.storage import Storage, get_storage
 
@@ -62,13 +63,17 @@ def tenant_for_key(session: Session, key: str | None) -> Tenant | None:
 
 
 def current_tenant(
-    session: SessionDep, authorization: Annotated[str | None, Header(include_in_schema=False)] = None
+    session: SessionDep,
+    settings: SettingsDep,
+    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> Tenant:
+    """The caller's tenant, counted against its request rate limit (429 when exhausted)."""
     tenant = tenant_for_key(session, bearer_key(authorization))
     if tenant is None:
         raise ApiError(
             401, "unauthorized", "Missing, invalid or revoked API key (use 'Authorization: Bearer ...')"
         )
+    check_rate(settings, tenant.id)
     return tenant
 
 

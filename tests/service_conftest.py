@@ -148,6 +148,7 @@ def service_env(pg_url, redis_url, s3_endpoint, queue_prefix, tmp_path_factory) 
         "DISP_DEVICE": "cpu",
         "DISP_PUBLIC_URL": "http://testserver",
         "DISP_MAX_UPLOAD_BYTES": str(20 * 1024**2),
+        "DISP_RATE_LIMIT_REDIS_URL": redis_url,
     }
 
 

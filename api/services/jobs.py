@@ -7,7 +7,7 @@ import socket
 from typing import Any
 from urllib.parse import urlparse
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from api import jobstate
@@ -102,6 +102,12 @@ def create_job(*, session: Session, settings: ApiSettings, tenant_id: str, body:
         data={"status": JobStatus.validating, "stage": None},
     )
     return job
+
+
+def count_active(*, session: Session, tenant_id: str) -> int:
+    """The tenant's jobs not yet finished (its quota counts these)."""
+    query = select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id, Job.status.not_in(TERMINAL))
+    return int(session.scalar(query) or 0)
 
 
 def list_jobs(
