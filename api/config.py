@@ -18,12 +18,15 @@ class CommonSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DISP_", env_file=".env", extra="ignore")
 
     database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/disp"
-    broker_url: str = "redis://127.0.0.1:6379/0"
+    # RabbitMQ redelivers a task the moment its worker's connection drops (a killed worker); a Redis broker
+    # only after `visibility_timeout_s`. Task results are not used (jobs live in the database).
+    broker_url: str = "amqp://guest:guest@127.0.0.1:5672//"
     result_backend: str = "redis://127.0.0.1:6379/0"
     broker_transport_options: dict = Field(default_factory=dict)
+    broker_heartbeat_s: int = 30  # AMQP heartbeats: a vanished worker host is noticed within ~2x this
     # Queues: GPU stages, CPU work (validation, webhooks). A prefix isolates test sessions on a shared broker.
     queue_prefix: str = ""
-    # Redis visibility timeout: above the longest stage, else a running stage is delivered twice.
+    # Redis broker only: above the longest stage, else a running stage is delivered twice.
     visibility_timeout_s: int = 6 * 3600
 
     storage_backend: str = "s3"  # "s3" or "local"
