@@ -51,14 +51,18 @@ async def _pool_timeout(request: Request, exc: Exception) -> JSONResponse:
     """No database connection free within the pool timeout: shed, do not queue."""
     log.debug("database pool exhausted: %s", exc)
     retry = request.app.state.settings.retry_after_s
-    return _respond(request, 503, "database_busy", "All database connections are busy; retry shortly", None, retry)
+    return _respond(
+        request, 503, "database_busy", "All database connections are busy; retry shortly", None, retry
+    )
 
 
 async def _database_down(request: Request, exc: Exception) -> JSONResponse:
     """The database refused or dropped the connection (restart, failover)."""
     log.warning("database unavailable: %s", exc)
     retry = request.app.state.settings.retry_after_s
-    return _respond(request, 503, "database_unavailable", "The database is unavailable; retry shortly", None, retry)
+    return _respond(
+        request, 503, "database_unavailable", "The database is unavailable; retry shortly", None, retry
+    )
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -67,7 +71,9 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     message = first.get("msg", "Invalid request").removeprefix("Value error, ")
     if first.get("type") == "json_invalid":
         return _respond(request, 400, "malformed_json", f"Request body is not valid JSON: {message}")
-    code = "invalid_settings" if loc[:1] == ["settings"] else "invalid_request"  # job settings: disp.config's checks
+    code = (
+        "invalid_settings" if loc[:1] == ["settings"] else "invalid_request"
+    )  # job settings: disp.config's checks
     return _respond(request, 422, code, message, ".".join(loc) or None)
 
 

@@ -71,7 +71,9 @@ class Admission:
             what = {"requests": "requests", "uploads": "uploads", "streams": "event streams"}[lane]
             message = f"The server is at its limit of concurrent {what}; retry in {retry} s"
             body = error_body(Request(scope), "overloaded", message, None)
-            await JSONResponse(body, status_code=503, headers={"Retry-After": str(retry)})(scope, receive, send)
+            await JSONResponse(body, status_code=503, headers={"Retry-After": str(retry)})(
+                scope, receive, send
+            )
             return
         try:
             await self.app(scope, receive, send)
@@ -154,7 +156,9 @@ def check_rate(settings: ApiSettings, tenant_id: str, *, kind: str = "requests")
     wait = limiter.take(f"{kind}:{tenant_id}", rate=rate, burst=burst)
     if wait > 0:
         what = "requests" if kind == "requests" else "job creations"
-        raise RateLimited(f"Rate limit of {what} exceeded for this tenant; retry in {math.ceil(wait)} s", wait)
+        raise RateLimited(
+            f"Rate limit of {what} exceeded for this tenant; retry in {math.ceil(wait)} s", wait
+        )
 
 
 class RateLimited(ApiError):

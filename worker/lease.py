@@ -57,8 +57,15 @@ class StageLease:
         job_id, stage, shard = self.key
         with session_scope(self.url) as session:
             session.add(
-                LeaseRow(job_id=job_id, stage=stage, shard=shard, holder=self.holder, expires_at=until,
-                         acquired_at=now, runs=1)
+                LeaseRow(
+                    job_id=job_id,
+                    stage=stage,
+                    shard=shard,
+                    holder=self.holder,
+                    expires_at=until,
+                    acquired_at=now,
+                    runs=1,
+                )
             )
             try:
                 session.flush()

@@ -151,7 +151,9 @@ def run_stage(self, job_id: str, stage: str, shard: int = 0) -> str:
     try:
         outcome = _run(self.app, job_id, stage, shard)
     except LeaseHeld as held:
-        log.info("job %s: %s shard %d is running elsewhere (%s); checking again later", job_id, stage, shard, held)
+        log.info(
+            "job %s: %s shard %d is running elsewhere (%s); checking again later", job_id, stage, shard, held
+        )
         raise self.retry(countdown=min(held.wait, _settings().lease_ttl_s) + 1, max_retries=None) from None
     if outcome == "done":
         advance_job.apply_async(kwargs={"job_id": job_id}, queue=_settings().queue("gpu"))

@@ -148,7 +148,9 @@ async def stream_events(
             await asyncio.sleep(settings.stream_poll_s if len(events) < 100 else 0)
 
     return StreamingResponse(
-        frames(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        frames(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
 

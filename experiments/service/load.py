@@ -65,7 +65,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def request(method: str, url: str, key: str, body: dict | None = None, timeout: float = 20) -> tuple[int, dict | None]:
+def request(
+    method: str, url: str, key: str, body: dict | None = None, timeout: float = 20
+) -> tuple[int, dict | None]:
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method=method)
     req.add_header("Authorization", f"Bearer {key}")
@@ -108,21 +110,46 @@ class Stack:
         }
 
     def __enter__(self) -> Stack:
-        subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-qc", f'CREATE DATABASE "{self.db}"'],
-                       check=True)
+        subprocess.run(
+            ["psql", "-h", "127.0.0.1", "-U", "postgres", "-qc", f'CREATE DATABASE "{self.db}"'], check=True
+        )
         subprocess.run(["rabbitmqctl", "-q", "add_vhost", self.vhost], check=True)
-        subprocess.run(["rabbitmqctl", "-q", "set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*"],
-                       check=True)
+        subprocess.run(
+            ["rabbitmqctl", "-q", "set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*"], check=True
+        )
         seeded = subprocess.run(
             [sys.executable, "-c", SEED, f"{PG}/{self.db}", str(self.tenants), self.run],
-            env=self.env(), cwd=self.tmp, check=True, capture_output=True, text=True,
+            env=self.env(),
+            cwd=self.tmp,
+            check=True,
+            capture_output=True,
+            text=True,
         )
         self.tenant_rows = json.loads(seeded.stdout.strip().splitlines()[-1])
         self.log = open(self.tmp / "api.log", "wb")
-        cmd = [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(self.port),
-               "--workers", str(self.workers), "--log-level", "warning", "--no-access-log"]
-        self.proc = subprocess.Popen(cmd, cwd=self.tmp, env=self.env(), stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "api.main:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            str(self.workers),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ]
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=self.tmp,
+            env=self.env(),
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -142,8 +169,18 @@ class Stack:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
         self.log.close()
-        subprocess.run(["psql", "-h", "127.0.0.1", "-U", "postgres", "-qc",
-                        f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)'], check=False)
+        subprocess.run(
+            [
+                "psql",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-qc",
+                f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)',
+            ],
+            check=False,
+        )
         subprocess.run(["rabbitmqctl", "-q", "delete_vhost", self.vhost], check=False)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -182,15 +219,65 @@ def hey_cmds(stack: Stack, jobs: list, c: int, duration: int, timeout: int) -> l
     for i in range(n):
         job_id, t = jobs[i]
         conc = polls // n + (1 if i < polls % n else 0)
-        cmds.append(("poll", ["hey", "-z", f"{duration}s", "-t", str(timeout), "-c", str(conc),
-                              "-H", f"Authorization: Bearer {t['key']}", f"{stack.base}/v1/jobs/{job_id}"]))
+        cmds.append(
+            (
+                "poll",
+                [
+                    "hey",
+                    "-z",
+                    f"{duration}s",
+                    "-t",
+                    str(timeout),
+                    "-c",
+                    str(conc),
+                    "-H",
+                    f"Authorization: Bearer {t['key']}",
+                    f"{stack.base}/v1/jobs/{job_id}",
+                ],
+            )
+        )
     t = stack.tenant_rows[0]
-    cmds.append(("list", ["hey", "-z", f"{duration}s", "-t", str(timeout), "-c", str(lst),
-                          "-H", f"Authorization: Bearer {t['key']}", f"{stack.base}/v1/jobs?limit=20"]))
+    cmds.append(
+        (
+            "list",
+            [
+                "hey",
+                "-z",
+                f"{duration}s",
+                "-t",
+                str(timeout),
+                "-c",
+                str(lst),
+                "-H",
+                f"Authorization: Bearer {t['key']}",
+                f"{stack.base}/v1/jobs?limit=20",
+            ],
+        )
+    )
     body = json.dumps({"dataset_id": t["dataset_id"], "checkpoint_id": t["checkpoint_id"]})
-    cmds.append(("post", ["hey", "-z", f"{duration}s", "-t", str(timeout), "-c", str(post), "-m", "POST",
-                          "-T", "application/json", "-d", body,
-                          "-H", f"Authorization: Bearer {t['key']}", f"{stack.base}/v1/jobs"]))
+    cmds.append(
+        (
+            "post",
+            [
+                "hey",
+                "-z",
+                f"{duration}s",
+                "-t",
+                str(timeout),
+                "-c",
+                str(post),
+                "-m",
+                "POST",
+                "-T",
+                "application/json",
+                "-d",
+                body,
+                "-H",
+                f"Authorization: Bearer {t['key']}",
+                f"{stack.base}/v1/jobs",
+            ],
+        )
+    )
     return cmds
 
 
@@ -240,8 +327,9 @@ def recovery(stack: Stack, jobs: list, limit: float = 300) -> float:
 def level(stack: Stack, jobs: list, c: int, duration: int, timeout: int) -> dict:
     cmds = hey_cmds(stack, jobs, c, duration, timeout)
     with ThreadPoolExecutor(len(cmds)) as pool:
-        texts = list(pool.map(lambda kc: (kc[0], subprocess.run(kc[1], capture_output=True, text=True).stdout),
-                              cmds))
+        texts = list(
+            pool.map(lambda kc: (kc[0], subprocess.run(kc[1], capture_output=True, text=True).stdout), cmds)
+        )
     rec = recovery(stack, jobs)
     parts = [(kind, parse_hey(text)) for kind, text in texts]
     row = {"c": c, "duration": duration, "recovery_s": round(rec, 2), "codes": {}}
@@ -254,7 +342,9 @@ def level(stack: Stack, jobs: list, c: int, duration: int, timeout: int) -> dict
     ok = sum(n for code, n in row["codes"].items() if code < 400)
     row["req_s"] = round(responses / duration, 1)
     row["ok_s"] = round(ok / duration, 1)
-    weighted = [(sum(p["codes"].values()), p) for _, p in parts if p["p50"] is not None and p["p99"] is not None]
+    weighted = [
+        (sum(p["codes"].values()), p) for _, p in parts if p["p50"] is not None and p["p99"] is not None
+    ]
     total = sum(w for w, _ in weighted) or 1
     row["p50_ms"] = round(1000 * sum(w * p["p50"] for w, p in weighted) / total, 1) if weighted else None
     row["p99_ms"] = round(1000 * sum(w * p["p99"] for w, p in weighted) / total, 1) if weighted else None
@@ -266,22 +356,48 @@ def level(stack: Stack, jobs: list, c: int, duration: int, timeout: int) -> dict
     return row
 
 
-HEADER = ("c", "req/s", "ok/s", "p50 ms", "p99 ms", "p99 max", "timeouts", "conn err", "429", "503",
-          "5xx other", "recovery s")
+HEADER = (
+    "c",
+    "req/s",
+    "ok/s",
+    "p50 ms",
+    "p99 ms",
+    "p99 max",
+    "timeouts",
+    "conn err",
+    "429",
+    "503",
+    "5xx other",
+    "recovery s",
+)
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     for r in rows:
-        cells = (r["c"], r["req_s"], r["ok_s"], r["p50_ms"], r["p99_ms"], r["p99_max_ms"], r["timeouts"],
-                 r["conn_errors"], r["n429"], r["n503"], r["n5xx_other"], r["recovery_s"])
+        cells = (
+            r["c"],
+            r["req_s"],
+            r["ok_s"],
+            r["p50_ms"],
+            r["p99_ms"],
+            r["p99_max_ms"],
+            r["timeouts"],
+            r["conn_errors"],
+            r["n429"],
+            r["n503"],
+            r["n5xx_other"],
+            r["recovery_s"],
+        )
         lines.append("| " + " | ".join(str(x) for x in cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--src", type=Path, default=ROOT, help="source tree whose api/ is served (default: this one)")
+    p.add_argument(
+        "--src", type=Path, default=ROOT, help="source tree whose api/ is served (default: this one)"
+    )
     p.add_argument("--levels", default="10,50,200,500", help="comma-separated client concurrencies")
     p.add_argument("--duration", type=int, default=40, help="seconds per level")
     p.add_argument("--timeout", type=int, default=20, help="hey's per-request timeout, seconds")
@@ -301,8 +417,10 @@ def main(argv: list[str] | None = None) -> int:
             row = level(stack, jobs, c, args.duration, args.timeout)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    print(f"\nsrc={args.src} workers={args.workers} tenants={args.tenants} cores={os.cpu_count()} "
-          f"load average={os.getloadavg()[0]:.1f} (machine shared with other engineers' work)")
+    print(
+        f"\nsrc={args.src} workers={args.workers} tenants={args.tenants} cores={os.cpu_count()} "
+        f"load average={os.getloadavg()[0]:.1f} (machine shared with other engineers' work)"
+    )
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

@@ -45,13 +45,20 @@ def test_conditional_get_answers_304_until_the_job_changes(client, auth, job):
     again = client.get(f"/v1/jobs/{job_id}", headers={**auth, "If-None-Match": etag})
     assert again.status_code == 304 and again.content == b"" and again.headers["etag"] == etag
     listed = client.get("/v1/jobs", headers=auth)
-    assert client.get("/v1/jobs", headers={**auth, "If-None-Match": listed.headers["etag"]}).status_code == 304
+    assert (
+        client.get("/v1/jobs", headers={**auth, "If-None-Match": listed.headers["etag"]}).status_code == 304
+    )
     assert client.post(f"/v1/jobs/{job_id}/cancel", headers=auth).status_code == 200
     changed = client.get(f"/v1/jobs/{job_id}", headers={**auth, "If-None-Match": etag})
     assert changed.status_code == 200 and changed.json()["status"] == "cancelled"
     assert changed.headers["etag"] != etag
     # another tenant learns nothing from an ETag
-    assert client.get(f"/v1/jobs/{job_id}", headers={**new_tenant_auth(client), "If-None-Match": etag}).status_code == 404
+    assert (
+        client.get(
+            f"/v1/jobs/{job_id}", headers={**new_tenant_auth(client), "If-None-Match": etag}
+        ).status_code
+        == 404
+    )
 
 
 def new_tenant_auth(client):
