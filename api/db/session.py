@@ -19,13 +19,22 @@ _lock = threading.Lock()
 
 def configure_pool(url: str, *, size: int, overflow: int, timeout_s: float) -> None:
     """Pool bounds for `url` (Postgres); an engine already made with other bounds is replaced."""
-    options = {"pool_size": size, "max_overflow": overflow, "pool_timeout": timeout_s}
+    # No ping per checkout (a round trip per request): after a database restart the first request on a
+    # dead connection fails (503) and the pool reconnects all of them.
+    options = {
+        "pool_size": size,
+        "max_overflow": overflow,
+        "pool_timeout": timeout_s,
+        "pool_pre_ping": False,
+        "pool_recycle": 1800,
+    }
     with _lock:
         if url.startswith("sqlite") or _pool_options.get(url) == options:
             return
         _pool_options[url] = options
         old = _engines.pop(url, None)
         _makers.pop(url, None)
+        _makers.pop(f"reader:{url}", None)
     if old is not None:
         old.dispose()
 
@@ -51,13 +60,15 @@ def _make_engine(url: str) -> Engine:
 
         return engine
     connect_args = {"connect_timeout": 5} if url.startswith("postgresql") else {}
-    return create_engine(url, pool_pre_ping=True, connect_args=connect_args, **_pool_options.get(url, {}))
+    options = {"pool_pre_ping": True, **_pool_options.get(url, {})}
+    return create_engine(url, connect_args=connect_args, **options)
 
 
 def dispose_engine(url: str) -> None:
     with _lock:
         engine = _engines.pop(url, None)
         _makers.pop(url, None)
+        _makers.pop(f"reader:{url}", None)
     if engine is not None:
         engine.dispose()
 
@@ -68,6 +79,18 @@ def get_sessionmaker(url: str) -> sessionmaker[Session]:
         if url not in _makers:
             _makers[url] = sessionmaker(engine, expire_on_commit=False)
         return _makers[url]
+
+
+def get_reader(url: str) -> sessionmaker[Session]:
+    """Sessions for requests that only read: autocommit, so no BEGIN/ROLLBACK round trips (Postgres)."""
+    if url.startswith("sqlite"):
+        return get_sessionmaker(url)
+    engine = get_engine(url)
+    key = f"reader:{url}"
+    with _lock:
+        if key not in _makers:
+            _makers[key] = sessionmaker(engine.execution_options(isolation_level="AUTOCOMMIT"))
+        return _makers[key]
 
 
 @contextmanager

@@ -123,8 +123,10 @@ def list_jobs(
 
 def job_out(*, session: Session, job: Job) -> JobOut:
     done, total = jobstate.progress(session, job)
-    artifact_ids = list(
-        session.scalars(select(Artifact.id).where(Artifact.job_id == job.id).order_by(Artifact.id))
+    artifact_ids = (  # registered when the job succeeds (worker.orchestrate.finish)
+        list(session.scalars(select(Artifact.id).where(Artifact.job_id == job.id).order_by(Artifact.id)))
+        if job.status == JobStatus.succeeded
+        else []
     )
     return JobOut(
         id=job.id,

@@ -23,7 +23,7 @@ CLIENTS, SECONDS, CLIENT_TIMEOUT = 200, 8.0, 10.0
 
 
 @pytest.fixture
-def server(service_env, pg_url, tmp_path):
+def server(service_env, tmp_path):
     port = free_port()
     env = {
         **os.environ,
