@@ -178,3 +178,14 @@ def test_exhausted_database_pool_is_503_not_a_hang(api_settings, pg_url, auth):
         finally:
             held.close()
         assert tc.get("/v1/jobs", headers=auth).status_code == 200
+
+
+def test_rate_limits_fail_open_when_redis_is_down(api_settings, auth):
+    """Redis only holds the rate-limit buckets: without it requests are served (not limited), not failed."""
+    from fastapi.testclient import TestClient
+
+    app = _app(api_settings, rate_limit_redis_url="redis://127.0.0.1:1/0", rate_limit_burst=1)
+    with TestClient(app) as tc:
+        started = time.monotonic()
+        assert [tc.get("/v1/jobs", headers=auth).status_code for _ in range(3)] == [200, 200, 200]
+        assert time.monotonic() - started < 5
