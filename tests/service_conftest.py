@@ -220,6 +220,23 @@ def new_tenant(database_url: str, name: str | None = None) -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"}
 
 
+def ready_inputs(database_url: str, auth: dict[str, str]) -> dict[str, str]:
+    """A dataset and a checkpoint row marked ready for the tenant of `auth` (no upload: for tests of jobs
+    that no worker runs)."""
+    from api.db.models import Checkpoint, Dataset
+    from api.db.session import session_scope
+    from api.deps import bearer_key, tenant_for_key
+
+    with session_scope(database_url) as session:
+        tenant = tenant_for_key(session, bearer_key(auth["Authorization"]))
+        common = dict(tenant_id=tenant.id, status="ready", storage_key="x", bytes=1, sha256="0" * 64)
+        dataset = Dataset(name="d", archive_format="zip", num_records=4, **common)
+        checkpoint = Checkpoint(name="c", kind="full", archive_format="tar", **common)
+        session.add_all([dataset, checkpoint])
+        session.flush()
+        return {"dataset_id": dataset.id, "checkpoint_id": checkpoint.id}
+
+
 @pytest.fixture
 def auth(pg_url) -> dict[str, str]:
     """Headers of a fresh tenant's API key."""

@@ -212,6 +212,11 @@ def split(c: int) -> tuple[int, int, int]:
     return c - post - lst, lst, post
 
 
+def hey(duration: int, timeout: int, conc: int, key: str, url: str, *extra: str) -> list[str]:
+    return ["hey", "-z", f"{duration}s", "-t", str(timeout), "-c", str(conc), *extra,
+            "-H", f"Authorization: Bearer {key}", url]  # fmt: skip
+
+
 def hey_cmds(stack: Stack, jobs: list, c: int, duration: int, timeout: int) -> list[tuple[str, list[str]]]:
     polls, lst, post = split(c)
     n = min(polls, len(jobs))
@@ -219,65 +224,12 @@ def hey_cmds(stack: Stack, jobs: list, c: int, duration: int, timeout: int) -> l
     for i in range(n):
         job_id, t = jobs[i]
         conc = polls // n + (1 if i < polls % n else 0)
-        cmds.append(
-            (
-                "poll",
-                [
-                    "hey",
-                    "-z",
-                    f"{duration}s",
-                    "-t",
-                    str(timeout),
-                    "-c",
-                    str(conc),
-                    "-H",
-                    f"Authorization: Bearer {t['key']}",
-                    f"{stack.base}/v1/jobs/{job_id}",
-                ],
-            )
-        )
+        cmds.append(("poll", hey(duration, timeout, conc, t["key"], f"{stack.base}/v1/jobs/{job_id}")))
     t = stack.tenant_rows[0]
-    cmds.append(
-        (
-            "list",
-            [
-                "hey",
-                "-z",
-                f"{duration}s",
-                "-t",
-                str(timeout),
-                "-c",
-                str(lst),
-                "-H",
-                f"Authorization: Bearer {t['key']}",
-                f"{stack.base}/v1/jobs?limit=20",
-            ],
-        )
-    )
+    cmds.append(("list", hey(duration, timeout, lst, t["key"], f"{stack.base}/v1/jobs?limit=20")))
     body = json.dumps({"dataset_id": t["dataset_id"], "checkpoint_id": t["checkpoint_id"]})
-    cmds.append(
-        (
-            "post",
-            [
-                "hey",
-                "-z",
-                f"{duration}s",
-                "-t",
-                str(timeout),
-                "-c",
-                str(post),
-                "-m",
-                "POST",
-                "-T",
-                "application/json",
-                "-d",
-                body,
-                "-H",
-                f"Authorization: Bearer {t['key']}",
-                f"{stack.base}/v1/jobs",
-            ],
-        )
-    )
+    post_args = ("-m", "POST", "-T", "application/json", "-d", body)
+    cmds.append(("post", hey(duration, timeout, post, t["key"], f"{stack.base}/v1/jobs", *post_args)))
     return cmds
 
 

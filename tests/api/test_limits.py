@@ -11,27 +11,15 @@ import time
 import httpx
 import pytest
 
-from tests.service_conftest import new_tenant
+from tests.service_conftest import new_tenant, ready_inputs
 
 pytestmark = pytest.mark.services
 
 
 @pytest.fixture
 def job(client, auth, pg_url):
-    """A job row of the caller's tenant (inputs inserted directly: no upload needed here)."""
-    from api.db.models import Checkpoint, Dataset, Tenant
-    from api.db.session import session_scope
-    from api.deps import bearer_key, tenant_for_key
-
-    with session_scope(pg_url) as session:
-        tenant = tenant_for_key(session, bearer_key(auth["Authorization"]))
-        assert isinstance(tenant, Tenant)
-        common = dict(tenant_id=tenant.id, status="ready", storage_key="x", bytes=1, sha256="0" * 64)
-        ds = Dataset(name="d", archive_format="zip", num_records=4, **common)
-        ck = Checkpoint(name="c", kind="full", archive_format="tar", **common)
-        session.add_all([ds, ck])
-        session.flush()
-        inputs = {"dataset_id": ds.id, "checkpoint_id": ck.id}
+    """A job of the caller's tenant on inputs marked ready."""
+    inputs = ready_inputs(pg_url, auth)
     response = client.post("/v1/jobs", headers=auth, json=inputs)
     assert response.status_code == 201, response.text
     return response.json()["id"], inputs

@@ -15,7 +15,7 @@ from collections import Counter
 import httpx
 import pytest
 
-from tests.service_conftest import ROOT, free_port, new_tenant, wait_for
+from tests.service_conftest import ROOT, free_port, new_tenant, ready_inputs, wait_for
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -36,8 +36,19 @@ def server(service_env, tmp_path):
         "DISP_RATE_LIMIT_BURST": "100",
     }
     log = open(tmp_path / "api.log", "wb")  # noqa: SIM115
-    cmd = [sys.executable, "-m", "api.serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "api.serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--log-level",
+        "warning",
+    ]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
 
@@ -56,22 +67,11 @@ def server(service_env, tmp_path):
     assert "Traceback" not in (tmp_path / "api.log").read_text()
 
 
-def seed_jobs(base: str, pg_url: str, tenants: int = 4) -> list[tuple[str, dict]]:
-    from api.db.models import Checkpoint, Dataset
-    from api.db.session import session_scope
-    from api.deps import bearer_key, tenant_for_key
-
+def seed_jobs(base: str, pg_url: str, tenants: int = 4) -> list[tuple[str, dict, dict]]:
     jobs = []
     for _ in range(tenants):
         auth = new_tenant(pg_url)
-        with session_scope(pg_url) as session:
-            tenant = tenant_for_key(session, bearer_key(auth["Authorization"]))
-            common = dict(tenant_id=tenant.id, status="ready", storage_key="x", bytes=1, sha256="0" * 64)
-            ds = Dataset(name="d", archive_format="zip", num_records=4, **common)
-            ck = Checkpoint(name="c", kind="full", archive_format="tar", **common)
-            session.add_all([ds, ck])
-            session.flush()
-            body = {"dataset_id": ds.id, "checkpoint_id": ck.id}
+        body = ready_inputs(pg_url, auth)
         created = httpx.post(f"{base}/v1/jobs", headers=auth, json=body)
         assert created.status_code == 201, created.text
         jobs.append((created.json()["id"], auth, body))

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.service_conftest import checkpoint_archive, dataset_archive, new_tenant, wait_for
+from tests.service_conftest import wait_for
 from tests.worker.test_jobs_e2e import LIFECYCLE, poll, statuses, submit
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
@@ -23,21 +23,6 @@ SETTINGS = {
 }
 KILLED = ("scoring", "purifying", "finetuning")
 WITHIN_S = 120
-
-
-@pytest.fixture(scope="module")
-def tenant(pg_url):
-    return new_tenant(pg_url)
-
-
-@pytest.fixture(scope="module")
-def inputs(client, tenant, tmp_path_factory, tiny_dir):
-    tmp = tmp_path_factory.mktemp("faults")
-    archive = dataset_archive(tmp / "ds.zip", n=8, poisoned=2)
-    ds = client.post("/v1/datasets", headers=tenant, files={"file": ("ds.zip", archive.read_bytes())}).json()
-    ck = checkpoint_archive(tiny_dir, tmp / "ck.tar")
-    ckpt = client.post("/v1/checkpoints", headers=tenant, files={"file": ("ck.tar", ck.read_bytes())}).json()
-    return ds["id"], ckpt["id"]
 
 
 def leases(pg_url, job_id):
@@ -73,16 +58,12 @@ def resumed_events(pg_url, job_id):
 def test_sigkill_in_each_stage_resumes_within_two_minutes_with_the_same_projector(
     client, tenant, inputs, celery_worker, pg_url, capsys
 ):
+    def finish(job_id):
+        done = ("succeeded", "failed")
+        return poll(client, tenant, job_id, lambda j: j["status"] in done, timeout=300, worker=celery_worker)
+
     reference = submit(client, tenant, inputs, settings=SETTINGS)
-    ref = poll(
-        client,
-        tenant,
-        reference,
-        lambda j: j["status"] in ("succeeded", "failed"),
-        timeout=300,
-        worker=celery_worker,
-    )
-    assert ref["status"] == "succeeded", ref
+    assert finish(reference)["status"] == "succeeded"
 
     job_id = submit(client, tenant, inputs, settings=SETTINGS)
     kills: dict[str, tuple[float, str]] = {}
@@ -100,14 +81,7 @@ def test_sigkill_in_each_stage_resumes_within_two_minutes_with_the_same_projecto
 
         wait_for(resumed, WITHIN_S, message=f"{stage} resumed")
 
-    job = poll(
-        client,
-        tenant,
-        job_id,
-        lambda j: j["status"] in ("succeeded", "failed"),
-        timeout=300,
-        worker=celery_worker,
-    )
+    job = finish(job_id)
     assert job["status"] == "succeeded", job
     assert statuses(client, tenant, job_id) == LIFECYCLE  # each stage entered once, none redone
 

@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from tests.service_conftest import checkpoint_archive, dataset_archive, free_port, new_tenant, wait_for
+from tests.service_conftest import dataset_archive, free_port, new_tenant, wait_for
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -54,25 +54,6 @@ class Receiver:
 
     def types(self) -> list[str]:
         return [json.loads(body)["type"] for _, body in self.requests]
-
-
-@pytest.fixture(scope="module")
-def tenant(pg_url):
-    return new_tenant(pg_url)
-
-
-@pytest.fixture(scope="module")
-def inputs(client, tenant, tmp_path_factory, tiny_dir):
-    tmp = tmp_path_factory.mktemp("e2e")
-    archive = dataset_archive(tmp / "ds.zip", n=8, poisoned=2)
-    dataset = client.post(
-        "/v1/datasets", headers=tenant, files={"file": ("ds.zip", archive.read_bytes())}
-    ).json()
-    ck = checkpoint_archive(tiny_dir, tmp / "ck.tar")
-    checkpoint = client.post(
-        "/v1/checkpoints", headers=tenant, files={"file": ("ck.tar", ck.read_bytes())}
-    ).json()
-    return dataset["id"], checkpoint["id"]
 
 
 def submit(client, tenant, inputs, settings=SETTINGS, **extra):
