@@ -42,6 +42,7 @@ def embedded_env(data_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8
         "DISP_WORK_DIR": str(data / "work"),
         "DISP_PUBLIC_URL": f"http://{host}:{port}",
         "DISP_WEBHOOK_ALLOW_PRIVATE": "true",
+        "DISP_RATE_LIMIT_REDIS_URL": "",  # one user, no Redis: no per-tenant rate limits
         "DISP_VALIDATION_RETRY_S": "0.5",
         "DISP_PROGRESS_INTERVAL_S": "0.5",
         "DISP_CANCEL_POLL_S": "0.5",

@@ -118,14 +118,18 @@ class RateLimiter:
         self.client = redis.Redis.from_url(redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
         self.script = self.client.register_script(_BUCKET)
         self._warned = 0.0
+        self._down_until = 0.0  # after a failure, skip Redis for a few seconds instead of waiting on it
 
     def take(self, bucket: str, *, rate: float, burst: int, cost: int = 1) -> float:
         """Seconds to wait before the request would be allowed; 0 when it is allowed (and counted)."""
         import redis
 
+        if time.monotonic() < self._down_until:
+            return 0.0
         try:
             return float(self.script(keys=[f"disp:rate:{bucket}"], args=[rate, burst, cost]))
         except redis.RedisError as exc:
+            self._down_until = time.monotonic() + 5
             if time.monotonic() - self._warned > 60:
                 self._warned = time.monotonic()
                 log.warning("rate limiter unavailable, requests are not limited: %s", exc)
