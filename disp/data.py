@@ -21,7 +21,7 @@ import copy
 import json
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,6 +114,11 @@ def _parse_one(rec: Any, source: str, index: int) -> Sample:
     return Sample(index=index, id=str(rid), image=image, question=question, answer=answer)
 
 
+def parse_record(rec: Any, source_name: str, index: int) -> Sample:
+    """One record to a `Sample` (the per-record checks of `parse_samples`, for records read as a stream)."""
+    return _parse_one(rec, source_name, index)
+
+
 def parse_samples(records: Any, source_name: str = "records") -> list[Sample]:
     """Validate LLaVA records and turn each into a `Sample`; DataError names the first bad record/field."""
     if not isinstance(records, list):
@@ -194,14 +199,17 @@ def write_records(path: str | os.PathLike[str], records: Sequence[Mapping[str, A
     return write_json(path, [dict(r) for r in records])
 
 
-def validate_dataset(samples: Sequence[Sample], source: ImageSource, *, check_images: bool = True,
+def validate_dataset(samples: Iterable[Sample], source: ImageSource, *, check_images: bool = True,
                      max_bytes: int | None = None, source_name: str = "dataset", max_report: int = 10) -> None:
     """Check each sample's image exists (and, with ``check_images``, decodes; with ``max_bytes``, is small).
 
-    Raises one DataError listing up to ``max_report`` bad records; its fields describe the first one.
+    ``samples`` may be a stream (it is read once). Raises one DataError listing up to ``max_report`` bad
+    records; its fields describe the first one.
     """
     problems: list[DataError] = []
+    count = 0
     for s in samples:
+        count += 1
         try:
             if not source.exists(s.image):
                 problem = f"refers to {s.image!r}, which is not in {source.name}"
@@ -220,7 +228,7 @@ def validate_dataset(samples: Sequence[Sample], source: ImageSource, *, check_im
         if len(problems) > max_report:
             lines.append(f"... and {len(problems) - max_report} more")
         first = problems[0]
-        raise DataError(f"{len(problems)} of {len(samples)} records have unusable images:\n" + "\n".join(lines),
+        raise DataError(f"{len(problems)} of {count} records have unusable images:\n" + "\n".join(lines),
                         source=source_name, index=first.index, record_id=first.record_id, field="image")
 
 

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN = os.environ.get("DISP_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 REDIS = os.environ.get("DISP_TEST_REDIS", "redis://127.0.0.1:6379")
 RUN = uuid.uuid4().hex[:8]
+METRICS_TOKEN = f"metrics-{RUN}"
 _shared: dict[str, object] = {}
 
 
@@ -148,6 +149,7 @@ def service_env(pg_url, redis_url, s3_endpoint, queue_prefix, tmp_path_factory) 
         "DISP_DEVICE": "cpu",
         "DISP_PUBLIC_URL": "http://testserver",
         "DISP_MAX_UPLOAD_BYTES": str(20 * 1024**2),
+        "DISP_METRICS_TOKEN": METRICS_TOKEN,
     }
 
 
@@ -180,13 +182,15 @@ def storage(api_settings):
 
 
 @pytest.fixture(scope="session")
-def base_model(pg_url, storage, tiny_dir) -> str:
+def base_model(pg_url, storage, tiny_dir, api_settings) -> str:
     """The tiny checkpoint registered as base model `tiny` (what `disp models register` does)."""
     from api.db.session import session_scope
     from api.services.files import register_base_model
 
     with session_scope(pg_url) as session:
-        return register_base_model(session=session, storage=storage, name="tiny", checkpoint_dir=tiny_dir).id
+        return register_base_model(
+            session=session, storage=storage, settings=api_settings, name="tiny", checkpoint_dir=tiny_dir
+        ).id
 
 
 def new_tenant(database_url: str, name: str | None = None) -> dict[str, str]:

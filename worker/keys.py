@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from api.db.models import Job, JobStatus
+from api.services.files import object_prefix
 
 _DIR = {JobStatus.scoring: "scores", JobStatus.purifying: "purified"}
 
 
 def prefix(job: Job) -> str:
-    return f"tenants/{job.tenant_id}/jobs/{job.id}"
+    return object_prefix(job.tenant_id, "jobs", job.id)
 
 
 def shard(job: Job, stage: str, index: int) -> str:
