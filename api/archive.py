@@ -87,7 +87,14 @@ def _normalise(raw: str) -> str:
 def _zip_members(path: Path) -> Iterator[tuple[str, int, int | None, bool, bool, bool]]:
     with zipfile.ZipFile(path) as zf:
         for i in zf.infolist():
-            yield i.filename, i.file_size, i.compress_size, i.is_dir(), stat.S_ISLNK(i.external_attr >> 16), False
+            yield (
+                i.filename,
+                i.file_size,
+                i.compress_size,
+                i.is_dir(),
+                stat.S_ISLNK(i.external_attr >> 16),
+                False,
+            )
 
 
 def _tar_members(path: Path) -> Iterator[tuple[str, int, int | None, bool, bool, bool]]:
@@ -119,13 +126,17 @@ def list_entries(path: Path, fmt: str, *, max_total_bytes: int, limits: Limits |
             _check_entry(name, size, packed, limits, len(entries))
             total += size
             if total > max_total_bytes:
-                raise too_large("archive_too_large", "the archive expands beyond", max_total_bytes,
-                                "max_expanded_bytes")
+                raise too_large(
+                    "archive_too_large", "the archive expands beyond", max_total_bytes, "max_expanded_bytes"
+                )
             ratio = limits.max_ratio
             if ratio and packed is None and total > max(RATIO_FLOOR, ratio * archive_bytes):
-                raise too_large("compression_ratio_too_high",
-                                f"the archive expands more than {ratio}x its {archive_bytes} bytes", ratio,
-                                "max_compression_ratio")
+                raise too_large(
+                    "compression_ratio_too_high",
+                    f"the archive expands more than {ratio}x its {archive_bytes} bytes",
+                    ratio,
+                    "max_compression_ratio",
+                )
             entries[name] = Entry(name, size)
     except READ_ERRORS as exc:
         raise ArchiveError("invalid_archive", f"cannot read the {fmt} archive: {exc}") from None
@@ -134,16 +145,24 @@ def list_entries(path: Path, fmt: str, *, max_total_bytes: int, limits: Limits |
 
 def _check_entry(name: str, size: int, packed: int | None, limits: Limits, count: int) -> None:
     if count >= limits.max_entries:
-        raise too_large("too_many_entries", "the archive holds more files", limits.max_entries,
-                        "max_archive_entries")
+        raise too_large(
+            "too_many_entries", "the archive holds more files", limits.max_entries, "max_archive_entries"
+        )
     if limits.max_member_bytes is not None and size > limits.max_member_bytes:
-        raise too_large("member_too_large", f"archive entry {name!r} is {size} bytes", limits.max_member_bytes,
-                        "max_member_bytes")
+        raise too_large(
+            "member_too_large",
+            f"archive entry {name!r} is {size} bytes",
+            limits.max_member_bytes,
+            "max_member_bytes",
+        )
     ratio = limits.max_ratio
     if ratio and packed is not None and size > RATIO_FLOOR and size > ratio * max(packed, 1):
-        raise too_large("compression_ratio_too_high",
-                        f"archive entry {name!r} expands {size // max(packed, 1)}x", ratio,
-                        "max_compression_ratio")
+        raise too_large(
+            "compression_ratio_too_high",
+            f"archive entry {name!r} expands {size // max(packed, 1)}x",
+            ratio,
+            "max_compression_ratio",
+        )
 
 
 class _Bounded:
@@ -158,7 +177,9 @@ class _Bounded:
         try:
             data = self.raw.read(max(want, 0))
         except READ_ERRORS as exc:
-            raise ArchiveError("invalid_archive", f"{self.name}: cannot be read from the archive: {exc}") from None
+            raise ArchiveError(
+                "invalid_archive", f"{self.name}: cannot be read from the archive: {exc}"
+            ) from None
         self.seen += len(data)
         if self.seen > self.limit:
             raise too_large("member_too_large", f"{self.name} is longer", self.limit, self.setting)
@@ -301,8 +322,23 @@ def safetensors_header_ok(head: bytes, size: int) -> bool:
     return True
 
 
-DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
-               "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
+DTYPE_BYTES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "I16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "U32": 4,
+    "I32": 4,
+    "F32": 4,
+    "U64": 8,
+    "I64": 8,
+    "F64": 8,
+}
 
 
 def safetensors_tensors(head: bytes, size: int) -> list[str]:
@@ -320,7 +356,8 @@ def safetensors_shapes(head: bytes, size: int) -> dict[str, tuple[int, ...]]:
     (n,) = struct.unpack("<Q", head[:8])
     if n > MAX_SAFETENSORS_HEADER or n + 8 > size:
         raise ArchiveError(
-            "invalid_safetensors", f"safetensors header length {n} out of bounds (at most {MAX_SAFETENSORS_HEADER})"
+            "invalid_safetensors",
+            f"safetensors header length {n} out of bounds (at most {MAX_SAFETENSORS_HEADER})",
         )
     if len(head) < 8 + n:
         raise ArchiveError("invalid_safetensors", "need the whole header")
@@ -338,17 +375,24 @@ def safetensors_shapes(head: bytes, size: int) -> dict[str, tuple[int, ...]]:
         info = info if isinstance(info, dict) else {}
         offsets, shape, dtype = info.get("data_offsets"), info.get("shape"), info.get("dtype")
         if not (
-            isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(type(o) is int for o in offsets)
             and 0 <= offsets[0] <= offsets[1] <= data_len
         ):
             raise ArchiveError("invalid_safetensors", f"tensor {key!r} lies outside the file")
-        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)) or dtype not in DTYPE_BYTES:
+        if (
+            not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape))
+            or dtype not in DTYPE_BYTES
+        ):
             raise ArchiveError("invalid_safetensors", f"tensor {key!r} has no valid shape and dtype")
         count = 1
         for d in shape:
             count *= d
         if count * DTYPE_BYTES[dtype] != offsets[1] - offsets[0]:
-            raise ArchiveError("invalid_safetensors", f"tensor {key!r}: {dtype}{shape} does not fill its byte range")
+            raise ArchiveError(
+                "invalid_safetensors", f"tensor {key!r}: {dtype}{shape} does not fill its byte range"
+            )
         shapes[key] = tuple(shape)
     return shapes
 

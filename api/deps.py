@@ -81,7 +81,9 @@ TenantDep = Annotated[Tenant, Depends(current_tenant)]
 
 def _owned(model, kind: str, param: str):
     def load(
-        session: SessionDep, tenant: TenantDep, object_id: Annotated[str, Path(alias=param, pattern=ID_PATTERN)]
+        session: SessionDep,
+        tenant: TenantDep,
+        object_id: Annotated[str, Path(alias=param, pattern=ID_PATTERN)],
     ):
         row = session.get(model, object_id)
         # another tenant's id, or a deleted object, is indistinguishable from none

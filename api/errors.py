@@ -23,8 +23,26 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.param = status, code, message, param
 
 
-_SYSTEM_DIRS = ("tmp", "var", "home", "root", "usr", "opt", "srv", "work", "app", "data", "mnt", "etc", "run",
-                "proc", "dev", "private", "Users", "workspace")
+_SYSTEM_DIRS = (
+    "tmp",
+    "var",
+    "home",
+    "root",
+    "usr",
+    "opt",
+    "srv",
+    "work",
+    "app",
+    "data",
+    "mnt",
+    "etc",
+    "run",
+    "proc",
+    "dev",
+    "private",
+    "Users",
+    "workspace",
+)
 _PATH_TAIL = r"(?:/[^\s'\":,;()\[\]<>]*)*"
 
 

@@ -73,12 +73,18 @@ def dataset_entries(path: Path, settings: CommonSettings) -> tuple[str, list[Ent
         raise ArchiveError(
             "invalid_archive", "a dataset is a .zip or .tar(.gz) of a LLaVA JSON and its images"
         )
-    entries = list_entries(path, fmt, max_total_bytes=settings.max_expanded_bytes, limits=dataset_limits(settings))
+    entries = list_entries(
+        path, fmt, max_total_bytes=settings.max_expanded_bytes, limits=dataset_limits(settings)
+    )
     json_name = find_dataset_json(entries)
     size = next(e.size for e in entries if e.name == json_name)
     if size > settings.max_dataset_json_bytes:
-        raise too_large("dataset_json_too_large", f"{json_name} is {size} bytes", settings.max_dataset_json_bytes,
-                        "max_dataset_json_bytes")
+        raise too_large(
+            "dataset_json_too_large",
+            f"{json_name} is {size} bytes",
+            settings.max_dataset_json_bytes,
+            "max_dataset_json_bytes",
+        )
     return fmt, entries, json_name
 
 
@@ -88,10 +94,15 @@ def precheck_dataset(path: Path, settings: CommonSettings, *, count: bool = True
     fmt, entries, json_name = dataset_entries(path, settings)
     records = None
     if count:
-        with open_member(path, fmt, json_name, limit=settings.max_dataset_json_bytes,
-                         setting="max_dataset_json_bytes") as stream:
-            records = count_records(stream, json_name, max_record_bytes=settings.max_record_bytes,
-                                    max_records=settings.max_records)
+        with open_member(
+            path, fmt, json_name, limit=settings.max_dataset_json_bytes, setting="max_dataset_json_bytes"
+        ) as stream:
+            records = count_records(
+                stream,
+                json_name,
+                max_record_bytes=settings.max_record_bytes,
+                max_records=settings.max_records,
+            )
     return DatasetSummary(fmt, json_name, records, len(entries))
 
 
@@ -121,7 +132,9 @@ def precheck_checkpoint(path: Path, filename: str, kind: str, settings: CommonSe
         raise ArchiveError(
             "invalid_archive", f"{filename}: a full checkpoint is a .zip or .tar of the checkpoint directory"
         )
-    entries = list_entries(path, fmt, max_total_bytes=settings.max_expanded_bytes, limits=checkpoint_limits(settings))
+    entries = list_entries(
+        path, fmt, max_total_bytes=settings.max_expanded_bytes, limits=checkpoint_limits(settings)
+    )
     for entry in entries:
         refuse_pickle_name(entry.name)
     root = common_root(entries)
@@ -133,12 +146,16 @@ def precheck_checkpoint(path: Path, filename: str, kind: str, settings: CommonSe
         raise ArchiveError("invalid_checkpoint", "config.json must hold a JSON object")
     if TOKENIZER_FILE not in sizes:
         raise ArchiveError(
-            "invalid_checkpoint", f"{filename}: no {TOKENIZER_FILE} at the checkpoint's top level (it must ship "
-            "its tokenizer)"
+            "invalid_checkpoint",
+            f"{filename}: no {TOKENIZER_FILE} at the checkpoint's top level (it must ship its tokenizer)",
         )
     if sizes[TOKENIZER_FILE] > settings.max_tokenizer_bytes:
-        raise too_large("member_too_large", f"{TOKENIZER_FILE} is {sizes[TOKENIZER_FILE]} bytes",
-                        settings.max_tokenizer_bytes, "max_tokenizer_bytes")
+        raise too_large(
+            "member_too_large",
+            f"{TOKENIZER_FILE} is {sizes[TOKENIZER_FILE]} bytes",
+            settings.max_tokenizer_bytes,
+            "max_tokenizer_bytes",
+        )
     shards = _weight_files(path, fmt, root, sizes, settings)
     heads = safetensors_heads(path, fmt, {root + shard for shard in shards})
     shapes: dict[str, tuple[int, ...]] = {}
@@ -152,24 +169,30 @@ def precheck_checkpoint(path: Path, filename: str, kind: str, settings: CommonSe
             missing = sorted(set(wanted) - set(found))
             if missing:
                 raise ArchiveError(
-                    "invalid_checkpoint", f"{INDEX_FILE} puts {len(missing)} tensor(s) in {shard} that it does "
-                    f"not hold: {', '.join(missing[:5])}"
+                    "invalid_checkpoint",
+                    f"{INDEX_FILE} puts {len(missing)} tensor(s) in {shard} that it does "
+                    f"not hold: {', '.join(missing[:5])}",
                 )
             found = {k: found[k] for k in wanted}
         for key, shape in found.items():
             if key in where:
-                raise ArchiveError("invalid_checkpoint", f"tensor {key!r} is in both {where[key]} and {shard}")
+                raise ArchiveError(
+                    "invalid_checkpoint", f"tensor {key!r} is in both {where[key]} and {shard}"
+                )
             where[key], shapes[key] = shard, shape
     return CheckpointSummary(fmt, len(shapes), shapes, root)
 
 
 def _json_member(path: Path, fmt: str, name: str, settings: CommonSettings):
-    data = read_member(path, fmt, name, limit=settings.max_checkpoint_json_bytes,
-                       setting="max_checkpoint_json_bytes")
+    data = read_member(
+        path, fmt, name, limit=settings.max_checkpoint_json_bytes, setting="max_checkpoint_json_bytes"
+    )
     try:
         return json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise ArchiveError("invalid_checkpoint", f"{PurePosixPath(name).name} is not valid JSON: {exc}") from None
+        raise ArchiveError(
+            "invalid_checkpoint", f"{PurePosixPath(name).name} is not valid JSON: {exc}"
+        ) from None
 
 
 def _weight_files(

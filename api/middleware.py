@@ -48,7 +48,9 @@ class RequestContext:
 
         declared = headers.get(b"content-length")
         # Only uploads may be large: multipart POSTs and the parts PUT to the API's own part URLs.
-        upload = scope["method"] == "PUT" or headers.get(b"content-type", b"").lower().startswith(b"multipart/")
+        upload = scope["method"] == "PUT" or headers.get(b"content-type", b"").lower().startswith(
+            b"multipart/"
+        )
         limit = self.max_body if upload else self.max_json_body
         if declared is not None and declared.isdigit() and int(declared) > limit:
             from starlette.requests import Request

@@ -273,7 +273,9 @@ class S3Storage(Storage):
 
     def delete_prefix(self, prefix: str) -> int:
         count = 0
-        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix.rstrip("/") + "/")
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=prefix.rstrip("/") + "/"
+        )
         for page in pages:
             keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
             if keys:  # at most 1000 per page, the limit of one DeleteObjects call

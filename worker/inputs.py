@@ -78,7 +78,9 @@ def local_archive(raw: Path, fmt: str, folder: Path, settings: WorkerSettings) -
             while chunk := src.read(1024 * 1024):
                 written += len(chunk)
                 if written > limit:
-                    raise too_large("archive_too_large", "the tar stream inflates beyond", limit, "max_expanded_bytes")
+                    raise too_large(
+                        "archive_too_large", "the tar stream inflates beyond", limit, "max_expanded_bytes"
+                    )
                 out.write(chunk)
     except (OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
         raise ArchiveError("invalid_archive", f"cannot inflate the tar archive: {exc}") from None
@@ -96,8 +98,14 @@ def dataset_files(dataset: Dataset, storage: Storage, settings: WorkerSettings) 
         archive = local_archive(raw, dataset.archive_format, tmp, settings)
         entries = list_entries(archive, dataset.archive_format, max_total_bytes=settings.max_expanded_bytes)
         name = find_dataset_json(entries)
-        copy_member(archive, dataset.archive_format, name, tmp / "data.json",
-                    limit=settings.max_dataset_json_bytes, setting="max_dataset_json_bytes")
+        copy_member(
+            archive,
+            dataset.archive_format,
+            name,
+            tmp / "data.json",
+            limit=settings.max_dataset_json_bytes,
+            setting="max_dataset_json_bytes",
+        )
         _publish(tmp, final)
     return DatasetFiles(final / "data.json", final / f"archive{archive_suffix(dataset.archive_format)}")
 
@@ -122,8 +130,9 @@ def _extract_checkpoint(key: str, fmt: str, dest: Path, storage: Storage, settin
 
 def base_model_dir(base: BaseModelEntry, storage: Storage, settings: WorkerSettings) -> Path:
     """The operator's base model, extracted once per worker machine."""
-    return _extract_checkpoint(base.storage_key, "tar", settings.work_dir / "cache" / "models" / base.id, storage,
-                               settings)
+    return _extract_checkpoint(
+        base.storage_key, "tar", settings.work_dir / "cache" / "models" / base.id, storage, settings
+    )
 
 
 def checkpoint_files(

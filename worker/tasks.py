@@ -72,7 +72,9 @@ def validate_dataset(dataset_id: str) -> None:
 @shared_task(name=VALIDATE_CHECKPOINT, ignore_result=True, **RETRY)
 def validate_checkpoint(checkpoint_id: str) -> None:
     _validate(
-        Checkpoint, checkpoint_id, lambda **kw: validation.validate_checkpoint(checkpoint_id=checkpoint_id, **kw)
+        Checkpoint,
+        checkpoint_id,
+        lambda **kw: validation.validate_checkpoint(checkpoint_id=checkpoint_id, **kw),
     )
 
 

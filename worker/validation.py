@@ -83,22 +83,32 @@ def check_records(stream, name: str, source, settings: WorkerSettings) -> Record
     ids, images = array("Q"), array("Q")
 
     def samples():
-        for index, record in enumerate(iter_array(stream, name=name, max_element_chars=settings.max_record_bytes)):
+        for index, record in enumerate(
+            iter_array(stream, name=name, max_element_chars=settings.max_record_bytes)
+        ):
             if index >= settings.max_records:
-                raise too_large("too_many_records", f"{name} holds more records", settings.max_records, "max_records")
+                raise too_large(
+                    "too_many_records", f"{name} holds more records", settings.max_records, "max_records"
+                )
             sample = parse_record(record, name, index)
             ids.append(_digest(sample.id))
             images.append(_digest(sample.image))
             yield sample
 
-    validate_dataset(samples(), source, check_images=True, max_bytes=settings.max_image_bytes, source_name=name)
+    validate_dataset(
+        samples(), source, check_images=True, max_bytes=settings.max_image_bytes, source_name=name
+    )
     if not ids:
         raise ArchiveError("empty_dataset", f"{name}: the dataset has no records")
     duplicate = _first_duplicate(ids)
     if duplicate is not None:
         later, earlier = duplicate
-        raise DataError(f"{name}: record {later}: field 'id' duplicates the id of record {earlier}",
-                        source=name, index=later, field="id")
+        raise DataError(
+            f"{name}: record {later}: field 'id' duplicates the id of record {earlier}",
+            source=name,
+            index=later,
+            field="id",
+        )
     return RecordStats(len(ids), len(set(images)))
 
 
@@ -119,8 +129,13 @@ def validate_dataset(
             archive = local_archive(raw, fmt, Path(tmp), settings)
             limits = {"max_pixels": settings.max_image_pixels, "max_bytes": settings.max_image_bytes}
             with (
-                open_member(archive, fmt, name, limit=settings.max_dataset_json_bytes,
-                            setting="max_dataset_json_bytes") as stream,
+                open_member(
+                    archive,
+                    fmt,
+                    name,
+                    limit=settings.max_dataset_json_bytes,
+                    setting="max_dataset_json_bytes",
+                ) as stream,
                 open_image_source(archive, **limits) as source,
             ):
                 stats = check_records(stream, name, source, settings)
@@ -179,7 +194,9 @@ def _check_model(archive: Path, summary, dest: Path, settings: WorkerSettings) -
     dest.mkdir()
     fmt, root = summary.archive_format, summary.root
     for name in METADATA_FILES:
-        limit = settings.max_tokenizer_bytes if name == "tokenizer.json" else settings.max_checkpoint_json_bytes
+        limit = (
+            settings.max_tokenizer_bytes if name == "tokenizer.json" else settings.max_checkpoint_json_bytes
+        )
         setting = "max_tokenizer_bytes" if name == "tokenizer.json" else "max_checkpoint_json_bytes"
         try:
             copy_member(archive, fmt, root + name, dest / name, limit=limit, setting=setting)

@@ -34,15 +34,26 @@ def deliver(settings: WorkerSettings, delivery_id: str) -> str:
     headers["user-agent"] = "disp-webhooks/1"
     error = None
     try:
-        status = post(url, body, headers, timeout=settings.webhook_timeout_s, public_only=not settings.webhook_allow_private)
+        status = post(
+            url,
+            body,
+            headers,
+            timeout=settings.webhook_timeout_s,
+            public_only=not settings.webhook_allow_private,
+        )
         if 200 <= status < 300:
             with session_scope(settings.database_url) as session:
                 row = session.get(WebhookDelivery, delivery_id)
                 row.status, row.delivered_at, row.last_error = "delivered", utcnow(), None
             return "delivered"
         error = f"HTTP {status}"
-    except (httpcore.NetworkError, httpcore.TimeoutException, httpcore.ProtocolError, httpcore.UnsupportedProtocol,
-            webhooks.WebhookTargetError) as exc:
+    except (
+        httpcore.NetworkError,
+        httpcore.TimeoutException,
+        httpcore.ProtocolError,
+        httpcore.UnsupportedProtocol,
+        webhooks.WebhookTargetError,
+    ) as exc:
         error = f"{type(exc).__name__}: {exc}"
     with session_scope(settings.database_url) as session:
         row = session.get(WebhookDelivery, delivery_id)

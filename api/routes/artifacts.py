@@ -47,7 +47,12 @@ def download(
     storage: StorageDep,
     credentials: BearerDep,
     token: Annotated[
-        str | None, Query(max_length=200, pattern=r"^[0-9]+\.[0-9a-f]+$", description="signed-URL token instead of an API key")
+        str | None,
+        Query(
+            max_length=200,
+            pattern=r"^[0-9]+\.[0-9a-f]+$",
+            description="signed-URL token instead of an API key",
+        ),
     ] = None,
 ) -> StreamingResponse:
     """Stream the artifact's bytes (API key, or the token of its download URL)."""

@@ -73,7 +73,9 @@ def list_events(
     job: CurrentJob,
     session: SessionDep,
     limit: Limit = 50,
-    after: Annotated[int | None, Query(ge=0, le=BIGINT_MAX, description="Cursor: last event id seen.")] = None,
+    after: Annotated[
+        int | None, Query(ge=0, le=BIGINT_MAX, description="Cursor: last event id seen.")
+    ] = None,
 ) -> dict:
     rows, has_more = jobs.list_events(session=session, job_id=job.id, limit=limit, after=after)
     data = [EventOut.model_validate(r, from_attributes=True) for r in rows]

@@ -100,7 +100,9 @@ class Padded(io.RawIOBase):
         return n
 
 
-def zip_with(path: Path, files: dict[str, bytes], streams: dict[str, tuple[io.RawIOBase, int]] | None = None) -> Path:
+def zip_with(
+    path: Path, files: dict[str, bytes], streams: dict[str, tuple[io.RawIOBase, int]] | None = None
+) -> Path:
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
         for name, (stream, _size) in (streams or {}).items():
             with zf.open(name, "w", force_zip64=True) as out:
@@ -110,7 +112,9 @@ def zip_with(path: Path, files: dict[str, bytes], streams: dict[str, tuple[io.Ra
     return path
 
 
-def targz_with(path: Path, files: dict[str, bytes], streams: dict[str, tuple[io.RawIOBase, int]] | None = None) -> Path:
+def targz_with(
+    path: Path, files: dict[str, bytes], streams: dict[str, tuple[io.RawIOBase, int]] | None = None
+) -> Path:
     with tarfile.open(path, "w:gz") as tf:
         for name, (stream, size) in (streams or {}).items():
             info = tarfile.TarInfo(name)
@@ -141,10 +145,18 @@ def bad_crc(path: Path) -> Path:
 
 
 def max_image_pixels(src: Path) -> int:
-    out = subprocess.run([sys.executable, "-c", "from api.config import CommonSettings as C;"
-                          "print(C.model_fields['max_image_pixels'].default)"],
-                         cwd=src, env={**os.environ, "PYTHONPATH": str(src)}, capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from api.config import CommonSettings as C;print(C.model_fields['max_image_pixels'].default)",
+        ],
+        cwd=src,
+        env={**os.environ, "PYTHONPATH": str(src)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return int(out.stdout)
 
 
@@ -156,21 +168,41 @@ def build_cases(folder: Path, src: Path, entries: int, big_records: int) -> dict
     small = {"images/img0.png": SMALL_PNG}
     side = int(max_image_pixels(src) ** 0.5)
     makers = {
-        "zip_json_1gib_whitespace": lambda p: zip_with(p, small, {"data.json": (Padded(GIB, tail), GIB + len(tail))}),
-        "targz_json_1gib_whitespace": lambda p: targz_with(p, small, {"data.json": (Padded(GIB, tail), GIB + len(tail))}),
-        "png_huge_dimensions": lambda p: zip_with(p, {"data.json": json.dumps(records(1)).encode(),
-                                                      "images/img0.png": png(100_000, 100_000, b"\0" * 64)}),
+        "zip_json_1gib_whitespace": lambda p: zip_with(
+            p, small, {"data.json": (Padded(GIB, tail), GIB + len(tail))}
+        ),
+        "targz_json_1gib_whitespace": lambda p: targz_with(
+            p, small, {"data.json": (Padded(GIB, tail), GIB + len(tail))}
+        ),
+        "png_huge_dimensions": lambda p: zip_with(
+            p,
+            {
+                "data.json": json.dumps(records(1)).encode(),
+                "images/img0.png": png(100_000, 100_000, b"\0" * 64),
+            },
+        ),
         "json_100k_deep": lambda p: zip_with(p, {"data.json": b"[" * 100_000 + b"]" * 100_000, **small}),
         "zip_bad_crc": bad_crc,
-        "png_at_pixel_limit": lambda p: zip_with(p, {"data.json": json.dumps(records(1)).encode(),
-                                                     "images/img0.png": png(side, side)}),
-        "entries_at_limit": lambda p: zip_with(p, {"data.json": json.dumps(records(entries - 1, entries - 1)).encode(),
-                                                   **{f"images/img{i}.png": SMALL_PNG for i in range(entries - 1)}}),
-        "records_at_limit": lambda p: zip_with(p, {"data.json": json.dumps(records(big_records)).encode(), **small}),
+        "png_at_pixel_limit": lambda p: zip_with(
+            p, {"data.json": json.dumps(records(1)).encode(), "images/img0.png": png(side, side)}
+        ),
+        "entries_at_limit": lambda p: zip_with(
+            p,
+            {
+                "data.json": json.dumps(records(entries - 1, entries - 1)).encode(),
+                **{f"images/img{i}.png": SMALL_PNG for i in range(entries - 1)},
+            },
+        ),
+        "records_at_limit": lambda p: zip_with(
+            p, {"data.json": json.dumps(records(big_records)).encode(), **small}
+        ),
     }
     cases = {}
     for name, make in makers.items():
-        path = folder / f"{name}-{side if 'pixel' in name else ''}.{'tar.gz' if name.startswith('targz') else 'zip'}"
+        path = (
+            folder
+            / f"{name}-{side if 'pixel' in name else ''}.{'tar.gz' if name.startswith('targz') else 'zip'}"
+        )
         if name == "entries_at_limit":
             path = folder / f"{name}-{entries}.zip"
         if name == "records_at_limit":
@@ -264,13 +296,48 @@ class Stack:
 
     def start(self) -> dict[str, int]:
         log = open(self.work / "stack.log", "ab")  # noqa: SIM115 (closed with the processes)
-        api = subprocess.Popen([sys.executable, "-m", "uvicorn", "api.main:app", "--port", str(self.port),
-                                "--log-level", "warning"], cwd=self.src, env=self.env, stdout=log, stderr=log)
+        api = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "api.main:app",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "warning",
+            ],
+            cwd=self.src,
+            env=self.env,
+            stdout=log,
+            stderr=log,
+        )
         prefix = self.env["DISP_QUEUE_PREFIX"]
-        worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-P", "solo",
-                                   "-c", "1", "-Q", f"{prefix}cpu,{prefix}gpu", "--without-gossip", "--without-mingle",
-                                   "--without-heartbeat", "--loglevel", "WARNING"],
-                                  cwd=self.src, env=self.env, stdout=log, stderr=log)
+        worker = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.celery_app",
+                "worker",
+                "-P",
+                "solo",
+                "-c",
+                "1",
+                "-Q",
+                f"{prefix}cpu,{prefix}gpu",
+                "--without-gossip",
+                "--without-mingle",
+                "--without-heartbeat",
+                "--loglevel",
+                "WARNING",
+            ],
+            cwd=self.src,
+            env=self.env,
+            stdout=log,
+            stderr=log,
+        )
         self.procs = [api, worker]
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -280,11 +347,19 @@ class Stack:
             except httpx.HTTPError:
                 time.sleep(0.3)
         if not self.key:
-            code = ("from api.db.session import session_scope; from api.services.tenants import *;"
-                    "import os\nwith session_scope(os.environ['DISP_DATABASE_URL']) as s:\n"
-                    " t = get_or_create_tenant(session=s, name='bombs'); print(create_api_key(session=s, tenant_id=t.id)[1])")
-            out = subprocess.run([sys.executable, "-c", code], cwd=self.src, env=self.env, capture_output=True,
-                                 text=True, check=True)
+            code = (
+                "from api.db.session import session_scope; from api.services.tenants import *;"
+                "import os\nwith session_scope(os.environ['DISP_DATABASE_URL']) as s:\n"
+                " t = get_or_create_tenant(session=s, name='bombs'); print(create_api_key(session=s, tenant_id=t.id)[1])"
+            )
+            out = subprocess.run(
+                [sys.executable, "-c", code],
+                cwd=self.src,
+                env=self.env,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             self.key = out.stdout.strip().splitlines()[-1]
         time.sleep(8)  # the worker imports torch and connects
         return {"api": api.pid, "worker": worker.pid}
@@ -322,8 +397,9 @@ def run_case(stack: Stack, name: str, path: Path, timeout: float) -> dict:
     outcome = {}
     try:
         with open(path, "rb") as fh:
-            response = httpx.post(f"{url}/v1/datasets", headers=headers, files={"file": (path.name, fh)},
-                                  timeout=timeout)
+            response = httpx.post(
+                f"{url}/v1/datasets", headers=headers, files={"file": (path.name, fh)}, timeout=timeout
+            )
         outcome["http"] = response.status_code
         body = response.json()
         outcome["code"] = (body.get("error") or {}).get("code")
@@ -356,10 +432,16 @@ def run_case(stack: Stack, name: str, path: Path, timeout: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--src", type=Path, default=ROOT, help="source tree the API and worker run from")
-    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "disp-bombs",
-                        help="where the uploads are built (kept for reruns)")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "disp-bombs",
+        help="where the uploads are built (kept for reruns)",
+    )
     parser.add_argument("--entries", type=int, default=300_000, help="files in the entries_at_limit archive")
     parser.add_argument("--records", type=int, default=1_000_000, help="records in records_at_limit")
     parser.add_argument("--only", nargs="*", help="case names to run (default: all)")
@@ -382,8 +464,10 @@ def main(argv: list[str] | None = None) -> int:
     print("\n| case | upload | outcome | API ΔRSS MB | worker ΔRSS MB | s |\n|---|---|---|---|---|---|")
     for r in rows:
         outcome = f"{r.get('http')} {r.get('dataset', '')} {r.get('code') or ''}".strip()
-        print(f"| {r['case']} | {r['upload_bytes'] / MB:.1f} MB | {outcome} | {r['api_delta_mb']} | "
-              f"{r['worker_delta_mb']} | {r['seconds']} |")
+        print(
+            f"| {r['case']} | {r['upload_bytes'] / MB:.1f} MB | {outcome} | {r['api_delta_mb']} | "
+            f"{r['worker_delta_mb']} | {r['seconds']} |"
+        )
     if args.out:
         args.out.write_text(json.dumps(rows, indent=1) + "\n")
     return 0
