@@ -339,3 +339,19 @@ def wait_for(predicate, timeout: float, interval: float = 0.2, message: str = "c
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+
+
+def crafted_checkpoint(src_dir: Path, path: Path, *, shard_name=None, drop=(), extra=None) -> Path:
+    """A tar of `src_dir` as `ckpt/...` whose model.safetensors.index.json maps each tensor to
+    `shard_name(shard)` (default: unchanged), leaving out the files in `drop` and adding `extra`."""
+    index = json.loads((src_dir / "model.safetensors.index.json").read_text())
+    if shard_name is not None:
+        index["weight_map"] = {k: shard_name(v) for k, v in index["weight_map"].items()}
+    files = {
+        f"ckpt/{f.name}": f.read_bytes()
+        for f in sorted(src_dir.iterdir())
+        if f.is_file() and f.name not in drop and f.name != "model.safetensors.index.json"
+    }
+    files["ckpt/model.safetensors.index.json"] = json.dumps(index).encode()
+    files.update({f"ckpt/{k}": v for k, v in (extra or {}).items()})
+    return write_archive(path, files)
