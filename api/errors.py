@@ -104,7 +104,9 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     message = first.get("msg", "Invalid request").removeprefix("Value error, ")
     if first.get("type") == "json_invalid":
         return _respond(request, 400, "malformed_json", f"Request body is not valid JSON: {message}")
-    code = "invalid_settings" if loc[:1] == ["settings"] else "invalid_request"  # job settings: disp.config's checks
+    code = (
+        "invalid_settings" if loc[:1] == ["settings"] else "invalid_request"
+    )  # job settings: disp.config's checks
     return _respond(request, 422, code, message, ".".join(loc) or None)
 
 
@@ -113,8 +115,22 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
         return await _api_error(request, exc.__cause__)
     codes = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
     response = _respond(request, exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail))
-    response.headers.update(exc.headers or {})  # e.g. `Allow` on 405
+    response.headers.update(exc.headers or {})
+    if exc.status_code == 405:  # Starlette names one route's methods; list every route on this path
+        response.headers["Allow"] = ", ".join(_allowed_methods(request))
     return response
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route answers on this path (routers may be nested: ask each route to match)."""
+    from starlette.routing import Match
+
+    allowed = set()
+    for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"):
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] == Match.FULL for route in request.app.router.routes):
+            allowed.add(method)
+    return sorted(allowed)
 
 
 async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
