@@ -139,7 +139,10 @@ class ImageSource:
                 if img.mode == "RGB":  # no second copy: the loaded pixels outlive the `with`
                     return img
                 return img.convert("RGB")
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        except Image.DecompressionBombError:  # Pillow's own guard, far above ours, read from the header too
+            raise DataError(f"{self.name}: image {name!r} declares more pixels than the limit of {self.max_pixels}",
+                            source=self.name) from None
+        except (OSError, SyntaxError, ValueError) as err:
             if isinstance(err, DataError):
                 raise
             raise DataError(f"{self.name}: image {name!r} cannot be decoded: {err}", source=self.name) from None
