@@ -42,8 +42,13 @@ def _record_error(source: str, index: int, rid: Any, field: str, problem: str) -
                      record_id=None if rid is None else str(rid), field=field)
 
 
+_PLAIN_PATH = re.compile(r"[\w-][\w.-]*(?:/[\w-][\w.-]*)*", re.ASCII)  # already canonical: no '.', '..', '//'
+
+
 def normalise_name(name: str) -> str:
     """Return a relative image name in canonical ``a/b.png`` form; ValueError if it could escape a root."""
+    if isinstance(name, str) and _PLAIN_PATH.fullmatch(name):
+        return name
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"must be a non-empty relative path, got {name!r}")
     if "\\" in name or "\x00" in name:
