@@ -4,6 +4,7 @@ session resources are created once per pytest session even when both directories
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -12,9 +13,11 @@ import socket
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import uuid
 import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -207,6 +210,99 @@ def new_tenant(database_url: str, name: str | None = None) -> dict[str, str]:
 def auth(pg_url) -> dict[str, str]:
     """Headers of a fresh tenant's API key."""
     return new_tenant(pg_url)
+
+
+@pytest.fixture
+def inputs(client, auth, tmp_path, tiny_dir) -> tuple[str, str]:
+    """Ids of a 4-record dataset and the tiny checkpoint, uploaded by `auth`'s tenant (still validating)."""
+    archive = dataset_archive(tmp_path / "ds.zip", n=4)
+    dataset = client.post("/v1/datasets", headers=auth, files={"file": ("ds.zip", archive.read_bytes())})
+    ck = checkpoint_archive(tiny_dir, tmp_path / "ck.tar")
+    checkpoint = client.post("/v1/checkpoints", headers=auth, files={"file": ("ck.tar", ck.read_bytes())})
+    assert dataset.status_code == checkpoint.status_code == 201, (dataset.text, checkpoint.text)
+    assert checkpoint.json()["status"] == "validating", checkpoint.text
+    return dataset.json()["id"], checkpoint.json()["id"]
+
+
+@pytest.fixture(scope="module")
+def live_api(api_settings):
+    """The API behind a real uvicorn server (a thread of this process); yields its base URL. The in-process
+    test client waits for the whole ASGI call, which hides what a real client sees first."""
+    import uvicorn
+
+    from api.main import create_app
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(api_settings), port=port, log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+def presigned(client, auth, data: bytes, **fields) -> str:
+    """Upload `data` through a presigned part (the API's pre-check never sees the bytes, the worker's
+    validation does); returns the new object's id."""
+    import httpx
+
+    body = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), **fields}
+    upload = client.post("/v1/uploads", headers=auth, json=body)
+    assert upload.status_code == 201, upload.text
+    upload = upload.json()
+    (part,) = client.post(f"/v1/uploads/{upload['id']}/parts", headers=auth).json()["parts"]
+    etag = httpx.put(part["url"], content=data).headers["etag"]
+    done = client.post(
+        f"/v1/uploads/{upload['id']}/complete",
+        headers=auth,
+        json={"parts": [{"part_number": 1, "etag": etag}]},
+    )
+    assert done.status_code == 200, done.text
+    return done.json()["object_id"]
+
+
+def settled(client, auth, kind: str, object_id: str, timeout: float = 60) -> dict:
+    """A dataset or checkpoint once its validation has finished."""
+
+    def done():
+        body = client.get(f"/v1/{kind}/{object_id}", headers=auth).json()
+        return body if body["status"] != "validating" else None
+
+    return wait_for(done, timeout, message=f"{kind} {object_id} validation")
+
+
+class WebhookReceiver:
+    """A webhook endpoint on a free local port that records requests; with `fail_first` its first answer is
+    a 500 (to exercise retries)."""
+
+    def __init__(self, *, fail_first: bool = False) -> None:
+        self.requests: list[tuple[dict, bytes]] = []
+        self.calls = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers["content-length"]))
+                outer.calls += 1
+                if fail_first and outer.calls == 1:
+                    self.send_response(500)
+                else:
+                    outer.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                    self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def types(self) -> list[str]:
+        return [json.loads(body)["type"] for _, body in self.requests]
 
 
 # -- data ------------------------------------------------------------------------------------------

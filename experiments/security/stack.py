@@ -82,24 +82,8 @@ class Stack:
         self.procs = [api]
         if worker:
             queues = ",".join(self.env["DISP_QUEUE_PREFIX"] + q for q in ("cpu", "gpu"))
-            celery = [
-                "-m",
-                "celery",
-                "-A",
-                "worker.celery_app",
-                "worker",
-                "-P",
-                "solo",
-                "-c",
-                "1",
-                "-Q",
-                queues,
-                "--without-gossip",
-                "--without-mingle",
-                "--without-heartbeat",
-                "--loglevel",
-                "WARNING",
-            ]
+            celery = "-m celery -A worker.celery_app worker -P solo -c 1 --loglevel WARNING".split()
+            celery += ["-Q", queues, "--without-gossip", "--without-mingle", "--without-heartbeat"]
             self.procs.append(
                 subprocess.Popen(
                     [sys.executable, *celery], cwd=self.src, env=self.env, stdout=log, stderr=log

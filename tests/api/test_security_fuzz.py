@@ -9,12 +9,10 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import time
 
 import pytest
 
-from tests.service_conftest import free_port, new_tenant
+from tests.service_conftest import new_tenant
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -22,24 +20,6 @@ CHECKS = (
     "not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,"
     "response_schema_conformance,unsupported_method,allow_header_conformance"
 )
-
-
-@pytest.fixture(scope="module")
-def served(api_settings):
-    import uvicorn
-
-    from api.main import create_app
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(api_settings), port=port, log_level="critical"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
 
 
 @pytest.fixture(scope="module")
@@ -60,13 +40,13 @@ def objects(client, pg_url, tmp_path_factory, tiny_dir) -> tuple[dict, dict]:
     return auth, ids
 
 
-def test_fuzzing_finds_no_server_error_and_no_schema_violation(served, objects, tmp_path):
+def test_fuzzing_finds_no_server_error_and_no_schema_violation(live_api, objects, tmp_path):
     seconds = int(os.environ.get("DISP_FUZZ_SECONDS", "60"))
     auth, ids = objects
     config = tmp_path / "schemathesis.toml"
     config.write_text("[parameters]\n" + "".join(f'"path.{k}" = "{v}"\n' for k, v in ids.items()))
     cmd = [
-        sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run", f"{served}/openapi.json",
+        sys.executable, "-m", "schemathesis.cli", "--config-file", str(config), "run", f"{live_api}/openapi.json",
         "-H", f"Authorization: {auth['Authorization']}",
         "--phases", "examples,coverage,fuzzing,stateful",
         "--checks", CHECKS,

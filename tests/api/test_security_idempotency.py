@@ -5,50 +5,21 @@ body re-serialised with the same content is the same request."""
 from __future__ import annotations
 
 import json
-import threading
-import time
 import uuid
 
 import httpx
 import pytest
 
-from tests.service_conftest import checkpoint_archive, dataset_archive, free_port
+from tests.service_conftest import dataset_archive
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 TRIALS = 50
 
 
 @pytest.fixture(scope="module")
-def live(api_settings):
-    """The API behind uvicorn on a free port, in a thread of this process."""
-    import uvicorn
-
-    from api.main import create_app
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(api_settings), port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+def live(live_api):
+    with httpx.Client(base_url=live_api, timeout=30) as http:
         yield http
-    server.should_exit = True
-    thread.join(10)
-
-
-@pytest.fixture
-def inputs(client, auth, tmp_path, tiny_dir):
-    archive = dataset_archive(tmp_path / "ds.zip", n=2)
-    dataset = client.post(
-        "/v1/datasets", headers=auth, files={"file": ("ds.zip", archive.read_bytes())}
-    ).json()
-    ck = checkpoint_archive(tiny_dir, tmp_path / "ck.tar")
-    checkpoint = client.post(
-        "/v1/checkpoints", headers=auth, files={"file": ("ck.tar", ck.read_bytes())}
-    ).json()
-    return dataset["id"], checkpoint["id"]
 
 
 def replayed_pairs(send) -> list[tuple[httpx.Response, httpx.Response]]:

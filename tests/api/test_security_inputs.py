@@ -6,24 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from tests.service_conftest import checkpoint_archive, dataset_archive
+from tests.service_conftest import dataset_archive
 
 pytestmark = pytest.mark.services
 
 SHA = "a" * 64
-
-
-@pytest.fixture
-def inputs(client, auth, tmp_path, tiny_dir):
-    archive = dataset_archive(tmp_path / "ds.zip", n=2)
-    dataset = client.post(
-        "/v1/datasets", headers=auth, files={"file": ("ds.zip", archive.read_bytes())}
-    ).json()
-    ck = checkpoint_archive(tiny_dir, tmp_path / "ck.tar")
-    checkpoint = client.post(
-        "/v1/checkpoints", headers=auth, files={"file": ("ck.tar", ck.read_bytes())}
-    ).json()
-    return dataset["id"], checkpoint["id"]
 
 
 def assert_4xx(response, status=422, param=None):

@@ -3,27 +3,11 @@ uses them; webhook targets must be globally routable when the job is created and
 
 from __future__ import annotations
 
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 import pytest
 
-from tests.service_conftest import checkpoint_archive, dataset_archive, free_port, new_tenant
+from tests.service_conftest import WebhookReceiver, new_tenant
 
 pytestmark = pytest.mark.services
-
-
-@pytest.fixture
-def inputs(client, auth, tmp_path, tiny_dir):
-    archive = dataset_archive(tmp_path / "ds.zip", n=2)
-    dataset = client.post(
-        "/v1/datasets", headers=auth, files={"file": ("ds.zip", archive.read_bytes())}
-    ).json()
-    ck = checkpoint_archive(tiny_dir, tmp_path / "ck.tar")
-    checkpoint = client.post(
-        "/v1/checkpoints", headers=auth, files={"file": ("ck.tar", ck.read_bytes())}
-    ).json()
-    return dataset["id"], checkpoint["id"]
 
 
 def storage_key(pg_url, model, object_id):
@@ -117,26 +101,6 @@ def test_public_address_table():
         assert not public_address(addr), addr
 
 
-class Receiver:
-    def __init__(self) -> None:
-        self.hits = 0
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                self.rfile.read(int(self.headers["content-length"]))
-                outer.hits += 1
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
 def test_webhook_target_is_checked_again_at_delivery(client, auth, inputs, pg_url, service_env):
     """A URL accepted when the job was created (here: private networks allowed then) is refused at delivery
     when its address is not public: the receiver never sees the request."""
@@ -145,7 +109,7 @@ def test_webhook_target_is_checked_again_at_delivery(client, auth, inputs, pg_ur
     from worker.config import WorkerSettings
     from worker.webhooks import DeliveryFailed, deliver
 
-    receiver = Receiver()
+    receiver = WebhookReceiver()
     job = client.post(
         "/v1/jobs",
         headers=auth,
@@ -161,6 +125,6 @@ def test_webhook_target_is_checked_again_at_delivery(client, auth, inputs, pg_ur
     settings = WorkerSettings(**{k: v for k, v in env.items() if k in fields})
     with pytest.raises(DeliveryFailed, match="non-public address"):
         deliver(settings.model_copy(update={"webhook_allow_private": False}), delivery_id)
-    assert receiver.hits == 0
-    assert deliver(settings, delivery_id) == "delivered" and receiver.hits == 1
+    assert receiver.calls == 0
+    assert deliver(settings, delivery_id) == "delivered" and receiver.calls == 1
     receiver.server.shutdown()

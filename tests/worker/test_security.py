@@ -4,10 +4,8 @@ GPU stage, image and records-file bombs refused by validation; no error a tenant
 
 from __future__ import annotations
 
-import hashlib
 import json
 
-import httpx
 import pytest
 
 from tests.service_conftest import (
@@ -15,6 +13,8 @@ from tests.service_conftest import (
     crafted_checkpoint,
     dataset_archive,
     new_tenant,
+    presigned,
+    settled,
     wait_for,
 )
 
@@ -22,30 +22,6 @@ pytestmark = [pytest.mark.services, pytest.mark.slow, pytest.mark.usefixtures("c
 
 NONE = {"defense": "none"}
 FINAL = ("succeeded", "failed", "cancelled", "failed_validation")
-
-
-def presigned(client, auth, data: bytes, **fields) -> str:
-    """Upload through presigned parts: the API's pre-check never sees the bytes, the worker's validation does."""
-    body = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), **fields}
-    upload = client.post("/v1/uploads", headers=auth, json=body)
-    assert upload.status_code == 201, upload.text
-    (part,) = client.post(f"/v1/uploads/{upload.json()['id']}/parts", headers=auth).json()["parts"]
-    etag = httpx.put(part["url"], content=data).headers["etag"]
-    done = client.post(
-        f"/v1/uploads/{upload.json()['id']}/complete",
-        headers=auth,
-        json={"parts": [{"part_number": 1, "etag": etag}]},
-    )
-    assert done.status_code == 200, done.text
-    return done.json()["object_id"]
-
-
-def settled(client, auth, kind, object_id, timeout=90):
-    def done():
-        body = client.get(f"/v1/{kind}/{object_id}", headers=auth).json()
-        return body if body["status"] != "validating" else None
-
-    return wait_for(done, timeout, message=f"{kind} {object_id} validation")
 
 
 def finished(client, auth, job_id, timeout=180):
