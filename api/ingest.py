@@ -23,6 +23,7 @@ from api.archive import (
     list_entries,
     looks_like_pickle,
     open_member,
+    read_head,
     read_member,
     refuse_pickle_name,
     safetensors_heads,
@@ -41,7 +42,7 @@ SINGLE_FILE = "model.safetensors"
 class DatasetSummary:
     archive_format: str
     json_name: str
-    num_records: int | None  # None when the records were not counted here
+    num_records: int
     num_files: int
 
 
@@ -88,21 +89,16 @@ def dataset_entries(path: Path, settings: CommonSettings) -> tuple[str, list[Ent
     return fmt, entries, json_name
 
 
-def precheck_dataset(path: Path, settings: CommonSettings, *, count: bool = True) -> DatasetSummary:
-    """Archive readable, entries safe and within the limits, LLaVA JSON present; with `count`, its records
-    streamed once: a non-empty list of objects within the limits."""
+def precheck_dataset(path: Path, settings: CommonSettings) -> DatasetSummary:
+    """Archive readable, entries safe and within the limits, LLaVA JSON present, and its records streamed
+    once: a non-empty list of objects within the limits (the worker checks each record fully)."""
     fmt, entries, json_name = dataset_entries(path, settings)
-    records = None
-    if count:
-        with open_member(
-            path, fmt, json_name, limit=settings.max_dataset_json_bytes, setting="max_dataset_json_bytes"
-        ) as stream:
-            records = count_records(
-                stream,
-                json_name,
-                max_record_bytes=settings.max_record_bytes,
-                max_records=settings.max_records,
-            )
+    with open_member(
+        path, fmt, json_name, limit=settings.max_dataset_json_bytes, setting="max_dataset_json_bytes"
+    ) as stream:
+        records = count_records(
+            stream, json_name, max_record_bytes=settings.max_record_bytes, max_records=settings.max_records
+        )
     return DatasetSummary(fmt, json_name, records, len(entries))
 
 
@@ -121,8 +117,6 @@ def precheck_checkpoint(path: Path, filename: str, kind: str, settings: CommonSe
             raise ArchiveError(
                 "invalid_safetensors", f"{filename}: an adapter is one projector .safetensors file"
             )
-        from api.archive import read_head
-
         try:
             shapes = safetensors_shapes(read_head(path), path.stat().st_size)
         except ArchiveError as exc:

@@ -59,10 +59,11 @@ def send(settings: CommonSettings, task: str, **kwargs: str) -> None:
     retry, which gets a fresh object, leaves nothing pending forever) and the caller gets a 503."""
     try:
         enqueue(settings, task, **kwargs)
-    except Exception as exc:  # kombu raises OperationalError and friends
+    except Exception:  # kombu raises OperationalError and friends; their text may hold the broker's URL
         log.exception("enqueue %s failed", task)
-        _fail_unqueued(settings, task, kwargs, str(exc))
-        raise ApiError(503, "broker_unavailable", f"could not enqueue {task}: {exc}") from None
+        message = "the job queue is unavailable; retry later"
+        _fail_unqueued(settings, task, kwargs, message)
+        raise ApiError(503, "broker_unavailable", message) from None
 
 
 def _fail_unqueued(settings: CommonSettings, task: str, kwargs: dict, message: str) -> None:
