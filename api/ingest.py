@@ -18,19 +18,15 @@ from api.archive import (
     Limits,
     common_root,
     count_records,
-    detect_format,
     find_dataset_json,
     list_entries,
-    looks_like_pickle,
     open_member,
-    read_head,
     read_member,
     refuse_pickle_name,
-    safetensors_heads,
-    safetensors_shapes,
     too_large,
 )
 from api.config import CommonSettings
+from api.weights import detect_format, looks_like_pickle, read_head, safetensors_heads, safetensors_shapes
 from disp.names import check_plain_name
 
 TOKENIZER_FILE = "tokenizer.json"

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from api.archive import (
     ArchiveError,
-    check_weights_file,
     common_root,
     copy_member,
     find_dataset_json,
@@ -25,6 +24,7 @@ from api.archive import (
 )
 from api.db.models import BaseModelEntry, Checkpoint, Dataset
 from api.storage import Storage
+from api.weights import check_weights_file
 from worker.config import WorkerSettings
 
 
