@@ -31,7 +31,7 @@ class ArchiveError(ValueError):
         self.code = code
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
     name: str  # normalised relative path
     size: int
