@@ -31,8 +31,18 @@ from disp import models
 from disp.baselines import magnitude_prune, oracle_filter, random_drop, read_manifest
 from disp.batching import VisionCache, length_buckets, loaded_batches
 from disp.config import DefenseConfig, FinetuneConfig, PurifyConfig, SaliencyConfig, SamplerConfig
-from disp.data import ImageSource, Sample, load_records, open_image_source, parse_samples, write_json
+from disp.data import (
+    ImageSource,
+    Sample,
+    answers_kept,
+    is_text_only,
+    merge_records,
+    parse_samples,
+    purified_record,
+    write_json,
+)
 from disp.finetune import Cancelled, finetune_projector, result_dict
+from disp.formats import Dataset, open_dataset
 from disp.models.base import MDLM
 from disp.models.checkpoint import write_state_dict
 from disp.parallel import map_ordered, resolve_workers
@@ -61,17 +71,21 @@ def file_hash(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def load_dataset(data_json: str | Path, images: str | Path) -> tuple[list[Sample], ImageSource]:
-    return parse_samples(load_records(data_json), Path(data_json).name), open_image_source(images)
+def load_dataset(data_json: str | Path, images: str | Path | None = None) -> tuple[list[Sample], ImageSource]:
+    """Samples (records with an image) and their image source, of any format `disp.formats` reads."""
+    ds = open_dataset(data_json, images)
+    return ds.samples, ds.source
 
 
-def _select(samples: list[Sample], indices: Sequence[int] | None) -> list[Sample]:
+def _select(ds: Dataset, indices: Sequence[int] | None) -> list[Sample]:
+    """The samples among the records at `indices` (a shard: positions in the file, text-only ones included)."""
     if indices is None:
-        return samples
-    bad = [i for i in indices if not 0 <= i < len(samples)]
+        return ds.samples
+    bad = [i for i in indices if not 0 <= i < len(ds.records)]
     if bad:
-        raise ValueError(f"shard indices out of range 0..{len(samples) - 1}: {bad[:5]}")
-    return [samples[i] for i in indices]
+        raise ValueError(f"shard indices out of range 0..{len(ds.records) - 1}: {bad[:5]}")
+    wanted = set(indices)
+    return [s for s in ds.samples if s.index in wanted]
 
 
 def _batches(items: list, size: int):
@@ -108,7 +122,7 @@ def score_samples(model: MDLM, samples: list[Sample], source: ImageSource, confi
     `workers` batches run at once on CPU threads (`disp.parallel`; None or 0: one per core on a CPU).
     """
     cache = cache if cache is not None else VisionCache()
-    ids = [model.tokenizer.encode_prompt(s.question) for s in samples]
+    ids = [model.tokenizer.encode_prompt(s.question, system=s.system) for s in samples]
     # the exact form switches SDPA kernels process-wide, so it runs on one thread
     workers = 1 if config.exact else resolve_workers(workers, model.device)
 
@@ -131,9 +145,9 @@ def score(*, model_dir, data_json, images, out_json, config: SaliencyConfig | No
           workers: int | None = 1) -> Path:
     """Write {"scores": {id: [...]}} for the selected samples (all by default)."""
     config, sampler = config or SaliencyConfig(), sampler or SamplerConfig()
-    samples, source = load_dataset(data_json, images)
+    ds = open_dataset(data_json, images)
     model = _model(model_dir, projector, device)
-    scores = score_samples(model, _select(samples, indices), source, config, sampler,
+    scores = score_samples(model, _select(ds, indices), ds.source, config, sampler,
                            on_progress=on_progress, should_stop=should_stop, workers=workers)
     return write_json(out_json, {"config": asdict(config), "scores": scores})
 
@@ -142,7 +156,11 @@ def purify_samples(model: MDLM, samples: list[Sample], source: ImageSource, conf
                    scores: dict[str, list[float]] | None, *, masking: str = "saliency",
                    on_progress: Progress | None = None, should_stop: StopCheck | None = None,
                    cache: VisionCache | None = None, workers: int | None = 1) -> list[dict]:
-    """Purified LLaVA records (answer rewritten) with a `disp` field recording what was done, in input order.
+    """Purified LLaVA records with a `disp` field recording what was done, in input order.
+
+    Every answer of a sample is rewritten with the same visual tokens held masked: the first (the image
+    question's, whose prompt was scored) from the prompt alone, each later one on the purified turns before
+    it; user turns and the system prompt are kept (`disp.data.purified_record`).
 
     `workers` batches run at once on CPU threads (`disp.parallel`; None or 0: one per core on a CPU). Each
     batch samples from its own generator, seeded with `config.seed` and its place in the batch order.
@@ -160,47 +178,58 @@ def purify_samples(model: MDLM, samples: list[Sample], source: ImageSource, conf
         held += list(choose_masked(s, model.num_image_tokens, len(chunk), config.mask_ratio, masking, mask_gen,
                                    min_score=config.min_score))
         sal += list(s) if s is not None else [None] * len(chunk)
-    ids = [model.tokenizer.encode_prompt(x.question) for x in samples]
+    # every answer is rewritten under the sample's held tokens, turn by turn, each on the purified turns before it
+    tok, answers, masked_of = model.tokenizer, [[] for _ in samples], {}
+    total = sum(len(x.answers) for x in samples)
+    for turn in range(max((len(x.answers) for x in samples), default=0)):
+        active = [i for i, x in enumerate(samples) if len(x.answers) > turn]
+        prompts = {i: tok.encode_prompt(samples[i].questions[turn], system=samples[i].system,
+                                        history=list(zip(samples[i].questions[:turn], answers[i], strict=True))) for i in active}
 
-    def run(item: tuple[int, list[int]]) -> PurifiedBatch:
-        k, batch = item
-        gen = torch.Generator(device=model.device).manual_seed(config.seed + k)
-        return purify_batch(model, [samples[i].question for i in batch], None, torch.stack([held[i] for i in batch]),
-                            config, generator=gen,
-                            image_embeds=cache.embeds(model, [samples[i].image for i in batch]))
+        def run(item: tuple[int, list[int]], turn: int = turn, prompts: dict = prompts) -> PurifiedBatch:
+            k, batch = item
+            gen = torch.Generator(device=model.device).manual_seed(config.seed + k + 1_000_003 * turn)
+            return purify_batch(model, [prompts[i] for i in batch], None, torch.stack([held[i] for i in batch]),
+                                config, generator=gen,
+                                image_embeds=cache.embeds(model, [samples[i].image for i in batch]))
 
-    out: dict[int, dict] = {}
-    batches = enumerate(loaded_batches(model, samples, source, length_buckets(ids, config.batch_size), cache))
-    for (_, batch), res in map_ordered(run, batches, workers):
-        for i, ans, masked in zip(batch, res.answers, res.masked, strict=True):
-            x, s_i = samples[i], sal[i]
-            info: dict[str, Any] = {"original_answer": x.answer, "purified_answer": ans,
-                                    "masked_visual_tokens": masked, "masking": masking}
-            if s_i is not None:
-                info["saliency"] = {"max": float(s_i.max()), "mean": float(s_i.mean()),
-                                    "top": s_i.topk(min(5, s_i.shape[0])).indices.tolist()}
-            out[i] = {"id": x.id, "image": x.image, "conversations": [
-                {"from": "human", "value": x.question}, {"from": "gpt", "value": ans}], "disp": info}
-        _tick(should_stop, on_progress, len(out), len(samples))
-    return [out[i] for i in range(len(samples))]
+        buckets = [[active[j] for j in b] for b in length_buckets([prompts[i] for i in active], config.batch_size)]
+        for (_, batch), res in map_ordered(run, enumerate(loaded_batches(model, samples, source, buckets, cache)),
+                                           workers):
+            for i, ans, masked in zip(batch, res.answers, res.masked, strict=True):
+                answers[i].append(ans)
+                masked_of[i] = masked
+            _tick(should_stop, on_progress, sum(map(len, answers)), total)
+    out = []
+    for i, x in enumerate(samples):
+        info: dict[str, Any] = {"masked_visual_tokens": masked_of[i], "masking": masking}
+        if sal[i] is not None:
+            s_i = sal[i]
+            info["saliency"] = {"max": float(s_i.max()), "mean": float(s_i.mean()),
+                                "top": s_i.topk(min(5, s_i.shape[0])).indices.tolist()}
+        out.append(purified_record(x, answers[i], info))
+    return out
 
 
 def purify(*, model_dir, data_json, images, scores_json=None, out_json, config: PurifyConfig | None = None,
            masking: str = "saliency", indices: Sequence[int] | None = None, projector=None, device=None,
            on_progress: Progress | None = None, should_stop: StopCheck | None = None,
            workers: int | None = 1) -> Path:
-    """Write the purified records (LLaVA format plus a `disp` field) for the selected samples."""
+    """Write the purified records (LLaVA format plus a `disp` field) of the selected records; text-only
+    records among them are written as they are."""
     config = config or PurifyConfig()
-    samples, source = load_dataset(data_json, images)
+    ds = open_dataset(data_json, images)
+    samples = _select(ds, indices)
     scores = json.loads(Path(scores_json).read_text())["scores"] if masking == "saliency" else None
     if scores is not None:
-        missing = [s.id for s in _select(samples, indices) if s.id not in scores]
+        missing = [s.id for s in samples if s.id not in scores]
         if missing:
             raise ValueError(f"{scores_json}: no scores for ids {missing[:5]}")
     model = _model(model_dir, projector, device)
-    recs = purify_samples(model, _select(samples, indices), source, config, scores, masking=masking,
+    recs = purify_samples(model, samples, ds.source, config, scores, masking=masking,
                           on_progress=on_progress, should_stop=should_stop, workers=workers)
-    return write_json(out_json, recs)
+    return write_json(out_json, merge_records(ds.records, {s.index: r for s, r in zip(samples, recs, strict=True)},
+                                              indices))
 
 
 def merge_shards(*, shard_jsons: Sequence[str | Path], out_json: str | Path) -> Path:
@@ -224,9 +253,10 @@ def save_projector(model: MDLM, path: Path) -> Path:
 
 
 def kept_answers(records: list[dict]) -> list[bool]:
-    """Per purified record: True where the defense kept the original answer (records without a `disp`
-    entry, such as a filtered or plain data set, count as kept). The feature anchor's samples."""
-    return [r.get("disp", {}).get("purified_answer") == r.get("disp", {}).get("original_answer") for r in records]
+    """Per purified image record (text-only ones are skipped, as they are no samples): True where the defense
+    kept every original answer (records without a `disp` entry, such as a filtered or plain data set, count as
+    kept). The feature anchor's samples."""
+    return [answers_kept(r) for r in records if not is_text_only(r)]
 
 
 def finetune_samples(model: MDLM, samples: list[Sample], source: ImageSource, config: FinetuneConfig,
@@ -242,8 +272,8 @@ def finetune_samples(model: MDLM, samples: list[Sample], source: ImageSource, co
     cache = cache if cache is not None else VisionCache()
     cache.fill(model, [s.image for s in samples], source)
     feats = cache.stacked([s.image for s in samples])
-    result = finetune_projector(model, [s.question for s in samples], [s.answer for s in samples], feats, config,
-                                anchor=anchor, state_dir=out_dir / f"finetune_state-{run_key[:16]}",
+    result = finetune_projector(model, [s.questions for s in samples], [s.answers for s in samples], feats, config,
+                                anchor=anchor, systems=[s.system for s in samples], state_dir=out_dir / f"finetune_state-{run_key[:16]}",
                                 on_progress=on_progress, should_stop=should_stop)
     save_projector(model, out_dir / PROJECTOR_FILE)
     metrics = result_dict(result)
@@ -255,14 +285,13 @@ def finetune(*, model_dir, purified_json, images, out_dir, config: FinetuneConfi
              device=None, on_progress: Progress | None = None, should_stop: StopCheck | None = None) -> Path:
     """Projector-only fine-tuning on a (purified) LLaVA dataset; resumable from `out_dir`."""
     out_dir = Path(out_dir)
-    records = load_records(purified_json)
-    samples, source = parse_samples(records, Path(purified_json).name), open_image_source(images)
+    ds = open_dataset(purified_json, images)
     config = config or FinetuneConfig()
     key = _Stages.fingerprint(file_hash(model_dir), file_hash(purified_json), file_hash(images),
                               file_hash(projector) if projector else None, asdict(config))
     model = _model(model_dir, projector, device)
-    finetune_samples(model, samples, source, config, out_dir, run_key=key,
-                     anchor=kept_answers(records), on_progress=on_progress,
+    finetune_samples(model, ds.samples, ds.source, config, out_dir, run_key=key,
+                     anchor=[answers_kept(s.record) for s in ds.samples], on_progress=on_progress,
                      should_stop=should_stop)
     return out_dir / PROJECTOR_FILE
 
@@ -299,8 +328,10 @@ def defend(*, model_dir, data_json, images, out_dir, config: DefenseConfig | Non
     config = config or DefenseConfig()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    samples, source = load_dataset(data_json, images)
-    inputs = {"model": file_hash(model_dir), "data": file_hash(data_json), "images": file_hash(images),
+    ds = open_dataset(data_json, images)
+    samples, source = ds.samples, ds.source
+    inputs = {"model": file_hash(model_dir), "data": file_hash(data_json),
+              "images": file_hash(images) if images is not None else None,
               "projector": file_hash(projector) if projector else None}
     stages = _Stages(out_dir)
     model = _model(model_dir, projector, device)
@@ -333,7 +364,8 @@ def defend(*, model_dir, data_json, images, out_dir, config: DefenseConfig | Non
             recs = purify_samples(model, samples, source, config.purify, scores, masking=masking,
                                   on_progress=progress("purifying"), should_stop=should_stop, cache=cache,
                                   workers=workers)
-            write_json(out_dir / PURIFIED_FILE, recs)
+            write_json(out_dir / PURIFIED_FILE, merge_records(ds.records, {s.index: r for s, r in zip(samples, recs,
+                                                                                                      strict=True)}))
             stages.finish("purifying", fp, time.perf_counter() - t)
         purified = json.loads((out_dir / PURIFIED_FILE).read_text())
         train, anchor = parse_samples(purified, PURIFIED_FILE), kept_answers(purified)
@@ -345,8 +377,8 @@ def defend(*, model_dir, data_json, images, out_dir, config: DefenseConfig | Non
             if manifest is None:
                 raise ValueError("oracle_filter needs the attack's manifest (--manifest)")
             train = oracle_filter(samples, read_manifest(manifest)["poisoned_ids"])
-        write_json(out_dir / PURIFIED_FILE, [{"id": s.id, "image": s.image, "conversations": [
-            {"from": "human", "value": s.question}, {"from": "gpt", "value": s.answer}]} for s in train])
+        kept = {s.index for s in train}
+        write_json(out_dir / PURIFIED_FILE, [r for i, r in enumerate(ds.records) if i in kept or is_text_only(r)])
     report["num_train"] = len(train)
 
     if config.defense in ("none", "pruning"):
