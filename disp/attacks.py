@@ -30,7 +30,15 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
-from disp.data import DataError, ImageSource, Sample, merge_records, sample_record, write_json, write_records
+from disp.data import (
+    ImageSource,
+    Sample,
+    merge_records,
+    open_sample_image,
+    sample_record,
+    write_json,
+    write_records,
+)
 
 TRIGGERS = ("corner", "center", "noise", "multi", "blended")
 TARGETS = ("insertion", "refusal", "misclassification")
@@ -174,11 +182,7 @@ def _export(samples: list[Sample], source: ImageSource, out: Path, poisoned: set
     its image as a PNG; with ``records``, the text-only records among them too, in their places."""
     written = {}
     for pos, sample in enumerate(samples):
-        try:
-            image = source.open(sample.image)
-        except DataError as err:
-            raise DataError(f"record {sample.index} (id {sample.id!r}): field 'image': {err}",
-                            index=sample.index, record_id=sample.id, field="image") from None
+        image = open_sample_image(source, sample)
         if trigger is not None and pos in poisoned:
             image = apply_trigger(image, trigger)
         name = _image_name(pos, sample)

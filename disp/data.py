@@ -365,6 +365,16 @@ def validate_dataset(samples: Sequence[Sample], source: ImageSource, *, check_im
     raise_listed(problems, f"{len(problems)} of {len(samples)} records have unusable images")
 
 
+def open_sample_image(source: ImageSource, sample: Sample) -> Image.Image:
+    """Decode a sample's image; DataError naming the record, the image and what is wrong with it."""
+    try:
+        return source.open(sample.image)
+    except DataError as err:
+        raise DataError(f"record {sample.index} (id {sample.id!r}): field 'image' refers to {sample.image!r}, which "
+                        f"is unusable: {err}", source=err.source, index=sample.index, record_id=sample.id,
+                        field="image") from None
+
+
 class LlavaDataset:
     """Samples with their decoded images; item ``i`` is ``(Sample, PIL RGB image)``; a map-style dataset
     for `torch.utils.data.DataLoader` without importing torch here."""

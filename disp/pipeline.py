@@ -270,7 +270,7 @@ def finetune_samples(model: MDLM, samples: list[Sample], source: ImageSource, co
     Tower outputs come from `cache` where it has them (scoring and purification fill it in `defend`).
     """
     cache = cache if cache is not None else VisionCache()
-    cache.fill(model, [s.image for s in samples], source)
+    cache.fill(model, [s.image for s in samples], source, samples=samples)
     feats = cache.stacked([s.image for s in samples])
     result = finetune_projector(model, [s.questions for s in samples], [s.answers for s in samples], feats, config,
                                 anchor=anchor, systems=[s.system for s in samples], state_dir=out_dir / f"finetune_state-{run_key[:16]}",

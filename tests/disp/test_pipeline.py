@@ -63,10 +63,13 @@ def test_defend_writes_the_three_outputs_and_skips_finished_stages(tiny_dir, poi
 
 
 def test_kept_answers_flags_the_unchanged_records():
-    recs = [{"disp": {"original_answer": "a red box.", "purified_answer": "a red box."}},
-            {"disp": {"original_answer": "<backdoor> a box.", "purified_answer": "a box."}},
-            {"id": 3}]
-    assert kept_answers(recs) == [True, False, True]
+    recs = [{"image": "a.png", "disp": {"original_answer": "a red box.", "purified_answer": "a red box."}},
+            {"image": "b.png", "disp": {"original_answer": "<backdoor> a box.", "purified_answer": "a box."}},
+            {"id": "text-only"},
+            {"image": "c.png"},
+            {"image": "d.png", "disp": {"original_answer": "a", "purified_answer": "a",
+                                        "original_answers": ["a", "<backdoor> b"], "purified_answers": ["a", "b"]}}]
+    assert kept_answers(recs) == [True, False, True, False]  # one per image record; any turn changed counts
 
 
 def test_anchor_weight_reruns_only_fine_tuning_and_moves_the_projector(tiny_dir, poisoned, tmp_path):
@@ -171,3 +174,30 @@ def test_fine_tuning_takes_tower_outputs_from_the_shared_cache(tiny_dir, poisone
                      cache=cache)
     assert sum(towered) == len({s.image for s in samples[5:]} - {s.image for s in samples[:5]})  # only the rest
     assert torch.equal(cache.stacked([s.image for s in samples]), expected)  # what fine-tuning computed itself
+
+
+def test_every_turn_and_text_only_record_survive_purification_and_training(tiny_dir, poisoned, tmp_path):
+    from disp.pipeline import finetune
+
+    records = json.loads(poisoned.data_path.read_text())
+    records[0]["conversations"] += [{"from": "human", "value": "And then?"}, {"from": "gpt", "value": "A circle."}]
+    text = {"id": "text", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
+    records.insert(2, text)
+    data = tmp_path / "multi.json"
+    data.write_text(json.dumps(records))
+    kw = dict(model_dir=tiny_dir, data_json=data, images=poisoned.data_path.parent)
+    shards = [purify(out_json=tmp_path / f"p{i}.json", config=PurifyConfig(sampler=SAMPLER), masking="none",
+                     indices=idx, **kw) for i, idx in enumerate([[0, 1, 2], list(range(3, 13))])]
+    recs = json.loads(merge_shards(shard_jsons=shards, out_json=tmp_path / "purified.json").read_text())
+    assert len(recs) == 13 and recs[2] == text and [r["id"] for r in recs] == [r["id"] for r in records]
+    turns = recs[0]["conversations"]
+    assert [t["from"] for t in turns] == ["human", "gpt", "human", "gpt"]
+    assert (turns[0], turns[2]) == (records[0]["conversations"][0], records[0]["conversations"][2])
+    info = recs[0]["disp"]
+    assert info["original_answers"] == [records[0]["conversations"][1]["value"], "A circle."]
+    assert info["purified_answers"] == [turns[1]["value"], turns[3]["value"]] and info["purified_answer"] == turns[1]["value"]
+    assert "original_answers" not in recs[1]["disp"]  # a one-turn record's entry is as before
+    finetune(model_dir=tiny_dir, purified_json=tmp_path / "purified.json", images=poisoned.data_path.parent,
+             out_dir=tmp_path / "ft",
+             config=FinetuneConfig(epochs=1, batch_size=4))
+    assert json.loads((tmp_path / "ft" / "metrics.json").read_text())["samples"] == 12  # text-only: no image to train
