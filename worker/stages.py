@@ -191,16 +191,14 @@ def build_report(ctx: StageContext) -> None:
     ctx.reporter.on_progress(0, 1)
     purified = json.loads(ctx.storage.read_bytes(keys.merged(job, JobStatus.purifying)))
     finetune = json.loads(ctx.storage.read_bytes(keys.finetune_metrics(job)))
-    changed = [
-        r["id"]
-        for r in purified
-        if r.get("disp") and r["disp"].get("original_answer") != r["disp"].get("purified_answer")
-    ]
+    from disp.data import answers_kept, is_text_only
+
+    changed = [r["id"] for r in purified if not answers_kept(r)]
     num = _num_records(ctx)
     losses = finetune.get("epoch_losses") or []
     summary = {
         "num_samples": num,
-        "num_train": len(purified),
+        "num_train": sum(not is_text_only(r) for r in purified),
         "answers_changed": len(changed),
         "answers_changed_fraction": round(len(changed) / num, 6) if num else 0.0,
         "final_loss": losses[-1] if losses else None,

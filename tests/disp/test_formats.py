@@ -79,7 +79,7 @@ def test_jsonl_and_json_lines_in_a_json_file(folder):
         open_dataset(folder / "data.json")
 
 
-def test_cc_sbu_align_folder_and_archive(tmp_path, folder):
+def test_cc_sbu_align_folder_and_archive(tmp_path):
     root = tmp_path / "cc_sbu_align"
     (root / "image").mkdir(parents=True)
     for i in (2, 7):
@@ -149,7 +149,7 @@ def test_refused_records_are_named_with_the_reason(record, field, words):
     assert str(info.value).startswith("d.json: record 1 (id ")
 
 
-def write_arrow_rows(ds_rows: list[dict], images: list[bytes | None]) -> "pa.Table":
+def write_arrow_rows(ds_rows: list[dict], images: list[bytes | None]) -> pa.Table:
     image_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     cols = {k: [r.get(k) for r in ds_rows] for k in ds_rows[0]}
     cols["conversations"] = [json.loads(json.dumps(r["conversations"])) for r in ds_rows]
