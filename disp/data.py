@@ -114,8 +114,7 @@ def _exchanges(rec: dict, source: str, index: int, rid: Any) -> tuple[str | None
         if not isinstance(turn, dict):
             raise _record_error(source, index, rid, f"conversations[{t}]", f"must be an object, got {type(turn).__name__}")
         role = turn.get("from")
-        first = not turns
-        if first and role in SYSTEM_ROLES and t == 0:
+        if t == 0 and role in SYSTEM_ROLES:
             if system is not None:
                 raise _record_error(source, index, rid, "conversations[0]", "is a system turn beside a "
                                     "top-level 'system'; give one of them")

@@ -71,6 +71,15 @@ def file_hash(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _images_hash(ds: Dataset) -> str:
+    """sha256 of the images the samples name (names and bytes), for images found beside or inside the data."""
+    h = hashlib.sha256()
+    for name in sorted({s.image for s in ds.samples}):
+        h.update(name.encode())
+        h.update(ds.source.read_bytes(name))
+    return h.hexdigest()
+
+
 def load_dataset(data_json: str | Path, images: str | Path | None = None) -> tuple[list[Sample], ImageSource]:
     """Samples (records with an image) and their image source, of any format `disp.formats` reads."""
     ds = open_dataset(data_json, images)
@@ -331,7 +340,7 @@ def defend(*, model_dir, data_json, images, out_dir, config: DefenseConfig | Non
     ds = open_dataset(data_json, images)
     samples, source = ds.samples, ds.source
     inputs = {"model": file_hash(model_dir), "data": file_hash(data_json),
-              "images": file_hash(images) if images is not None else None,
+              "images": file_hash(images) if images is not None else _images_hash(ds),
               "projector": file_hash(projector) if projector else None}
     stages = _Stages(out_dir)
     model = _model(model_dir, projector, device)
