@@ -1,17 +1,13 @@
-"""Dataset-level stages of a defense, with files in and files out.
+"""Sample-level stages with files in and out: the work inside each stage of `disp.defend`.
 
-    score     → scores.json       Fisher–Jacobian saliency of every visual token (Eq. 3–8)
-    purify    → purified.json     answers rewritten with the top-ρ tokens held masked (Eq. 9–11)
-    finetune  → projector.safetensors + metrics.json   projector-only SFT on the purified data
-    defend    → all of the above + report.json, for any defense in `DefenseConfig.DEFENSES`
+    score_samples      saliency of every visual token (Eq. 3-8)
+    purify_samples     answers rewritten with the top-ρ tokens held masked (Eq. 9-11)
+    finetune_samples   projector-only SFT on the purified samples
 
-Each stage takes `on_progress(done, total)` and `should_stop()` (polled between batches; raises
-`Cancelled`). `defend` records a fingerprint of each stage's inputs (file hashes and settings) in
-`stages.json` and skips a stage whose output exists with the same fingerprint.
-
+Each takes `on_progress(done, total)` and `should_stop()` (polled between batches; raises `Cancelled`).
 Scoring and purification batch samples of similar prompt length together (outputs keep the input
 order), decode the next batch's images on a background thread while the model works, and run the
-vision tower once per distinct image: pass one `VisionCache` to both stages to share its outputs.
+vision tower once per distinct image: pass one `VisionCache` to every stage to share its outputs.
 On a CPU, `workers` > 1 runs that many batches at once, one per core (`disp.parallel`).
 """
 
@@ -19,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -28,19 +23,9 @@ from typing import Any
 import torch
 
 from disp import models
-from disp.baselines import magnitude_prune, oracle_filter, random_drop, read_manifest
 from disp.batching import VisionCache, length_buckets, loaded_batches
-from disp.config import DefenseConfig, FinetuneConfig, PurifyConfig, SaliencyConfig, SamplerConfig
-from disp.data import (
-    ImageSource,
-    Sample,
-    answers_kept,
-    is_text_only,
-    merge_records,
-    parse_samples,
-    purified_record,
-    write_json,
-)
+from disp.config import FinetuneConfig, PurifyConfig, SaliencyConfig, SamplerConfig
+from disp.data import ImageSource, Sample, answers_kept, is_text_only, purified_record, write_json
 from disp.finetune import Cancelled, finetune_projector, result_dict
 from disp.formats import Dataset, open_dataset
 from disp.models.base import MDLM
@@ -48,13 +33,13 @@ from disp.models.checkpoint import write_state_dict
 from disp.parallel import map_ordered, resolve_workers
 from disp.purify import PurifiedBatch, choose_masked, purify_batch
 from disp.saliency import input_grads_only, visual_saliency
+from disp.stages import PROJECTOR_FILE
 
 Progress = Callable[[int, int], None]
 StopCheck = Callable[[], bool]
-PROJECTOR_FILE, PURIFIED_FILE, REPORT_FILE, SCORES_FILE = (
-    "projector.safetensors", "purified.json", "report.json", "scores.json")
 
-__all__ = ["Cancelled", "score", "purify", "finetune", "merge_shards", "defend", "file_hash"]
+__all__ = ["Cancelled", "score", "score_samples", "purify_samples", "finetune_samples", "merge_shards", "file_hash",
+           "load_model", "read_saliency"]
 
 
 # -- inputs -------------------------------------------------------------------------------------
@@ -71,7 +56,7 @@ def file_hash(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _images_hash(ds: Dataset) -> str:
+def images_hash(ds: Dataset) -> str:
     """sha256 of the images the samples name (names and bytes), for images found beside or inside the data."""
     h = hashlib.sha256()
     for name in sorted({s.image for s in ds.samples}):
@@ -86,17 +71,6 @@ def load_dataset(data_json: str | Path, images: str | Path | None = None) -> tup
     return ds.samples, ds.source
 
 
-def _select(ds: Dataset, indices: Sequence[int] | None) -> list[Sample]:
-    """The samples among the records at `indices` (a shard: positions in the file, text-only ones included)."""
-    if indices is None:
-        return ds.samples
-    bad = [i for i in indices if not 0 <= i < len(ds.records)]
-    if bad:
-        raise ValueError(f"shard indices out of range 0..{len(ds.records) - 1}: {bad[:5]}")
-    wanted = set(indices)
-    return [s for s in ds.samples if s.index in wanted]
-
-
 def _batches(items: list, size: int):
     for i in range(0, len(items), size):
         yield items[i : i + size]
@@ -109,7 +83,7 @@ def _tick(should_stop: StopCheck | None, on_progress: Progress | None, done: int
         raise Cancelled(f"stopped after {done} of {total}")
 
 
-def _model(model_dir, projector, device, dtype: torch.dtype | None = None) -> MDLM:
+def load_model(model_dir, projector=None, device=None, dtype: torch.dtype | None = None) -> MDLM:
     """Load for a stage. On a GPU the towers run in bf16 by default; the projector, which is trained and
     shipped, stays float32 (its outputs are cast to the language model's dtype where they are spliced)."""
     device = models.resolve_device(device)
@@ -149,16 +123,23 @@ def score_samples(model: MDLM, samples: list[Sample], source: ImageSource, confi
 
 
 def score(*, model_dir, data_json, images, out_json, config: SaliencyConfig | None = None,
-          sampler: SamplerConfig | None = None, indices: Sequence[int] | None = None, projector=None,
-          device=None, on_progress: Progress | None = None, should_stop: StopCheck | None = None,
-          workers: int | None = 1) -> Path:
-    """Write {"scores": {id: [...]}} for the selected samples (all by default)."""
+          sampler: SamplerConfig | None = None, projector=None, device=None, on_progress: Progress | None = None,
+          should_stop: StopCheck | None = None, workers: int | None = 1) -> Path:
+    """Write {"config": ..., "saliency": {id: [...]}} for every sample of a dataset."""
     config, sampler = config or SaliencyConfig(), sampler or SamplerConfig()
-    ds = open_dataset(data_json, images)
-    model = _model(model_dir, projector, device)
-    scores = score_samples(model, _select(ds, indices), ds.source, config, sampler,
-                           on_progress=on_progress, should_stop=should_stop, workers=workers)
-    return write_json(out_json, {"config": asdict(config), "scores": scores})
+    samples, source = load_dataset(data_json, images)
+    saliency = score_samples(load_model(model_dir, projector, device), samples, source, config, sampler,
+                             on_progress=on_progress, should_stop=should_stop, workers=workers)
+    return write_json(out_json, {"config": asdict(config), "saliency": saliency})
+
+
+def read_saliency(path: str | Path, samples: Sequence[Sample]) -> dict[str, list[float]]:
+    """The saliency a scoring stage wrote, checked to cover every sample."""
+    saliency = json.loads(Path(path).read_text())["saliency"]
+    missing = [s.id for s in samples if s.id not in saliency]
+    if missing:
+        raise ValueError(f"{Path(path).name}: no saliency for ids {missing[:5]}")
+    return saliency
 
 
 def purify_samples(model: MDLM, samples: list[Sample], source: ImageSource, config: PurifyConfig,
@@ -193,7 +174,8 @@ def purify_samples(model: MDLM, samples: list[Sample], source: ImageSource, conf
     for turn in range(max((len(x.answers) for x in samples), default=0)):
         active = [i for i, x in enumerate(samples) if len(x.answers) > turn]
         prompts = {i: tok.encode_prompt(samples[i].questions[turn], system=samples[i].system,
-                                        history=list(zip(samples[i].questions[:turn], answers[i], strict=True))) for i in active}
+                                        history=list(zip(samples[i].questions[:turn], answers[i], strict=True)))
+                   for i in active}
 
         def run(item: tuple[int, list[int]], turn: int = turn, prompts: dict = prompts) -> PurifiedBatch:
             k, batch = item
@@ -220,36 +202,16 @@ def purify_samples(model: MDLM, samples: list[Sample], source: ImageSource, conf
     return out
 
 
-def purify(*, model_dir, data_json, images, scores_json=None, out_json, config: PurifyConfig | None = None,
-           masking: str = "saliency", indices: Sequence[int] | None = None, projector=None, device=None,
-           on_progress: Progress | None = None, should_stop: StopCheck | None = None,
-           workers: int | None = 1) -> Path:
-    """Write the purified records (LLaVA format plus a `disp` field) of the selected records; text-only
-    records among them are written as they are."""
-    config = config or PurifyConfig()
-    ds = open_dataset(data_json, images)
-    samples = _select(ds, indices)
-    scores = json.loads(Path(scores_json).read_text())["scores"] if masking == "saliency" else None
-    if scores is not None:
-        missing = [s.id for s in samples if s.id not in scores]
-        if missing:
-            raise ValueError(f"{scores_json}: no scores for ids {missing[:5]}")
-    model = _model(model_dir, projector, device)
-    recs = purify_samples(model, samples, ds.source, config, scores, masking=masking,
-                          on_progress=on_progress, should_stop=should_stop, workers=workers)
-    return write_json(out_json, merge_records(ds.records, {s.index: r for s, r in zip(samples, recs, strict=True)},
-                                              indices))
-
-
 def merge_shards(*, shard_jsons: Sequence[str | Path], out_json: str | Path) -> Path:
-    """Concatenate shard outputs in the order given: score shards merge their dicts, purify shards their lists."""
+    """Concatenate shard outputs in the order given: scoring shards merge their dicts, purifying shards their
+    lists."""
     parts = [json.loads(Path(p).read_text()) for p in shard_jsons]
     if all(isinstance(p, list) for p in parts):
         return write_json(out_json, [r for p in parts for r in p])
     merged: dict[str, list[float]] = {}
     for p in parts:
-        merged.update(p["scores"])
-    return write_json(out_json, {"config": parts[0].get("config"), "scores": merged})
+        merged.update(p["saliency"])
+    return write_json(out_json, {"config": parts[0].get("config"), "saliency": merged})
 
 
 def save_projector(model: MDLM, path: Path) -> Path:
@@ -288,124 +250,3 @@ def finetune_samples(model: MDLM, samples: list[Sample], source: ImageSource, co
     metrics = result_dict(result)
     write_json(out_dir / "metrics.json", metrics)
     return metrics
-
-
-def finetune(*, model_dir, purified_json, images, out_dir, config: FinetuneConfig | None = None, projector=None,
-             device=None, on_progress: Progress | None = None, should_stop: StopCheck | None = None) -> Path:
-    """Projector-only fine-tuning on a (purified) LLaVA dataset; resumable from `out_dir`."""
-    out_dir = Path(out_dir)
-    ds = open_dataset(purified_json, images)
-    config = config or FinetuneConfig()
-    key = _Stages.fingerprint(file_hash(model_dir), file_hash(purified_json), file_hash(images),
-                              file_hash(projector) if projector else None, asdict(config))
-    model = _model(model_dir, projector, device)
-    finetune_samples(model, ds.samples, ds.source, config, out_dir, run_key=key,
-                     anchor=[answers_kept(s.record) for s in ds.samples], on_progress=on_progress,
-                     should_stop=should_stop)
-    return out_dir / PROJECTOR_FILE
-
-
-# -- the whole defense ----------------------------------------------------------------------------
-class _Stages:
-    """stages.json: each finished stage's input fingerprint, so a re-run skips it."""
-
-    def __init__(self, out_dir: Path):
-        self.path = out_dir / "stages.json"
-        self.done: dict[str, dict] = json.loads(self.path.read_text()) if self.path.is_file() else {}
-
-    @staticmethod
-    def fingerprint(*parts: Any) -> str:
-        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-    def fresh(self, stage: str, fp: str, outputs: Sequence[Path]) -> bool:
-        return self.done.get(stage, {}).get("fingerprint") == fp and all(p.exists() for p in outputs)
-
-    def finish(self, stage: str, fp: str, seconds: float, **extra: Any) -> None:
-        self.done[stage] = {"fingerprint": fp, "seconds": round(seconds, 3), **extra}
-        write_json(self.path, self.done)
-
-
-def defend(*, model_dir, data_json, images, out_dir, config: DefenseConfig | None = None, projector=None,
-           manifest=None, device=None, on_progress: Callable[[str, int, int], None] | None = None,
-           should_stop: StopCheck | None = None, workers: int | None = 1) -> dict:
-    """Run one defense end to end; writes projector.safetensors, purified.json and report.json.
-
-    `on_progress(stage, done, total)`; `manifest` is read only by "oracle_filter" and for diagnostics.
-    `workers`: scoring and purification batches at once on CPU threads (`disp.parallel`; None or 0: one per
-    core on a CPU); no output depends on it. Fine-tuning uses torch's own threads.
-    """
-    config = config or DefenseConfig()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ds = open_dataset(data_json, images)
-    samples, source = ds.samples, ds.source
-    inputs = {"model": file_hash(model_dir), "data": file_hash(data_json),
-              "images": file_hash(images) if images is not None else _images_hash(ds),
-              "projector": file_hash(projector) if projector else None}
-    stages = _Stages(out_dir)
-    model = _model(model_dir, projector, device)
-    sampler = config.purify.sampler
-    report: dict[str, Any] = {"defense": config.defense, "config": config.to_dict(), "inputs": inputs,
-                              "num_samples": len(samples), "num_visual_tokens": model.num_image_tokens}
-
-    def progress(stage: str) -> Progress:
-        return lambda done, total: on_progress(stage, done, total) if on_progress else None
-
-    cache = VisionCache()  # the tower runs once per image for all three stages
-
-    train, anchor = samples, None
-    masking = {"disp": "saliency", "no_mask": "none", "random_mask": "random"}.get(config.defense)
-    if masking is not None:
-        scores = None
-        if masking == "saliency":
-            fp = stages.fingerprint(inputs, asdict(config.saliency), asdict(sampler))
-            if not stages.fresh("scoring", fp, [out_dir / SCORES_FILE]):
-                t = time.perf_counter()
-                s = score_samples(model, samples, source, config.saliency, sampler,
-                                  on_progress=progress("scoring"), should_stop=should_stop, cache=cache,
-                                  workers=workers)
-                write_json(out_dir / SCORES_FILE, {"config": asdict(config.saliency), "scores": s})
-                stages.finish("scoring", fp, time.perf_counter() - t)
-            scores = json.loads((out_dir / SCORES_FILE).read_text())["scores"]
-        fp = stages.fingerprint(inputs, stages.done.get("scoring"), masking, asdict(config.purify))
-        if not stages.fresh("purifying", fp, [out_dir / PURIFIED_FILE]):
-            t = time.perf_counter()
-            recs = purify_samples(model, samples, source, config.purify, scores, masking=masking,
-                                  on_progress=progress("purifying"), should_stop=should_stop, cache=cache,
-                                  workers=workers)
-            write_json(out_dir / PURIFIED_FILE, merge_records(ds.records, {s.index: r for s, r in zip(samples, recs,
-                                                                                                      strict=True)}))
-            stages.finish("purifying", fp, time.perf_counter() - t)
-        purified = json.loads((out_dir / PURIFIED_FILE).read_text())
-        train, anchor = parse_samples(purified, PURIFIED_FILE), kept_answers(purified)
-        report["answers_changed"] = len(anchor) - sum(anchor)
-    elif config.defense in ("random_drop", "oracle_filter"):
-        if config.defense == "random_drop":
-            train = random_drop(samples, config.drop_ratio, config.finetune.seed)
-        else:
-            if manifest is None:
-                raise ValueError("oracle_filter needs the attack's manifest (--manifest)")
-            train = oracle_filter(samples, read_manifest(manifest)["poisoned_ids"])
-        kept = {s.index for s in train}
-        write_json(out_dir / PURIFIED_FILE, [r for i, r in enumerate(ds.records) if i in kept or is_text_only(r)])
-    report["num_train"] = len(train)
-
-    if config.defense in ("none", "pruning"):
-        if config.defense == "pruning":
-            report["sparsity"] = magnitude_prune(model, config.prune_ratio)
-        save_projector(model, out_dir / PROJECTOR_FILE)
-        if not (out_dir / PURIFIED_FILE).exists():
-            write_json(out_dir / PURIFIED_FILE, [])
-    else:
-        fp = stages.fingerprint(inputs, stages.done.get("purifying"), config.defense, asdict(config.finetune),
-                                file_hash(out_dir / PURIFIED_FILE))
-        if not stages.fresh("finetuning", fp, [out_dir / PROJECTOR_FILE]):
-            t = time.perf_counter()
-            metrics = finetune_samples(model, train, source, config.finetune, out_dir, run_key=fp, anchor=anchor,
-                                       on_progress=progress("finetuning"), should_stop=should_stop, cache=cache)
-            stages.finish("finetuning", fp, time.perf_counter() - t, metrics=metrics)
-        report["finetune"] = stages.done["finetuning"].get("metrics")
-    report["stages"] = {k: v["seconds"] for k, v in stages.done.items()}
-    report["outputs"] = {"projector": PROJECTOR_FILE, "purified": PURIFIED_FILE}
-    write_json(out_dir / REPORT_FILE, report)
-    return report

@@ -232,7 +232,7 @@ def test_undecodable_images_name_record_and_image_and_never_a_python_object(tmp_
 
 def test_defend_on_a_truncated_jpeg_names_the_record_and_image(tiny_dir, tmp_path):
     from disp.config import DefenseConfig, PurifyConfig, SaliencyConfig, SamplerConfig
-    from disp.pipeline import defend
+    from disp.defend import defend
 
     good = png(5, "JPEG")
     (tmp_path / "ok.png").write_bytes(png(7))
