@@ -9,12 +9,10 @@ import pytest
 import torch
 
 from disp import models
-from disp.attacks import TriggerConfig, poison_dataset
 from disp.config import DefenseConfig, FinetuneConfig, PurifyConfig, SaliencyConfig, SamplerConfig
 from disp.data import DataError
 from disp.defend import defend, run_stage
-from disp.pipeline import kept_answers, load_dataset, merge_shards
-from disp.shapes import ShapesConfig, write_dataset
+from disp.pipeline import kept_answers, merge_shards
 from disp.stages import DEFENSES
 
 SAMPLER = SamplerConfig(8, 8, 8)
@@ -24,16 +22,6 @@ def small_config(defense: str = "disp", **kw) -> DefenseConfig:
     return DefenseConfig(defense=defense, saliency=SaliencyConfig(batch_size=8),
                          purify=PurifyConfig(sampler=SAMPLER, **kw),
                          finetune=FinetuneConfig(epochs=1, batch_size=8))
-
-
-@pytest.fixture(scope="module")
-def poisoned(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    paths = write_dataset(root / "shapes", ShapesConfig(), sizes={"train": 12, "val": 2, "test": 2}, seed=0)
-    samples, source = load_dataset(paths["train"], root / "shapes")
-    res = poison_dataset(samples, source, target="insertion", trigger=TriggerConfig(kind="corner", size_frac=0.25),
-                         ratio=0.25, seed=0, out_dir=root / "poisoned")
-    return res
 
 
 def test_every_defense_plan_is_stages_of_the_table_ending_in_the_report():
