@@ -20,7 +20,6 @@ from disp.constants import PICKLE_SUFFIXES
 MAX_ENTRIES = 2_000_000
 RATIO_FLOOR = 1024 * 1024  # the compression-ratio check ignores entries (and archives) smaller than this
 READ_ERRORS = (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError, zlib.error)
-DATASET_JSON_NAMES = ("data.json", "dataset.json", "train.json")
 
 
 class ArchiveError(ValueError):
@@ -213,45 +212,6 @@ def common_root(entries: list[Entry]) -> str:
     tops = {e.name.split("/", 1)[0] for e in entries if not e.name.startswith("__MACOSX")}
     nested = all("/" in e.name for e in entries if not e.name.startswith("__MACOSX"))
     return next(iter(tops)) + "/" if len(tops) == 1 and nested else ""
-
-
-def find_dataset_json(entries: list[Entry]) -> str:
-    """The LLaVA JSON of a dataset archive: the only top-level .json, or data/dataset/train.json."""
-    root = common_root(entries)
-    top = [e.name for e in entries if e.name.endswith(".json") and "/" not in e.name[len(root) :]]
-    if len(top) == 1:
-        return top[0]
-    for want in DATASET_JSON_NAMES:
-        if root + want in top:
-            return root + want
-    if not top:
-        raise ArchiveError("missing_dataset_json", "the archive has no LLaVA .json file at its top level")
-    raise ArchiveError(
-        "ambiguous_dataset_json",
-        f"several top-level .json files ({', '.join(top[:5])}); name one {DATASET_JSON_NAMES[0]}",
-    )
-
-
-def count_records(stream: BinaryIO, name: str, *, max_record_bytes: int, max_records: int) -> int:
-    """Stream the records list once: a JSON list of objects, non-empty, within the limits. Full per-record
-    checks run in the worker."""
-    from api.jsonstream import JsonStreamError, iter_array
-
-    count = 0
-    try:
-        for record in iter_array(stream, name=name, max_element_chars=max_record_bytes):
-            if not isinstance(record, dict):
-                raise ArchiveError(
-                    "malformed_json", f"{name}: record {count} must be an object, got {type(record).__name__}"
-                )
-            count += 1
-            if count > max_records:
-                raise too_large("too_many_records", f"{name} holds more records", max_records, "max_records")
-    except JsonStreamError as exc:
-        raise ArchiveError(exc.code, str(exc)) from None
-    if not count:
-        raise ArchiveError("empty_dataset", f"{name}: the dataset has no records")
-    return count
 
 
 def refuse_pickle_name(name: str) -> None:

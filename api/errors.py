@@ -122,7 +122,21 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 
 def _allowed_methods(request: Request) -> list[str]:
-    """Every method some route answers on this path (routers may be nested: ask each route to match)."""
+    """The methods the OpenAPI document lists for the most specific path template matching this path
+    (`/v1/datasets/check` before `/v1/datasets/{dataset_id}`); for undocumented paths, every method some
+    route answers."""
+    parts = request.url.path.split("/")
+    best, best_literals = None, -1
+    for template, operations in request.app.openapi()["paths"].items():
+        pattern = template.split("/")
+        if len(pattern) == len(parts) and all(
+            p == q or (p.startswith("{") and q) for p, q in zip(pattern, parts, strict=True)
+        ):
+            literals = sum(not p.startswith("{") for p in pattern)
+            if literals > best_literals:
+                best, best_literals = operations, literals
+    if best is not None:
+        return sorted(method.upper() for method in best)
     from starlette.routing import Match
 
     allowed = set()

@@ -1,9 +1,10 @@
-"""Pre-checks of uploaded datasets and checkpoints (stdlib only, shared by API and worker).
+"""Pre-checks of uploaded datasets and checkpoints (no torch; shared by API and worker).
 
 The API runs them on a multipart POST before storing anything; the worker runs them again on presigned
-uploads, then decodes every image with `disp.data` (datasets) or compares every tensor's shape with the
-model its config describes (checkpoints) before the upload becomes `ready`. Every read is bounded: archive
-headers are checked before any entry is inflated, and the records file is parsed as a stream.
+uploads, then checks every record and decodes every image with `disp.datacheck` (datasets; read by
+`disp.formats`, the loader the CLI uses too) or compares every tensor's shape with the model its config
+describes (checkpoints) before the upload becomes `ready`. Archive limits are checked from the headers
+before any entry is inflated.
 """
 
 from __future__ import annotations
@@ -14,24 +15,27 @@ from pathlib import Path, PurePosixPath
 
 from api.archive import (
     ArchiveError,
-    Entry,
     Limits,
     common_root,
-    count_records,
-    find_dataset_json,
     list_entries,
-    open_member,
     read_member,
     refuse_pickle_name,
     too_large,
 )
 from api.config import CommonSettings
 from api.weights import detect_format, looks_like_pickle, read_head, safetensors_heads, safetensors_shapes
+from disp.formats import FormatError, read_tree
+from disp.images import DataError, TarSource, ZipSource
 from disp.names import check_plain_name
 
 TOKENIZER_FILE = "tokenizer.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+# disp.formats' codes that the API has always spelt otherwise
+_API_CODES = {
+    "missing_dataset_file": "missing_dataset_json",
+    "ambiguous_dataset_file": "ambiguous_dataset_json",
+}
 
 
 @dataclass(frozen=True)
@@ -63,39 +67,57 @@ def checkpoint_limits(settings: CommonSettings) -> Limits:
     return Limits(settings.max_expanded_bytes, max_entries=settings.max_archive_entries)
 
 
-def dataset_entries(path: Path, settings: CommonSettings) -> tuple[str, list[Entry], str]:
-    """(format, entries, records file name) of a dataset archive, every limit checked from the headers."""
+def problem_code(code: str | None, field: str | None, message: str) -> str:
+    """The API error code of a dataset problem (`disp.formats.FormatError.code`, else by field)."""
+    if "archive entry" in message and "refused" in message:
+        return "unsafe_archive_entry"
+    code = code or ("invalid_image" if field == "image" else "invalid_record")
+    return _API_CODES.get(code, code)
+
+
+def dataset_error(exc: DataError) -> ArchiveError:
+    """A dataset the loader refused, as the API's error."""
+    return ArchiveError(problem_code(getattr(exc, "code", None), exc.field, str(exc)), str(exc))
+
+
+def named_copy(path: Path, filename: str, fmt: str) -> Path:
+    """Rename an upload so that messages name the client's file and its suffix tells its format."""
+    base = "".join(c if c.isalnum() or c in "._-" else "_" for c in Path(filename.replace("\\", "/")).name)[
+        :200
+    ]
+    suffix = ".zip" if fmt == "zip" else ".tar"
+    if not base.lower().endswith((".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")):
+        base = (base or "dataset") + suffix
+    return path.rename(path.with_name(base))
+
+
+def precheck_dataset(path: Path, settings: CommonSettings, filename: str = "dataset") -> DatasetSummary:
+    """Archive readable, entries safe and within the limits (checked from the headers, before anything is
+    inflated), a dataset file (any format `disp.formats` reads, at most `max_dataset_json_bytes`) with
+    records."""
     fmt = detect_format(path)
     if fmt not in ("zip", "tar"):
         raise ArchiveError(
-            "invalid_archive", "a dataset is a .zip or .tar(.gz) of a LLaVA JSON and its images"
+            "invalid_archive",
+            "a dataset is a .zip or .tar(.gz) of a data file (JSON, JSONL, parquet, ...) and its images",
         )
     entries = list_entries(
         path, fmt, max_total_bytes=settings.max_expanded_bytes, limits=dataset_limits(settings)
     )
-    json_name = find_dataset_json(entries)
-    size = next(e.size for e in entries if e.name == json_name)
-    if size > settings.max_dataset_json_bytes:
-        raise too_large(
-            "dataset_json_too_large",
-            f"{json_name} is {size} bytes",
-            settings.max_dataset_json_bytes,
-            "max_dataset_json_bytes",
-        )
-    return fmt, entries, json_name
-
-
-def precheck_dataset(path: Path, settings: CommonSettings) -> DatasetSummary:
-    """Archive readable, entries safe and within the limits, LLaVA JSON present, and its records streamed
-    once: a non-empty list of objects within the limits (the worker checks each record fully)."""
-    fmt, entries, json_name = dataset_entries(path, settings)
-    with open_member(
-        path, fmt, json_name, limit=settings.max_dataset_json_bytes, setting="max_dataset_json_bytes"
-    ) as stream:
-        records = count_records(
-            stream, json_name, max_record_bytes=settings.max_record_bytes, max_records=settings.max_records
-        )
-    return DatasetSummary(fmt, json_name, records, len(entries))
+    try:
+        tree = (ZipSource if fmt == "zip" else TarSource)(path)
+        tree.name = Path(filename).name or "dataset"
+        data = read_tree(tree, settings.max_dataset_json_bytes)
+    except DataError as exc:
+        if getattr(exc, "code", None) == "too_large":  # the data file is read whole: its own cap
+            raise ArchiveError("dataset_json_too_large", f"{exc} (max_dataset_json_bytes)") from None
+        raise dataset_error(exc) from None
+    count = len(data.rows)
+    if not count:
+        raise dataset_error(FormatError(f"{data.name}: the dataset has no records", code="empty_dataset"))
+    if count > settings.max_records:
+        raise too_large("too_many_records", f"{count} records", settings.max_records, "max_records")
+    return DatasetSummary(fmt, data.name, count, len(entries))
 
 
 def precheck_checkpoint(path: Path, filename: str, kind: str, settings: CommonSettings) -> CheckpointSummary:

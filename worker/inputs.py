@@ -16,9 +16,6 @@ from pathlib import Path
 from api.archive import (
     ArchiveError,
     common_root,
-    copy_member,
-    find_dataset_json,
-    list_entries,
     safe_extract,
     too_large,
 )
@@ -31,7 +28,7 @@ from worker.config import WorkerSettings
 @dataclass(frozen=True)
 class DatasetFiles:
     data_json: Path
-    images: Path  # the archive itself; disp.data reads images from it without extracting
+    images: Path  # the archive itself; disp.formats reads images from it without extracting
 
 
 @dataclass(frozen=True)
@@ -89,6 +86,10 @@ def local_archive(raw: Path, fmt: str, folder: Path, settings: WorkerSettings) -
 
 
 def dataset_files(dataset: Dataset, storage: Storage, settings: WorkerSettings) -> DatasetFiles:
+    """The archive and its records in canonical LLaVA form (`disp.formats` reads every supported format)."""
+    from disp.data import write_json
+    from disp.formats import read_dataset
+
     base = settings.work_dir / "cache" / "datasets"
     final = base / dataset.id
     if not (final / "data.json").is_file():
@@ -96,16 +97,7 @@ def dataset_files(dataset: Dataset, storage: Storage, settings: WorkerSettings) 
         tmp = _tmp(base)
         raw = storage.download(dataset.storage_key, tmp / "download")
         archive = local_archive(raw, dataset.archive_format, tmp, settings)
-        entries = list_entries(archive, dataset.archive_format, max_total_bytes=settings.max_expanded_bytes)
-        name = find_dataset_json(entries)
-        copy_member(
-            archive,
-            dataset.archive_format,
-            name,
-            tmp / "data.json",
-            limit=settings.max_dataset_json_bytes,
-            setting="max_dataset_json_bytes",
-        )
+        write_json(tmp / "data.json", read_dataset(archive).records)
         _publish(tmp, final)
     return DatasetFiles(final / "data.json", final / f"archive{archive_suffix(dataset.archive_format)}")
 

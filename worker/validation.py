@@ -1,28 +1,21 @@
 """Full validation of uploads before any GPU time is spent: checksum, archive safety and limits, every
-record and every image (decoded with `disp.data`), and for checkpoints the layout, every shard the index
-names, the tokenizer, and every tensor's shape against the model config.json describes.
-
-Memory stays bounded whatever the upload: archive headers are checked before anything is inflated, the
-records file is read as a stream (one record at a time; ids and image names are kept as 8-byte digests),
-and checkpoint weights are never loaded (their shapes come from the safetensors headers).
-"""
+record and every image (read with `disp.formats`, decoded by `disp.datacheck`), and for checkpoints the
+layout, every shard the index names, the tokenizer, and every tensor's shape against the model config.json
+describes. Archive headers are checked before anything is inflated; checkpoint weights are never loaded
+(their shapes come from the safetensors headers)."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import tempfile
-from array import array
-from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy.orm import Session
 
-from api.archive import ArchiveError, copy_member, open_member, too_large
+from api.archive import ArchiveError, copy_member
 from api.db.models import BaseModelEntry, Checkpoint, Dataset, UploadStatus
 from api.errors import public_message
-from api.ingest import dataset_entries, precheck_checkpoint
-from api.jsonstream import JsonStreamError, iter_array
+from api.ingest import named_copy, precheck_checkpoint, precheck_dataset, problem_code
 from api.storage import Storage, file_sha256
 from worker.config import WorkerSettings
 from worker.inputs import local_archive
@@ -50,72 +43,12 @@ def _download_checked(row, storage: Storage, dest: Path) -> bool:
 
 
 # -- datasets --------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RecordStats:
-    records: int
-    images: int
-
-
-def _digest(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
-
-
-def _first_duplicate(digests: array) -> tuple[int, int] | None:
-    """(later, earlier) record indices of the first repeated digest in record order, or None."""
-    import numpy as np
-
-    values = np.frombuffer(digests, dtype=np.uint64)
-    order = np.argsort(values, kind="stable")
-    ordered = values[order]
-    repeats = np.nonzero(ordered[1:] == ordered[:-1])[0]
-    if not len(repeats):
-        return None
-    later = int(order[repeats + 1].min())
-    earlier = int(order[np.searchsorted(ordered, values[later])])
-    return later, earlier
-
-
-def check_records(stream, name: str, source, settings: WorkerSettings) -> RecordStats:
-    """Stream the records once: each parsed by `disp.data`, its image present, within the size limit and
-    decodable; ids unique. DataError or ArchiveError names the first problem."""
-    from disp.data import DataError, parse_record, validate_dataset
-
-    ids, images = array("Q"), array("Q")
-
-    def samples():
-        for index, record in enumerate(
-            iter_array(stream, name=name, max_element_chars=settings.max_record_bytes)
-        ):
-            if index >= settings.max_records:
-                raise too_large(
-                    "too_many_records", f"{name} holds more records", settings.max_records, "max_records"
-                )
-            sample = parse_record(record, name, index)
-            ids.append(_digest(sample.id))
-            images.append(_digest(sample.image))
-            yield sample
-
-    validate_dataset(
-        samples(), source, check_images=True, max_bytes=settings.max_image_bytes, source_name=name
-    )
-    if not ids:
-        raise ArchiveError("empty_dataset", f"{name}: the dataset has no records")
-    duplicate = _first_duplicate(ids)
-    if duplicate is not None:
-        later, earlier = duplicate
-        raise DataError(
-            f"{name}: record {later}: field 'id' duplicates the id of record {earlier}",
-            source=name,
-            index=later,
-            field="id",
-        )
-    return RecordStats(len(ids), len(set(images)))
-
-
 def validate_dataset(
     *, session: Session, storage: Storage, settings: WorkerSettings, dataset_id: str
 ) -> None:
-    from disp.data import DataError, open_image_source
+    """Every record and every image, with `disp.datacheck` (the report `disp data check` prints), after the
+    archive's limits; a compressed tar is inflated first so that images are read by offset."""
+    from disp.datacheck import check_dataset
 
     dataset = session.get(Dataset, dataset_id)
     if dataset is None or dataset.status != UploadStatus.validating:
@@ -124,35 +57,30 @@ def validate_dataset(
         raw = Path(tmp) / "upload"
         if not _download_checked(dataset, storage, raw):
             return
+        filename = Path(dataset.storage_key).name
         try:
-            fmt, _, name = dataset_entries(raw, settings)
-            archive = local_archive(raw, fmt, Path(tmp), settings)
-            limits = {"max_pixels": settings.max_image_pixels, "max_bytes": settings.max_image_bytes}
-            with (
-                open_member(
-                    archive,
-                    fmt,
-                    name,
-                    limit=settings.max_dataset_json_bytes,
-                    setting="max_dataset_json_bytes",
-                ) as stream,
-                open_image_source(archive, **limits) as source,
-            ):
-                stats = check_records(stream, name, source, settings)
+            summary = precheck_dataset(raw, settings, filename)
+            archive = local_archive(raw, summary.archive_format, Path(tmp), settings)
         except ArchiveError as exc:
             mark_invalid(dataset, exc.code, str(exc), (tmp,))
             return
-        except JsonStreamError as exc:
-            mark_invalid(dataset, exc.code, str(exc), (tmp,))
+        report = check_dataset(
+            named_copy(archive, filename, summary.archive_format),
+            max_pixels=settings.max_image_pixels,
+            max_bytes=settings.max_image_bytes,
+        )
+        if not report.ok:
+            first = report.problems[0]
+            lines = [p.message for p in report.problems[:10]]
+            if report.problems_total > len(lines):
+                lines.append(f"... and {report.problems_total - len(lines)} more")
+            many = f"{report.problems_total} problems:\n" + "\n".join(lines)
+            message = first.message if report.problems_total == 1 else many
+            mark_invalid(dataset, problem_code(first.code, first.field, first.message), message, (tmp,))
             return
-        except DataError as exc:
-            code = "invalid_image" if getattr(exc, "field", None) == "image" else "invalid_record"
-            if "refused" in str(exc) and "archive entry" in str(exc):
-                code = "unsafe_archive_entry"
-            mark_invalid(dataset, code, str(exc), (tmp,))
-            return
-    dataset.archive_format = fmt
-    dataset.num_records, dataset.num_images = stats.records, stats.images
+    dataset.archive_format = summary.archive_format
+    dataset.num_records = report.records
+    dataset.num_images = report.images
     dataset.status, dataset.error = UploadStatus.ready, None
 
 

@@ -48,7 +48,6 @@ TOO_LARGE = {
     "compression_ratio_too_high",
     "dataset_json_too_large",
     "member_too_large",
-    "record_too_large",
     "too_many_entries",
     "too_many_records",
 }
@@ -79,7 +78,7 @@ def create_dataset(
 ) -> Dataset:
     """Pre-check an uploaded archive, store it, and add a `validating` dataset row."""
     try:
-        summary = precheck_dataset(path, settings)
+        summary = precheck_dataset(path, settings, filename)
     except ArchiveError as exc:
         raise archive_error(exc) from None
     dataset_id = new_id("ds")
