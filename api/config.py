@@ -48,7 +48,7 @@ class CommonSettings(BaseSettings):
     max_archive_entries: int = 100_000  # files in one archive; each costs ~2 KB of worker RSS while validated
     max_member_bytes: int = 2 * 1024**3  # any one file of a dataset archive
     max_compression_ratio: int = 200  # expanded / compressed size of a dataset archive's files (zip bombs)
-    max_dataset_json_bytes: int = 2 * 1024**3  # the data file (JSON, JSONL, parquet, ...), read whole
+    max_dataset_json_bytes: int = 24 * 1024**2  # the data file (JSON, JSONL, parquet, ...): read whole, ~9x in RSS
     max_json_depth: int = 64  # nesting of one record
     max_records: int = 1_000_000
     max_image_pixels: int = 25_000_000  # width x height, read from the header before decoding
