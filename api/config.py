@@ -45,7 +45,7 @@ class CommonSettings(BaseSettings):
     # Input limits, checked before any GPU time is spent (docs/security.md lists them with their memory cost).
     max_archive_bytes: int = 50 * 1024**3  # one uploaded archive (presigned multipart)
     max_expanded_bytes: int = 200 * 1024**3  # an archive's entries, summed (zip-bomb guard)
-    max_archive_entries: int = 100_000  # files in one archive; each costs ~2 KB of worker RSS while validated
+    max_archive_entries: int = 50_000  # files in one archive; each costs ~3 KB of worker RSS while validated
     max_member_bytes: int = 2 * 1024**3  # any one file of a dataset archive
     max_compression_ratio: int = 200  # expanded / compressed size of a dataset archive's files (zip bombs)
     max_dataset_json_bytes: int = 24 * 1024**2  # the data file (JSON, JSONL, parquet, ...): read whole, ~9x in RSS

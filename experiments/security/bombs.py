@@ -297,8 +297,8 @@ def main(argv: list[str] | None = None) -> int:
         default=Path(tempfile.gettempdir()) / "disp-bombs",
         help="where the uploads are built (kept for reruns)",
     )
-    parser.add_argument("--entries", type=int, default=100_000, help="files in the entries_at_limit archive")
-    parser.add_argument("--records", type=int, default=1_000_000, help="records in records_at_limit")
+    parser.add_argument("--entries", type=int, default=50_000, help="files in the entries_at_limit archive")
+    parser.add_argument("--records", type=int, default=140_000, help="records in records_at_limit (~24 MiB of JSON)")
     parser.add_argument("--only", nargs="*", help="case names to run (default: all)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per case")
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
