@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from disp.data import ImageSource, Sample
+from disp.data import ImageSource, Sample, open_sample_image
 from disp.models.base import MDLM
 
 
@@ -32,12 +32,16 @@ class VisionCache:
             feats = model.vision_features(pixels.to(model.device))
             self.features.update(zip(names, feats.detach().cpu(), strict=True))
 
-    def fill(self, model: MDLM, names: Sequence[str], source: ImageSource, batch_size: int = 32) -> None:
-        """Run the tower on the images among `names` that are not cached yet, `batch_size` at a time."""
+    def fill(self, model: MDLM, names: Sequence[str], source: ImageSource, batch_size: int = 32, *,
+             samples: Sequence[Sample] = ()) -> None:
+        """Run the tower on the images among `names` that are not cached yet, `batch_size` at a time.
+        An unusable image's error names the first of `samples` that uses it."""
+        owner = {s.image: s for s in reversed(samples)}
         todo = list(dict.fromkeys(n for n in names if n not in self))
         for i in range(0, len(todo), batch_size):
             chunk = todo[i : i + batch_size]
-            self.add(model, chunk, model.processor([source.open(n) for n in chunk]))
+            self.add(model, chunk, model.processor([open_sample_image(source, owner[n]) if n in owner
+                                                    else source.open(n) for n in chunk]))
 
     def stacked(self, names: Sequence[str]) -> torch.Tensor:
         """Tower outputs [len(names), N_v, C_v] of cached images, on the CPU."""
@@ -61,8 +65,9 @@ def loaded_batches(model: MDLM, samples: list[Sample], source: ImageSource, batc
     decoded and preprocessed on a background thread while the caller works on the current batch."""
 
     def load(batch: list[int]) -> tuple[list[str], torch.Tensor | None]:
-        names = list(dict.fromkeys(samples[i].image for i in batch if samples[i].image not in cache))
-        return names, model.processor([source.open(n) for n in names]) if names else None
+        first = {samples[i].image: samples[i] for i in reversed(batch) if samples[i].image not in cache}
+        names = list(dict.fromkeys(samples[i].image for i in batch if samples[i].image in first))
+        return names, model.processor([open_sample_image(source, first[n]) for n in names]) if names else None
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="disp-images") as pool:
         pending = pool.submit(load, batches[0]) if batches else None

@@ -99,11 +99,14 @@ def anchor_penalty(embeds: torch.Tensor, reference: torch.Tensor, keep: torch.Te
     return (diff / scale)[keep].sum()
 
 
-def finetune_projector(model: MDLM, questions: Sequence[str], answers: Sequence[str],
+def finetune_projector(model: MDLM, questions: Sequence[str | Sequence[str]], answers: Sequence[str | Sequence[str]],
                        features: torch.Tensor, config: FinetuneConfig, *, anchor: Sequence[bool] | None = None,
-                       state_dir: Path | None = None, on_progress: Progress | None = None,
-                       should_stop: StopCheck | None = None) -> FinetuneResult:
+                       systems: Sequence[str | None] | None = None, state_dir: Path | None = None,
+                       on_progress: Progress | None = None, should_stop: StopCheck | None = None) -> FinetuneResult:
     """Train the projector on (question, answer, cached vision features [N, N_v, C_v]) triples.
+
+    A sample's question and answer may be tuples of all its user and assistant turns: every answer is then
+    trained on (`disp.losses.training_batch`); `systems` gives samples their own system prompt.
 
     With `config.anchor_weight` > 0 the loss adds anchor_weight × the mean over the batch of
     `anchor_penalty` on the samples where `anchor` is True (default: every sample), measured against the
@@ -141,7 +144,8 @@ def finetune_projector(model: MDLM, questions: Sequence[str], answers: Sequence[
             with autocast:
                 embeds = model.project(features[idx].to(device))
                 batch = training_batch(model, [questions[i] for i in idx], [answers[i] for i in idx],
-                                       image_embeds=embeds)
+                                       image_embeds=embeds,
+                                       systems=None if systems is None else [systems[i] for i in idx])
                 loss = model.training_loss(batch, generator=noise)
                 if start is not None:
                     with torch.no_grad():

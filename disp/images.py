@@ -25,6 +25,7 @@ DEFAULT_MAX_IMAGE_BYTES = 256 * 1024 * 1024
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 _IGNORED_TOP = ("__MACOSX",)
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
 class DataError(ValueError):
@@ -42,8 +43,13 @@ def _record_error(source: str, index: int, rid: Any, field: str, problem: str) -
                      record_id=None if rid is None else str(rid), field=field)
 
 
+_PLAIN_PATH = re.compile(r"[\w-][\w.-]*(?:/[\w-][\w.-]*)*", re.ASCII)  # already canonical: no '.', '..', '//'
+
+
 def normalise_name(name: str) -> str:
     """Return a relative image name in canonical ``a/b.png`` form; ValueError if it could escape a root."""
+    if isinstance(name, str) and _PLAIN_PATH.fullmatch(name):
+        return name
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"must be a non-empty relative path, got {name!r}")
     if "\\" in name or "\x00" in name:
@@ -100,12 +106,38 @@ class ImageSource:
         if self._has(key):
             return key
         top = self._top_folder()
-        return f"{top}/{key}" if top and self._has(f"{top}/{key}") else None
+        if top and self._has(f"{top}/{key}"):
+            return f"{top}/{key}"
+        found = self._by_suffix().get(key.rsplit("/", 1)[-1], [])
+        found = [n for n in found if n.endswith(f"/{key}")]
+        return found[0] if len(found) == 1 else None
+
+    def _by_suffix(self) -> dict[str, list[str]]:
+        """File names by base name, built once: a record's ``0.png`` finds the source's only ``.../0.png``."""
+        if getattr(self, "_suffix_index", None) is None:
+            index: dict[str, list[str]] = {}
+            for n in self.names():
+                index.setdefault(n.rsplit("/", 1)[-1], []).append(n)
+            self._suffix_index = index
+        return self._suffix_index
+
+    def where_hint(self) -> str:
+        """Where the source's images are, for a not-found message: ``; its images are under 'images/' ...``."""
+        images = [n for n in self.names() if n.lower().endswith(_IMAGE_SUFFIXES)]
+        if not images:
+            return f"; {self.name} holds no image files"
+        folders: dict[str, int] = {}
+        for n in images:
+            folder = n.rsplit("/", 1)[0] + "/" if "/" in n else ""
+            folders[folder] = folders.get(folder, 0) + 1
+        where = sorted(folders, key=lambda f: (-folders[f], f))[:3]
+        listed = ", ".join(repr(f) if f else "the top level" for f in where)
+        return f"; its {len(images)} image file(s) are under {listed} (e.g. {images[0]!r})"
 
     def _key(self, name: str) -> str:
         key = self._locate(name)
         if key is None:
-            raise DataError(f"{self.name}: image {name!r} not found", source=self.name)
+            raise DataError(f"{self.name}: image {name!r} not found{self.where_hint()}", source=self.name)
         return key
 
     def exists(self, name: str) -> bool:
@@ -135,11 +167,21 @@ class ImageSource:
                 if img.width * img.height > self.max_pixels:
                     raise DataError(f"{self.name}: image {name!r} is {img.width}x{img.height} pixels, above "
                                     f"the limit of {self.max_pixels}", source=self.name)
+                img.load()
+                if img.mode == "RGB":  # no second copy: the loaded pixels outlive the `with`
+                    return img
                 return img.convert("RGB")
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        except Image.DecompressionBombError:  # Pillow's own guard, far above ours, read from the header too
+            raise DataError(f"{self.name}: image {name!r} declares more pixels than the limit of {self.max_pixels}",
+                            source=self.name) from None
+        except Image.UnidentifiedImageError:
+            raise DataError(f"{self.name}: image {name!r} cannot be decoded: not a "
+                            f"{'/'.join(IMAGE_FORMATS)} image", source=self.name) from None
+        except (OSError, SyntaxError, ValueError) as err:
             if isinstance(err, DataError):
                 raise
-            raise DataError(f"{self.name}: image {name!r} cannot be decoded: {err}", source=self.name) from None
+            reason = re.sub(r"<_io\.\w+ object at 0x[0-9a-f]+>", "the image", str(err))
+            raise DataError(f"{self.name}: image {name!r} cannot be decoded: {reason}", source=self.name) from None
 
     def close(self) -> None:
         """Release open file handles (the source reopens them on next use)."""
@@ -267,8 +309,9 @@ class ZipSource(_ArchiveSource):
 class TarSource(_ArchiveSource):
     """Images in a tar (optionally compressed); links, devices, absolute and ``..`` entries are refused.
 
-    A compressed tar is re-read from the start for every backwards seek: use ``.tar`` or ``.zip`` for large
-    shuffled training sets.
+    The member table is read once and keeps each file's data offset, so a read is one seek (not a scan of
+    the member list). A compressed tar is re-read from the start for every backwards seek: use ``.tar`` or
+    ``.zip`` for large shuffled training sets.
     """
 
     def _open(self) -> tarfile.TarFile:
@@ -276,23 +319,23 @@ class TarSource(_ArchiveSource):
 
     def _scan(self) -> dict[str, Any]:
         entries: dict[str, Any] = {}
-        for member in self._file().getmembers():
+        for member in self._file():
             key = self._entry_name(member.name)
             if member.issym() or member.islnk():
                 raise DataError(f"{self.name}: archive entry {member.name!r} refused: link", source=self.name)
-            if member.isfile():
-                self._add(entries, key, member.name, member.name, member.size)
+            if member.isfile() and not member.issparse():
+                self._add(entries, key, member.name, member.offset_data, member.size)
             elif not member.isdir():
                 raise DataError(f"{self.name}: archive entry {member.name!r} refused: not a regular file",
                                 source=self.name)
         return entries
 
     def _read(self, key: str, limit: int) -> bytes:
+        offset, size = self._entries[key]
         with self._lock:
-            f = self._file().extractfile(self._entries[key][0])
-            assert f is not None  # only regular files are in the table
-            with f:
-                return f.read(limit)
+            data = self._file().fileobj
+            data.seek(offset)
+            return data.read(min(size, limit))
 
 
 def open_image_source(path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXELS,

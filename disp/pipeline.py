@@ -25,8 +25,9 @@ import torch
 from disp import models
 from disp.batching import VisionCache, length_buckets, loaded_batches
 from disp.config import FinetuneConfig, PurifyConfig, SaliencyConfig, SamplerConfig
-from disp.data import ImageSource, Sample, load_records, open_image_source, parse_samples, write_json
+from disp.data import ImageSource, Sample, answers_kept, is_text_only, purified_record, write_json
 from disp.finetune import Cancelled, finetune_projector, result_dict
+from disp.formats import Dataset, open_dataset
 from disp.models.base import MDLM
 from disp.models.checkpoint import write_state_dict
 from disp.parallel import map_ordered, resolve_workers
@@ -55,8 +56,19 @@ def file_hash(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def load_dataset(data_json: str | Path, images: str | Path) -> tuple[list[Sample], ImageSource]:
-    return parse_samples(load_records(data_json), Path(data_json).name), open_image_source(images)
+def images_hash(ds: Dataset) -> str:
+    """sha256 of the images the samples name (names and bytes), for images found beside or inside the data."""
+    h = hashlib.sha256()
+    for name in sorted({s.image for s in ds.samples}):
+        h.update(name.encode())
+        h.update(ds.source.read_bytes(name))
+    return h.hexdigest()
+
+
+def load_dataset(data_json: str | Path, images: str | Path | None = None) -> tuple[list[Sample], ImageSource]:
+    """Samples (records with an image) and their image source, of any format `disp.formats` reads."""
+    ds = open_dataset(data_json, images)
+    return ds.samples, ds.source
 
 
 def _batches(items: list, size: int):
@@ -93,7 +105,7 @@ def score_samples(model: MDLM, samples: list[Sample], source: ImageSource, confi
     `workers` batches run at once on CPU threads (`disp.parallel`; None or 0: one per core on a CPU).
     """
     cache = cache if cache is not None else VisionCache()
-    ids = [model.tokenizer.encode_prompt(s.question) for s in samples]
+    ids = [model.tokenizer.encode_prompt(s.question, system=s.system) for s in samples]
     # the exact form switches SDPA kernels process-wide, so it runs on one thread
     workers = 1 if config.exact else resolve_workers(workers, model.device)
 
@@ -134,7 +146,11 @@ def purify_samples(model: MDLM, samples: list[Sample], source: ImageSource, conf
                    scores: dict[str, list[float]] | None, *, masking: str = "saliency",
                    on_progress: Progress | None = None, should_stop: StopCheck | None = None,
                    cache: VisionCache | None = None, workers: int | None = 1) -> list[dict]:
-    """Purified LLaVA records (answer rewritten) with a `disp` field recording what was done, in input order.
+    """Purified LLaVA records with a `disp` field recording what was done, in input order.
+
+    Every answer of a sample is rewritten with the same visual tokens held masked: the first (the image
+    question's, whose prompt was scored) from the prompt alone, each later one on the purified turns before
+    it; user turns and the system prompt are kept (`disp.data.purified_record`).
 
     `workers` batches run at once on CPU threads (`disp.parallel`; None or 0: one per core on a CPU). Each
     batch samples from its own generator, seeded with `config.seed` and its place in the batch order.
@@ -152,29 +168,38 @@ def purify_samples(model: MDLM, samples: list[Sample], source: ImageSource, conf
         held += list(choose_masked(s, model.num_image_tokens, len(chunk), config.mask_ratio, masking, mask_gen,
                                    min_score=config.min_score))
         sal += list(s) if s is not None else [None] * len(chunk)
-    ids = [model.tokenizer.encode_prompt(x.question) for x in samples]
+    # every answer is rewritten under the sample's held tokens, turn by turn, each on the purified turns before it
+    tok, answers, masked_of = model.tokenizer, [[] for _ in samples], {}
+    total = sum(len(x.answers) for x in samples)
+    for turn in range(max((len(x.answers) for x in samples), default=0)):
+        active = [i for i, x in enumerate(samples) if len(x.answers) > turn]
+        prompts = {i: tok.encode_prompt(samples[i].questions[turn], system=samples[i].system,
+                                        history=list(zip(samples[i].questions[:turn], answers[i], strict=True)))
+                   for i in active}
 
-    def run(item: tuple[int, list[int]]) -> PurifiedBatch:
-        k, batch = item
-        gen = torch.Generator(device=model.device).manual_seed(config.seed + k)
-        return purify_batch(model, [samples[i].question for i in batch], None, torch.stack([held[i] for i in batch]),
-                            config, generator=gen,
-                            image_embeds=cache.embeds(model, [samples[i].image for i in batch]))
+        def run(item: tuple[int, list[int]], turn: int = turn, prompts: dict = prompts) -> PurifiedBatch:
+            k, batch = item
+            gen = torch.Generator(device=model.device).manual_seed(config.seed + k + 1_000_003 * turn)
+            return purify_batch(model, [prompts[i] for i in batch], None, torch.stack([held[i] for i in batch]),
+                                config, generator=gen,
+                                image_embeds=cache.embeds(model, [samples[i].image for i in batch]))
 
-    out: dict[int, dict] = {}
-    batches = enumerate(loaded_batches(model, samples, source, length_buckets(ids, config.batch_size), cache))
-    for (_, batch), res in map_ordered(run, batches, workers):
-        for i, ans, masked in zip(batch, res.answers, res.masked, strict=True):
-            x, s_i = samples[i], sal[i]
-            info: dict[str, Any] = {"original_answer": x.answer, "purified_answer": ans,
-                                    "masked_visual_tokens": masked, "masking": masking}
-            if s_i is not None:
-                info["saliency"] = {"max": float(s_i.max()), "mean": float(s_i.mean()),
-                                    "top": s_i.topk(min(5, s_i.shape[0])).indices.tolist()}
-            out[i] = {"id": x.id, "image": x.image, "conversations": [
-                {"from": "human", "value": x.question}, {"from": "gpt", "value": ans}], "disp": info}
-        _tick(should_stop, on_progress, len(out), len(samples))
-    return [out[i] for i in range(len(samples))]
+        buckets = [[active[j] for j in b] for b in length_buckets([prompts[i] for i in active], config.batch_size)]
+        for (_, batch), res in map_ordered(run, enumerate(loaded_batches(model, samples, source, buckets, cache)),
+                                           workers):
+            for i, ans, masked in zip(batch, res.answers, res.masked, strict=True):
+                answers[i].append(ans)
+                masked_of[i] = masked
+            _tick(should_stop, on_progress, sum(map(len, answers)), total)
+    out = []
+    for i, x in enumerate(samples):
+        info: dict[str, Any] = {"masked_visual_tokens": masked_of[i], "masking": masking}
+        if sal[i] is not None:
+            s_i = sal[i]
+            info["saliency"] = {"max": float(s_i.max()), "mean": float(s_i.mean()),
+                                "top": s_i.topk(min(5, s_i.shape[0])).indices.tolist()}
+        out.append(purified_record(x, answers[i], info))
+    return out
 
 
 def merge_shards(*, shard_jsons: Sequence[str | Path], out_json: str | Path) -> Path:
@@ -199,9 +224,10 @@ def save_projector(model: MDLM, path: Path) -> Path:
 
 
 def kept_answers(records: list[dict]) -> list[bool]:
-    """Per purified record: True where the defense kept the original answer (records without a `disp`
-    entry, such as a filtered or plain data set, count as kept). The feature anchor's samples."""
-    return [r.get("disp", {}).get("purified_answer") == r.get("disp", {}).get("original_answer") for r in records]
+    """Per purified image record (text-only ones are skipped, as they are no samples): True where the defense
+    kept every original answer (records without a `disp` entry, such as a filtered or plain data set, count as
+    kept). The feature anchor's samples."""
+    return [answers_kept(r) for r in records if not is_text_only(r)]
 
 
 def finetune_samples(model: MDLM, samples: list[Sample], source: ImageSource, config: FinetuneConfig,
@@ -215,10 +241,10 @@ def finetune_samples(model: MDLM, samples: list[Sample], source: ImageSource, co
     Tower outputs come from `cache` where it has them (scoring and purification fill it in `defend`).
     """
     cache = cache if cache is not None else VisionCache()
-    cache.fill(model, [s.image for s in samples], source)
+    cache.fill(model, [s.image for s in samples], source, samples=samples)
     feats = cache.stacked([s.image for s in samples])
-    result = finetune_projector(model, [s.question for s in samples], [s.answer for s in samples], feats, config,
-                                anchor=anchor, state_dir=out_dir / f"finetune_state-{run_key[:16]}",
+    result = finetune_projector(model, [s.questions for s in samples], [s.answers for s in samples], feats, config,
+                                anchor=anchor, systems=[s.system for s in samples], state_dir=out_dir / f"finetune_state-{run_key[:16]}",
                                 on_progress=on_progress, should_stop=should_stop)
     save_projector(model, out_dir / PROJECTOR_FILE)
     metrics = result_dict(result)

@@ -16,12 +16,13 @@ from starlette.concurrency import run_in_threadpool
 
 from api.db.models import TERMINAL, Job, JobStatus
 from api.db.session import session_scope
-from api.deps import CurrentJob, SessionDep, SettingsDep, StorageDep, TenantDep
+from api.deps import CurrentJob, IdempotencyKey, SessionDep, SettingsDep, StorageDep, TenantDep
+from api.errors import responses
 from api.limits import check_active_jobs, check_rate
 from api.queue import VALIDATE_JOB
 from api.routes.artifacts import artifact_out
 from api.routes.common import After, Limit, send, send_webhook
-from api.schemas import ArtifactList, EventList, EventOut, JobCreate, JobList, JobOut
+from api.schemas import BIGINT_MAX, ArtifactList, EventList, EventOut, JobCreate, JobList, JobOut
 from api.services import jobs
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -39,7 +40,13 @@ def conditional(request: Request, model: BaseModel) -> Response:
     return Response(body, media_type="application/json", headers=headers)
 
 
-@router.post("", status_code=201, response_model=JobOut)
+@router.post(
+    "",
+    status_code=201,
+    response_model=JobOut,
+    dependencies=[IdempotencyKey],
+    responses=responses(400, 401, 404, 409, 413, 422, 503),
+)
 def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep, tenant: TenantDep) -> JobOut:
     """Start a defense run; it is validated before any GPU time is spent. Per tenant, job creation has its
     own rate limit and the number of unfinished jobs a quota (429 `rate_limited` / `quota_exceeded`)."""
@@ -51,7 +58,7 @@ def create_job(body: JobCreate, session: SessionDep, settings: SettingsDep, tena
     return jobs.job_out(session=session, job=job)
 
 
-@router.get("", response_model=JobList, responses=NOT_MODIFIED)
+@router.get("", response_model=JobList, responses={**responses(401, 422), **NOT_MODIFIED})
 def list_jobs(
     request: Request,
     session: SessionDep,
@@ -68,12 +75,17 @@ def list_jobs(
     return conditional(request, page)
 
 
-@router.get("/{job_id}", response_model=JobOut, responses=NOT_MODIFIED)
+@router.get("/{job_id}", response_model=JobOut, responses={**responses(401, 404, 422), **NOT_MODIFIED})
 def get_job(request: Request, job: CurrentJob, session: SessionDep) -> Response:
     return conditional(request, jobs.job_out(session=session, job=job))
 
 
-@router.post("/{job_id}/cancel", response_model=JobOut)
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobOut,
+    dependencies=[IdempotencyKey],
+    responses=responses(400, 401, 404, 409, 413, 422),
+)
 def cancel_job(job: CurrentJob, session: SessionDep, settings: SettingsDep) -> JobOut:
     """Cooperative: a running stage stops between batches; poll until `cancelled`."""
     delivery = jobs.request_cancel(session=session, job=job)
@@ -83,12 +95,14 @@ def cancel_job(job: CurrentJob, session: SessionDep, settings: SettingsDep) -> J
     return jobs.job_out(session=session, job=job)
 
 
-@router.get("/{job_id}/events", response_model=EventList)
+@router.get("/{job_id}/events", response_model=EventList, responses=responses(401, 404, 422))
 def list_events(
     job: CurrentJob,
     session: SessionDep,
     limit: Limit = 50,
-    after: Annotated[int | None, Query(description="Cursor: last event id seen.")] = None,
+    after: Annotated[
+        int | None, Query(ge=0, le=BIGINT_MAX, description="Cursor: last event id seen.")
+    ] = None,
 ) -> dict:
     rows, has_more = jobs.list_events(session=session, job_id=job.id, limit=limit, after=after)
     data = [EventOut.model_validate(r, from_attributes=True) for r in rows]
@@ -98,7 +112,10 @@ def list_events(
 @router.get(
     "/{job_id}/events/stream",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}, "description": "Server-sent events"}},
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "Server-sent events"},
+        **responses(401, 404, 422),
+    },
 )
 async def stream_events(
     job: CurrentJob,
@@ -154,7 +171,18 @@ async def stream_events(
     )
 
 
-@router.get("/{job_id}/artifacts", response_model=ArtifactList)
+@router.get("/{job_id}/artifacts", response_model=ArtifactList, responses=responses(401, 404, 422))
 def list_artifacts(job: CurrentJob, session: SessionDep, settings: SettingsDep, storage: StorageDep) -> dict:
     rows = jobs.list_artifacts(session=session, job_id=job.id)
     return {"data": [artifact_out(a, settings, storage) for a in rows], "has_more": False}
+
+
+@router.delete(
+    "/{job_id}", status_code=204, response_class=Response, responses=responses(401, 404, 409, 422, 503)
+)
+def delete_job(job: CurrentJob, session: SessionDep, storage: StorageDep) -> Response:
+    """Delete a finished job with its events, artifacts and every stored output; refused (409) while it runs
+    (cancel it first)."""
+    jobs.delete_job(session=session, storage=storage, job=job)
+    session.commit()
+    return Response(status_code=204)

@@ -37,6 +37,33 @@ def detect_family(config: dict[str, Any]) -> str:
     )
 
 
+def check(path: str | Path, shapes: dict[str, tuple[int, ...]], *, projector_only: bool = False) -> str:
+    """Check a checkpoint without loading its weights; return its family.
+
+    `path` holds config.json and the tokenizer files; `shapes` maps each tensor the weights hold to its shape
+    (read from the safetensors headers). The family must be known, the tokenizer must load, and the tensors
+    must be exactly those the model described by config.json loads (with `projector_only`: a projector
+    overlay, `model.mm_projector.*` tensors of the right shapes). CheckpointError says what is wrong.
+    """
+    from disp.constants import PROJECTOR_PREFIX
+    from disp.tokenizer import TokenizerError
+
+    path = Path(path)
+    config = read_config(path)
+    family = detect_family(config)
+    if family not in FAMILIES:
+        raise CheckpointError(f"model family {family!r} is not available; known: {sorted(FAMILIES)}")
+    if projector_only:
+        foreign = sorted(k for k in shapes if not k.startswith(PROJECTOR_PREFIX))
+        if foreign or not shapes:
+            raise CheckpointError(f"an adapter holds only {PROJECTOR_PREFIX}* tensors; found {foreign[:5] or 'none'}")
+    try:
+        FAMILIES[family].check_dir(path, config, shapes, projector_only=projector_only)
+    except TokenizerError as exc:
+        raise CheckpointError(str(exc)) from None
+    return family
+
+
 def resolve_device(device: str | torch.device | None) -> str | torch.device:
     """None or "auto" → "cuda" when a GPU is visible, else "cpu"; anything else as given."""
     if device is None or device == "auto":
@@ -63,4 +90,4 @@ def load(path: str | Path, *, projector: str | Path | None = None, device: str |
     return model
 
 
-__all__ = ["MDLM", "PromptBatch", "CheckpointError", "FAMILIES", "detect_family", "load"]
+__all__ = ["MDLM", "PromptBatch", "CheckpointError", "FAMILIES", "check", "detect_family", "load"]

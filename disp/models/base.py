@@ -19,7 +19,7 @@ from PIL import Image
 from torch import nn
 
 from disp.constants import IMAGE_TOKEN_INDEX, PROJECTOR_PREFIX
-from disp.models.checkpoint import CheckpointError, load_into, read_state_dict
+from disp.models.checkpoint import CheckpointError, load_into, read_state_dict, shape_mismatch
 from disp.tokenizer import ChatTokenizer, PromptTemplate
 
 
@@ -88,6 +88,12 @@ def prompt_template(config: dict[str, Any]) -> PromptTemplate:
     if unknown:
         raise CheckpointError(f"config.json: unknown disp_prompt fields {unknown}")
     return PromptTemplate(**fields)
+
+
+def _optional_key(key: str) -> bool:
+    """The tower's final LayerNorm is never used (LLaDA-V reads the pre-norm hidden states): a checkpoint
+    may leave it out."""
+    return ".post_layernorm." in key
 
 
 class MDLM(nn.Module, ABC):
@@ -246,13 +252,32 @@ class MDLM(nn.Module, ABC):
         ]
 
     @classmethod
+    def check_dir(cls, path: Path, config: dict[str, Any], shapes: dict[str, tuple[int, ...]], *,
+                  projector_only: bool = False) -> None:
+        """Without reading a weight: the tokenizer in `path` loads, and the tensors `shapes` (name -> shape,
+        from the safetensors headers) are exactly what `from_dir` would load (`projector_only`: what
+        `load_projector_state_dict` would). The model is built on the meta device: its parameters cost no
+        memory."""
+        tokenizer = ChatTokenizer.from_dir(path, template=prompt_template(config))
+        with torch.device("meta"):
+            model = cls(config, tokenizer)
+        if projector_only:
+            own = {k: tuple(v.shape) for k, v in model.projector_state_dict().items()}
+            problem = shape_mismatch(own, shapes)
+        else:
+            own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+            given = {**{k: v for k, v in own.items() if _optional_key(k)}, **shapes}
+            problem = shape_mismatch(own, given, ignore=model.checkpoint_ignores())
+        if problem:
+            raise CheckpointError("the weights do not match the model config.json describes: " + problem)
+
+    @classmethod
     def from_dir(cls, path: Path, config: dict[str, Any], dtype: torch.dtype | None = None) -> MDLM:
         model = cls(config, ChatTokenizer.from_dir(path, template=prompt_template(config)))
         state = read_state_dict(path)
         own = model.state_dict()
-        # The tower's final LayerNorm is never used (LLaDA-V reads the pre-norm hidden states).
         for k in own:
-            if ".post_layernorm." in k:
+            if _optional_key(k):
                 state.setdefault(k, own[k])
         load_into(model, state, ignore=model.checkpoint_ignores())
         if dtype is not None:

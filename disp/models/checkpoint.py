@@ -7,6 +7,7 @@ unpickling an uploaded file can run arbitrary code.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -17,6 +18,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from disp.constants import PICKLE_SUFFIXES
+from disp.names import check_plain_name
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -51,35 +53,57 @@ def _read_file(path: Path, keys: Iterable[str] | None = None) -> dict[str, torch
         raise CheckpointError(f"{path}: not a readable safetensors file: {exc}") from exc
 
 
+def _own_file(directory: Path, name: str) -> Path:
+    """`directory / name` after checking that it stays there: a plain name (no folder, no `..`, not absolute)
+    and, if it is a link, one to a file inside the same directory. An index naming another checkpoint's
+    shards (`../<other>/model-00001.safetensors`) must never read them."""
+    try:
+        check_plain_name(name)
+    except ValueError as exc:
+        raise CheckpointError(f"{INDEX_FILE}: a shard name {exc}") from None
+    file = directory / name
+    if os.path.islink(file):
+        root = os.path.realpath(directory)
+        if os.path.commonpath([os.path.realpath(file), root]) != root:
+            raise CheckpointError(
+                f"{name}: a link to a file outside the checkpoint directory; a checkpoint is read only from its "
+                "own directory (copy the files instead of linking them)"
+            )
+    return file
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint: a `.safetensors` file, or a directory (sharded with an index or single).
 
-    A directory that holds only pickle weight files is refused, naming them.
+    Every file a directory names must lie in it (see `_own_file`). A directory that holds only pickle weight
+    files is refused, naming them.
     """
     path = Path(path)
     if path.is_file():
         return _read_file(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such file or directory")
-    index = path / INDEX_FILE
+    index = _own_file(path, INDEX_FILE)
     if index.is_file():
         try:
             weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index}: malformed index ({exc})") from exc
-        by_shard: dict[str, list[str]] = {}
-        for key, shard in weight_map.items():
-            by_shard.setdefault(shard, []).append(key)
-        missing = sorted(s for s in by_shard if not (path / s).is_file())
+            by_shard: dict[str, list[str]] = {}
+            for key, shard in weight_map.items():
+                by_shard.setdefault(shard, []).append(key)
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{INDEX_FILE}: malformed index ({exc})") from exc
+        files = {shard: _own_file(path, shard) for shard in by_shard}
+        missing = sorted(s for s, f in files.items() if not f.is_file())
         if missing:
-            raise CheckpointError(f"{path}: shards named in {INDEX_FILE} are missing: {missing}")
+            raise CheckpointError(f"{path.name}: shards named in {INDEX_FILE} are missing: {missing}")
         state: dict[str, torch.Tensor] = {}
         for shard, keys in sorted(by_shard.items()):
-            state.update(_read_file(path / shard, keys))
+            state.update(_read_file(files[shard], keys))
         return state
-    if (path / SINGLE_FILE).is_file():
-        return _read_file(path / SINGLE_FILE)
-    shards = sorted(path.glob("*.safetensors"))
+    single = _own_file(path, SINGLE_FILE)
+    if single.is_file():
+        return _read_file(single)
+    shards = [_own_file(path, p.name) for p in sorted(path.glob("*.safetensors"))]
     if shards:
         state = {}
         for shard in shards:
@@ -122,30 +146,39 @@ def write_state_dict(state: dict[str, torch.Tensor], out_dir: str | Path, *, max
     return [out_dir / n for n in names]
 
 
-def load_into(module: nn.Module, state: dict[str, torch.Tensor], *, ignore: Iterable[str] = (), strict: bool = True) -> None:
-    """Copy `state` into `module`, listing missing and unexpected keys by name on mismatch.
+def shape_mismatch(expected: dict[str, tuple[int, ...]], given: dict[str, tuple[int, ...]], *,
+                   ignore: Iterable[str] = (), strict: bool = True) -> str | None:
+    """What keeps checkpoint tensors `given` (name -> shape) from loading into a model whose state has
+    `expected` shapes: missing, unexpected and wrong-shape keys, by name; None when they fit.
 
     `ignore` holds regular expressions for checkpoint keys the model deliberately does not use.
-    With strict=False only keys present in `state` are checked (a projector overlay).
+    With strict=False only keys present in `given` are checked (a projector overlay).
     """
     patterns = [re.compile(p) for p in ignore]
-    expected = module.state_dict()
-    unexpected = sorted(k for k in state if k not in expected and not any(p.fullmatch(k) for p in patterns))
-    missing = sorted(k for k in expected if k not in state) if strict else []
+    unexpected = sorted(k for k in given if k not in expected and not any(p.fullmatch(k) for p in patterns))
+    missing = sorted(k for k in expected if k not in given) if strict else []
     bad_shape = sorted(
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in state
-        if k in expected and state[k].shape != expected[k].shape
+        f"{k}: checkpoint {tuple(given[k])} vs model {tuple(expected[k])}"
+        for k in given
+        if k in expected and tuple(given[k]) != tuple(expected[k])
     )
-    if missing or unexpected or bad_shape:
-        parts = []
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {_short(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {_short(unexpected)}")
-        if bad_shape:
-            parts.append(f"shape mismatches ({len(bad_shape)}): {_short(bad_shape)}")
-        raise CheckpointError("checkpoint does not match the model: " + "; ".join(parts))
+    parts = []
+    if missing:
+        parts.append(f"missing keys ({len(missing)}): {_short(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys ({len(unexpected)}): {_short(unexpected)}")
+    if bad_shape:
+        parts.append(f"shape mismatches ({len(bad_shape)}): {_short(bad_shape)}")
+    return "; ".join(parts) or None
+
+
+def load_into(module: nn.Module, state: dict[str, torch.Tensor], *, ignore: Iterable[str] = (), strict: bool = True) -> None:
+    """Copy `state` into `module`, listing missing and unexpected keys by name on mismatch (`shape_mismatch`)."""
+    expected = module.state_dict()
+    problem = shape_mismatch({k: tuple(v.shape) for k, v in expected.items()},
+                             {k: tuple(v.shape) for k, v in state.items()}, ignore=ignore, strict=strict)
+    if problem:
+        raise CheckpointError("checkpoint does not match the model: " + problem)
     with torch.no_grad():
         for k, v in state.items():
             if k in expected:
