@@ -74,7 +74,10 @@ ERROR_DESCRIPTIONS = {
     "and its setting.",
     415: "A pickle weight file: refused unopened (safetensors only).",
     422: "Invalid request; `param` names the field.",
-    503: "The broker or storage is unavailable; retry later.",
+    429: "A rate limit or quota of the tenant is reached (`rate_limited`, `quota_exceeded`); `Retry-After` "
+    "says when to retry.",
+    503: "Overloaded (`overloaded`, `database_busy`), or the database, broker or storage is unavailable; "
+    "`Retry-After` says when to retry.",
 }
 
 

@@ -16,10 +16,7 @@ from api.middleware import RequestContext
 from api.routes import artifacts, checkpoints, datasets, health, jobs, models, tenant, uploads
 
 log = logging.getLogger(__name__)
-SHED = {
-    429: {"description": "Rate limit or quota of the tenant reached (`Retry-After` says when to retry)"},
-    503: {"description": "Overloaded or a dependency unavailable (`Retry-After` says when to retry)"},
-}
+SHED = errors.responses(429, 503)  # any /v1 operation may shed load or hit a tenant's limit
 
 
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
