@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> None:
         proxy_headers=True,
         log_level=args.log_level,
         access_log=False,  # one line per poll drowns the logs; request metrics are on /metrics
+        # idle keep-alive connections stay open longer than clients keep theirs (httpx 5 s, browsers
+        # ~60 s), so a client never sends on a connection the server is just closing
+        timeout_keep_alive=75,
     )
 
 
