@@ -13,6 +13,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class LaViDaSettings(_Strict):
+    step_ratio: float = Field(0.5, description="LaViDa: fraction of each block's denoising steps run.")
+    step_per_block: int = Field(0, description="LaViDa: steps per block (0: gen_length / blocks); needs step_ratio 1.")
+    schedule: Literal["uniform", "shift", "logit_normal"] = Field("shift", description="LaViDa: tokens per step.")
+    shift: float = Field(0.33, description="LaViDa: s of the shift schedule.")
+    prefix_lm: bool = Field(True, description="LaViDa: prefix-DLM attention.")
+    kv_cache: bool = Field(True, description="LaViDa: reuse the prompt's keys/values; needs prefix_lm.")
+
+
 class SamplerSettings(_Strict):
     gen_length: int = Field(32, description="Answer length in tokens.")
     block_length: int = Field(
@@ -24,6 +33,10 @@ class SamplerSettings(_Strict):
     suppress_eos: bool = Field(
         True, description="Never propose EOS at masked positions (LLaDA-V); False: EOS allowed and ends the answer."
     )
+    suppress_bos_headers: bool | None = Field(
+        None, description="Never propose BOS or a header token at masked positions; unset: as suppress_eos."
+    )
+    lavida: LaViDaSettings = Field(default_factory=LaViDaSettings, description="LaViDa's sampler options.")
 
 
 class SaliencySettings(_Strict):
@@ -47,6 +60,9 @@ class PurifySettings(_Strict):
     )
     batch_size: int = Field(8, description="Samples generated together.")
     seed: int = Field(1234, description="Seed of sampling noise and of random masking.")
+    question: Literal["sample", "describe"] = Field(
+        "sample", description="Re-answer each sample's own question, or 'Describe this image in detail.' (official)."
+    )
     sampler: SamplerSettings = Field(default_factory=SamplerSettings, description="Sampler settings.")
 
 

@@ -37,17 +37,17 @@ class TrainBatch:
 
 def training_batch(model: MDLM, questions: Sequence[str], answers: Sequence[str],
                    images: Sequence[Image.Image] | None = None, *,
-                   image_embeds: torch.Tensor | None = None) -> TrainBatch:
+                   image_embeds: torch.Tensor | Sequence[torch.Tensor] | None = None) -> TrainBatch:
     """Tokenise, splice images and pad a batch of (question, answer) pairs.
 
     Visual embeddings come from `images` through the tower and projector (with grad, so the projector
-    trains) unless `image_embeds` [B, N_v, D] are given.
+    trains) unless `image_embeds` ([B, N_v, D], or B tensors [N_b, D]) are given.
     """
     tok = model.tokenizer
     if image_embeds is None:
         if images is None:
             raise ValueError("training_batch needs images or image_embeds")
-        image_embeds = model.encode_images(model.preprocess(images))
+        image_embeds = model.image_tokens(images)
     prompt = model.build_prompts([tok.encode_prompt(q) for q in questions], image_embeds)
     answer_ids = [tok.encode_answer(a) for a in answers]
     A = max(len(a) for a in answer_ids)

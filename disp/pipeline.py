@@ -29,15 +29,16 @@ import torch
 
 from disp import models
 from disp.baselines import magnitude_prune, oracle_filter, random_drop, read_manifest
-from disp.batching import VisionCache, length_buckets, loaded_batches
-from disp.config import DefenseConfig, FinetuneConfig, PurifyConfig, SaliencyConfig, SamplerConfig
+from disp.batching import VisionCache, length_buckets, loaded_batches, visual_counts
+from disp.config import DESCRIBE_QUESTION, DefenseConfig, FinetuneConfig, PurifyConfig, SaliencyConfig, SamplerConfig
+from disp.constants import IMAGE_PLACEHOLDER
 from disp.data import ImageSource, Sample, load_records, open_image_source, parse_samples, write_json
 from disp.finetune import Cancelled, finetune_projector, result_dict
 from disp.models.base import MDLM
 from disp.models.checkpoint import write_state_dict
 from disp.parallel import map_ordered, resolve_workers
 from disp.purify import PurifiedBatch, choose_masked, purify_batch
-from disp.saliency import input_grads_only, visual_saliency
+from disp.saliency import input_grads_only, per_sample, visual_saliency
 
 Progress = Callable[[int, int], None]
 StopCheck = Callable[[], bool]
@@ -98,26 +99,36 @@ def _model(model_dir, projector, device, dtype: torch.dtype | None = None) -> MD
 
 
 # -- stages ---------------------------------------------------------------------------------------
+def question_of(sample: Sample, question: str) -> str:
+    """The prompt a stage poses for `sample`: its own question ("sample") or the official re-captioning
+    prompt ("describe", `PurifyConfig.question`)."""
+    return sample.question if question == "sample" else f"{IMAGE_PLACEHOLDER}\n{DESCRIBE_QUESTION}"
+
+
 def score_samples(model: MDLM, samples: list[Sample], source: ImageSource, config: SaliencyConfig,
                   sampler: SamplerConfig, *, on_progress: Progress | None = None,
                   should_stop: StopCheck | None = None, cache: VisionCache | None = None,
-                  workers: int | None = 1) -> dict[str, list[float]]:
-    """Saliency of every visual token of every sample: {id: [N_v floats]}, in the order of `samples`.
+                  workers: int | None = 1, question: str = "sample") -> dict[str, list[float]]:
+    """Saliency of every visual token of every sample: {id: [N_b floats]}, in the order of `samples`; N_b is
+    the number of visual tokens of the sample's image (the same for every image unless the model is anyres).
 
     A sample's scores do not depend on the batch it is scored in (the probe noise is seeded per batch).
     `workers` batches run at once on CPU threads (`disp.parallel`; None or 0: one per core on a CPU).
+    `question`: "sample" scores each sample's own question, "describe" the official re-captioning prompt.
     """
     cache = cache if cache is not None else VisionCache()
-    ids = [model.tokenizer.encode_prompt(s.question) for s in samples]
+    ids = [model.tokenizer.encode_prompt(question_of(s, question)) for s in samples]
+    counts = visual_counts(model, samples, source)
     # the exact form switches SDPA kernels process-wide, so it runs on one thread
     workers = 1 if config.exact else resolve_workers(workers, model.device)
 
-    def run(batch: list[int]) -> torch.Tensor:
-        embeds = cache.embeds(model, [samples[i].image for i in batch])
-        return visual_saliency(model, model.build_prompts([ids[i] for i in batch], embeds), config, sampler).cpu()
+    def run(batch: list[int]) -> list[torch.Tensor]:
+        prompt = model.build_prompts([ids[i] for i in batch], cache.embeds(model, [samples[i].image for i in batch]))
+        return per_sample(visual_saliency(model, prompt, config, sampler).cpu(), prompt)
 
     out: dict[str, list[float]] = {}
-    batches = loaded_batches(model, samples, source, length_buckets(ids, config.batch_size), cache)
+    lengths = [len(x) - 1 + n for x, n in zip(ids, counts, strict=True)]
+    batches = loaded_batches(model, samples, source, length_buckets(lengths, config.batch_size), cache)
     with input_grads_only(model):  # set once here: worker threads share the parameters' flags
         for batch, scores in map_ordered(run, batches, workers):
             out.update({samples[i].id: row.tolist() for i, row in zip(batch, scores, strict=True)})
@@ -128,13 +139,13 @@ def score_samples(model: MDLM, samples: list[Sample], source: ImageSource, confi
 def score(*, model_dir, data_json, images, out_json, config: SaliencyConfig | None = None,
           sampler: SamplerConfig | None = None, indices: Sequence[int] | None = None, projector=None,
           device=None, on_progress: Progress | None = None, should_stop: StopCheck | None = None,
-          workers: int | None = 1) -> Path:
+          workers: int | None = 1, question: str = "sample") -> Path:
     """Write {"scores": {id: [...]}} for the selected samples (all by default)."""
     config, sampler = config or SaliencyConfig(), sampler or SamplerConfig()
     samples, source = load_dataset(data_json, images)
     model = _model(model_dir, projector, device)
     scores = score_samples(model, _select(samples, indices), source, config, sampler,
-                           on_progress=on_progress, should_stop=should_stop, workers=workers)
+                           on_progress=on_progress, should_stop=should_stop, workers=workers, question=question)
     return write_json(out_json, {"config": asdict(config), "scores": scores})
 
 
@@ -144,38 +155,54 @@ def purify_samples(model: MDLM, samples: list[Sample], source: ImageSource, conf
                    cache: VisionCache | None = None, workers: int | None = 1) -> list[dict]:
     """Purified LLaVA records (answer rewritten) with a `disp` field recording what was done, in input order.
 
-    `workers` batches run at once on CPU threads (`disp.parallel`; None or 0: one per core on a CPU). Each
-    batch samples from its own generator, seeded with `config.seed` and its place in the batch order.
+    Each sample's scores must cover exactly the visual tokens its image gives the model. With
+    `config.question` "describe" every sample is re-captioned and the caption becomes its answer (the
+    record keeps the sample's question). `workers` batches run at once on CPU threads (`disp.parallel`;
+    None or 0: one per core on a CPU). Each batch samples from its own generator, seeded with
+    `config.seed` and its place in the batch order.
     """
     cache = cache if cache is not None else VisionCache()
     workers = resolve_workers(workers, model.device)
+    counts = visual_counts(model, samples, source)
     mask_gen = torch.Generator().manual_seed(config.seed)
     # which tokens to hold, chosen per sample in input order (random masking draws as it always did)
     held: list[torch.Tensor] = []
     sal: list[torch.Tensor | None] = []
-    for chunk in _batches(samples, config.batch_size):
-        s = torch.tensor([scores[x.id] for x in chunk]) if masking == "saliency" else None
-        if s is not None and s.shape[1] != model.num_image_tokens:
-            raise ValueError(f"scores have {s.shape[1]} visual tokens, the model has {model.num_image_tokens}")
-        held += list(choose_masked(s, model.num_image_tokens, len(chunk), config.mask_ratio, masking, mask_gen,
-                                   min_score=config.min_score))
-        sal += list(s) if s is not None else [None] * len(chunk)
-    ids = [model.tokenizer.encode_prompt(x.question) for x in samples]
+    for lo in range(0, len(samples), config.batch_size):
+        chunk, n = samples[lo : lo + config.batch_size], counts[lo : lo + config.batch_size]
+        s = None
+        if masking == "saliency":
+            wrong = [(x.id, len(scores[x.id]), c) for x, c in zip(chunk, n, strict=True) if len(scores[x.id]) != c]
+            if wrong:
+                sid, got, want = wrong[0]
+                raise ValueError(f"scores of sample {sid!r} cover {got} visual tokens, its image gives the model "
+                                 f"{want}")
+            s = torch.full((len(chunk), max(n)), float("-inf"))
+            for b, x in enumerate(chunk):
+                s[b, : n[b]] = torch.tensor(scores[x.id])
+        rows = choose_masked(s, n, len(chunk), config.mask_ratio, masking, mask_gen, min_score=config.min_score)
+        held += list(rows)
+        sal += [row[:c] for row, c in zip(s, n, strict=True)] if s is not None else [None] * len(chunk)
+    questions = [question_of(x, config.question) for x in samples]
+    ids = [model.tokenizer.encode_prompt(q) for q in questions]
 
     def run(item: tuple[int, list[int]]) -> PurifiedBatch:
         k, batch = item
         gen = torch.Generator(device=model.device).manual_seed(config.seed + k)
-        return purify_batch(model, [samples[i].question for i in batch], None, torch.stack([held[i] for i in batch]),
-                            config, generator=gen,
+        width = max(len(held[i]) for i in batch)
+        idx = torch.stack([torch.cat([held[i], held[i].new_full((width - len(held[i]),), -1)]) for i in batch])
+        return purify_batch(model, [questions[i] for i in batch], None, idx, config, generator=gen,
                             image_embeds=cache.embeds(model, [samples[i].image for i in batch]))
 
     out: dict[int, dict] = {}
-    batches = enumerate(loaded_batches(model, samples, source, length_buckets(ids, config.batch_size), cache))
+    lengths = [len(x) - 1 + n for x, n in zip(ids, counts, strict=True)]
+    batches = enumerate(loaded_batches(model, samples, source, length_buckets(lengths, config.batch_size), cache))
     for (_, batch), res in map_ordered(run, batches, workers):
         for i, ans, masked in zip(batch, res.answers, res.masked, strict=True):
             x, s_i = samples[i], sal[i]
             info: dict[str, Any] = {"original_answer": x.answer, "purified_answer": ans,
-                                    "masked_visual_tokens": masked, "masking": masking}
+                                    "masked_visual_tokens": masked, "masking": masking,
+                                    "visual_tokens": counts[i], "question": config.question}
             if s_i is not None:
                 info["saliency"] = {"max": float(s_i.max()), "mean": float(s_i.mean()),
                                     "top": s_i.topk(min(5, s_i.shape[0])).indices.tolist()}
@@ -241,7 +268,7 @@ def finetune_samples(model: MDLM, samples: list[Sample], source: ImageSource, co
     """
     cache = cache if cache is not None else VisionCache()
     cache.fill(model, [s.image for s in samples], source)
-    feats = cache.stacked([s.image for s in samples])
+    feats = cache.lookup([s.image for s in samples])
     result = finetune_projector(model, [s.question for s in samples], [s.answer for s in samples], feats, config,
                                 anchor=anchor, state_dir=out_dir / f"finetune_state-{run_key[:16]}",
                                 on_progress=on_progress, should_stop=should_stop)
@@ -318,12 +345,12 @@ def defend(*, model_dir, data_json, images, out_dir, config: DefenseConfig | Non
     if masking is not None:
         scores = None
         if masking == "saliency":
-            fp = stages.fingerprint(inputs, asdict(config.saliency), asdict(sampler))
+            fp = stages.fingerprint(inputs, asdict(config.saliency), asdict(sampler), config.purify.question)
             if not stages.fresh("scoring", fp, [out_dir / SCORES_FILE]):
                 t = time.perf_counter()
                 s = score_samples(model, samples, source, config.saliency, sampler,
                                   on_progress=progress("scoring"), should_stop=should_stop, cache=cache,
-                                  workers=workers)
+                                  workers=workers, question=config.purify.question)
                 write_json(out_dir / SCORES_FILE, {"config": asdict(config.saliency), "scores": s})
                 stages.finish("scoring", fp, time.perf_counter() - t)
             scores = json.loads((out_dir / SCORES_FILE).read_text())["scores"]

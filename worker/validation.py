@@ -105,25 +105,27 @@ def validate_checkpoint(*, session: Session, storage: Storage, checkpoint_id: st
 
 def _check_adapter(path: Path) -> None:
     from api.archive import read_head, safetensors_tensors
-    from disp.constants import PROJECTOR_PREFIX
+    from disp.constants import IMAGE_NEWLINE_KEY, PROJECTOR_PREFIX
 
     names = safetensors_tensors(read_head(path), path.stat().st_size)
-    foreign = [n for n in names if not n.startswith(PROJECTOR_PREFIX)]
-    if not names or foreign:
+    foreign = [n for n in names if not n.startswith(PROJECTOR_PREFIX) and n != IMAGE_NEWLINE_KEY]
+    if not any(n.startswith(PROJECTOR_PREFIX) for n in names) or foreign:
         raise ArchiveError(
             "invalid_checkpoint",
-            f"an adapter holds only {PROJECTOR_PREFIX}* tensors; found {foreign[:5] or 'none'}",
+            f"an adapter holds only {PROJECTOR_PREFIX}* tensors (and {IMAGE_NEWLINE_KEY}); "
+            f"found {foreign[:5] or 'none'}",
         )
 
 
 def _check_config(path: Path, fmt: str) -> None:
-    """The model family is known (config.json only; no weights are loaded here)."""
+    """The model family is known and its vision and image fields (anyres included) are readable (config.json
+    only; no weights are loaded here)."""
     from api.archive import common_root, list_entries, read_member
-    from disp.models import CheckpointError, detect_family
+    from disp.models import CheckpointError, check_config
 
     entries = list_entries(path, fmt, max_total_bytes=1 << 50)
     config = json.loads(read_member(path, fmt, common_root(entries) + "config.json", limit=10 * 1024**2))
     try:
-        detect_family(config)
+        check_config(config)
     except CheckpointError as exc:
         raise ArchiveError("invalid_checkpoint", str(exc)) from None

@@ -42,6 +42,21 @@ def detect_family(config: dict[str, Any]) -> str:
     )
 
 
+def check_config(config: dict[str, Any]) -> str:
+    """The family of a config.json, after checking its vision tower and image fields (anyres pinpoints,
+    merge type); reads no weights. Raises CheckpointError naming a bad field."""
+    from disp.models.anyres import ImageLayout
+    from disp.models.llada_v import vision_config_from
+
+    family = detect_family(config)
+    vcfg = vision_config_from(config)
+    for name in ("image_size", "patch_size"):
+        if not isinstance(vcfg.get(name), int) or vcfg[name] <= 0:
+            raise CheckpointError(f"config.json: the vision tower's {name} must be a positive integer")
+    ImageLayout.from_config(config, vcfg["image_size"], vcfg["image_size"] // vcfg["patch_size"])
+    return family
+
+
 def resolve_device(device: str | torch.device | None) -> str | torch.device:
     """None or "auto" → "cuda" when a GPU is visible, else "cpu"; anything else as given."""
     if device is None or device == "auto":
@@ -51,7 +66,12 @@ def resolve_device(device: str | torch.device | None) -> str | torch.device:
 
 def load(path: str | Path, *, projector: str | Path | None = None, device: str | torch.device | None = None,
          dtype: torch.dtype | None = None) -> MDLM:
-    """Load a checkpoint directory; optionally lay a projector-only safetensors file over it."""
+    """Load a checkpoint directory; optionally lay a projector-only safetensors file over it.
+
+    The model is built on the meta device and its weights are read straight into place, in the checkpoint's
+    dtype unless `dtype` is given (an 8B bf16 checkpoint needs about its own size in memory, not 2x in
+    float32).
+    """
     path = Path(path)
     refuse_pickle(path)
     if not path.is_dir():
@@ -60,12 +80,11 @@ def load(path: str | Path, *, projector: str | Path | None = None, device: str |
     family = detect_family(config)
     if family not in FAMILIES:
         raise CheckpointError(f"model family {family!r} is not available; known: {sorted(FAMILIES)}")
-    model = FAMILIES[family].from_dir(path, config, dtype=dtype)
+    model = FAMILIES[family].from_dir(path, config, dtype=dtype, device=device)
     if projector is not None:
         model.load_projector_state_dict(read_state_dict(Path(projector)))
-    if device is not None:
-        model.to(device)
     return model
 
 
-__all__ = ["MDLM", "PromptBatch", "CheckpointError", "FAMILIES", "detect_family", "load", "register_family"]
+__all__ = ["MDLM", "PromptBatch", "CheckpointError", "FAMILIES", "check_config", "detect_family", "load",
+           "register_family"]

@@ -7,6 +7,7 @@ unpickling an uploaded file can run arbitrary code.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -51,16 +52,11 @@ def _read_file(path: Path, keys: Iterable[str] | None = None) -> dict[str, torch
         raise CheckpointError(f"{path}: not a readable safetensors file: {exc}") from exc
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint: a `.safetensors` file, or a directory (sharded with an index or single).
+def _weight_files(path: Path) -> dict[Path, list[str] | None]:
+    """The safetensors files of a checkpoint directory, each with the keys the index assigns it (None: all).
 
     A directory that holds only pickle weight files is refused, naming them.
     """
-    path = Path(path)
-    if path.is_file():
-        return _read_file(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such file or directory")
     index = path / INDEX_FILE
     if index.is_file():
         try:
@@ -73,18 +69,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         missing = sorted(s for s in by_shard if not (path / s).is_file())
         if missing:
             raise CheckpointError(f"{path}: shards named in {INDEX_FILE} are missing: {missing}")
-        state: dict[str, torch.Tensor] = {}
-        for shard, keys in sorted(by_shard.items()):
-            state.update(_read_file(path / shard, keys))
-        return state
+        return {path / shard: keys for shard, keys in sorted(by_shard.items())}
     if (path / SINGLE_FILE).is_file():
-        return _read_file(path / SINGLE_FILE)
+        return {path / SINGLE_FILE: None}
     shards = sorted(path.glob("*.safetensors"))
     if shards:
-        state = {}
-        for shard in shards:
-            state.update(_read_file(shard))
-        return state
+        return dict.fromkeys(shards)
     pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
     if pickles:
         raise CheckpointError(
@@ -92,6 +82,33 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             "convert them to safetensors"
         )
     raise CheckpointError(f"{path}: no safetensors weights found")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint: a `.safetensors` file, or a directory (sharded with an index or single)."""
+    path = Path(path)
+    if path.is_file():
+        return _read_file(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such file or directory")
+    state: dict[str, torch.Tensor] = {}
+    for file, keys in _weight_files(path).items():
+        state.update(_read_file(file, keys))
+    return state
+
+
+def tensor_shapes(path: str | Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """Every tensor of a checkpoint directory with its file and shape, from the safetensors headers only."""
+    out: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for file, keys in _weight_files(Path(path)).items():
+        refuse_pickle(file)
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                names = f.keys() if keys is None else keys
+                out.update({k: (file, tuple(f.get_slice(k).get_shape())) for k in names})
+        except Exception as exc:
+            raise CheckpointError(f"{file}: not a readable safetensors file: {exc}") from exc
+    return out
 
 
 def write_state_dict(state: dict[str, torch.Tensor], out_dir: str | Path, *, max_shard_bytes: int = 0) -> list[Path]:
@@ -122,21 +139,14 @@ def write_state_dict(state: dict[str, torch.Tensor], out_dir: str | Path, *, max
     return [out_dir / n for n in names]
 
 
-def load_into(module: nn.Module, state: dict[str, torch.Tensor], *, ignore: Iterable[str] = (), strict: bool = True) -> None:
-    """Copy `state` into `module`, listing missing and unexpected keys by name on mismatch.
-
-    `ignore` holds regular expressions for checkpoint keys the model deliberately does not use.
-    With strict=False only keys present in `state` are checked (a projector overlay).
-    """
+def _check_keys(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], ignore: Iterable[str],
+                strict: bool) -> None:
+    """Raise naming the missing, unexpected and wrongly shaped keys (`ignore`: regexes of unused keys)."""
     patterns = [re.compile(p) for p in ignore]
-    expected = module.state_dict()
-    unexpected = sorted(k for k in state if k not in expected and not any(p.fullmatch(k) for p in patterns))
-    missing = sorted(k for k in expected if k not in state) if strict else []
-    bad_shape = sorted(
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in state
-        if k in expected and state[k].shape != expected[k].shape
-    )
+    unexpected = sorted(k for k in found if k not in expected and not any(p.fullmatch(k) for p in patterns))
+    missing = sorted(k for k in expected if k not in found) if strict else []
+    bad_shape = sorted(f"{k}: checkpoint {found[k]} vs model {expected[k]}"
+                       for k in found if k in expected and tuple(found[k]) != tuple(expected[k]))
     if missing or unexpected or bad_shape:
         parts = []
         if missing:
@@ -146,10 +156,74 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], *, ignore: Iter
         if bad_shape:
             parts.append(f"shape mismatches ({len(bad_shape)}): {_short(bad_shape)}")
         raise CheckpointError("checkpoint does not match the model: " + "; ".join(parts))
+
+
+def load_into(module: nn.Module, state: dict[str, torch.Tensor], *, ignore: Iterable[str] = (), strict: bool = True) -> None:
+    """Copy `state` into `module`, listing missing and unexpected keys by name on mismatch.
+
+    `ignore` holds regular expressions for checkpoint keys the model deliberately does not use.
+    With strict=False only keys present in `state` are checked (a projector overlay).
+    """
+    expected = module.state_dict()
+    _check_keys({k: tuple(v.shape) for k, v in expected.items()}, {k: tuple(v.shape) for k, v in state.items()},
+                ignore, strict)
     with torch.no_grad():
         for k, v in state.items():
             if k in expected:
                 expected[k].copy_(v.to(expected[k].dtype))
+
+
+# safetensors dtype names → torch dtypes (the format's spec)
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _read_tensors(file: Path, keys: Iterable[str]) -> Iterable[tuple[str, torch.Tensor]]:
+    """Read tensors of a safetensors file (already opened once by `safe_open`, so its header is valid) with
+    plain reads into fresh CPU memory: no memory map stays behind, so only the tensors count towards RSS."""
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        for key in keys:
+            entry = header[key]
+            dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+            begin, end = entry["data_offsets"]
+            if dtype is None:
+                raise CheckpointError(f"{file.name}: tensor {key} has unsupported dtype {entry['dtype']}")
+            numel = math.prod(entry["shape"])
+            if end - begin != numel * torch.empty((), dtype=dtype).element_size():
+                raise CheckpointError(f"{file.name}: tensor {key} has {end - begin} bytes for shape {entry['shape']}")
+            buf = torch.empty(end - begin, dtype=torch.uint8)
+            f.seek(8 + n + begin)
+            if f.readinto(memoryview(buf.numpy())) != end - begin:
+                raise CheckpointError(f"{file.name}: tensor {key} is truncated")
+            yield key, buf.view(dtype).reshape(entry["shape"])
+
+
+def materialise(module: nn.Module, path: str | Path, *, ignore: Iterable[str] = (), dtype: torch.dtype | None = None,
+                device: str | torch.device | None = None) -> None:
+    """Fill a module built on the meta device with a checkpoint directory's tensors, one tensor at a time.
+
+    Keys and shapes are checked against the safetensors headers before any tensor is read. Each tensor
+    becomes the module's parameter as read (no second copy), in the checkpoint's dtype unless `dtype` is
+    given, then moved to `device`; so the peak memory is the checkpoint's size plus one tensor. Ignored
+    keys are never read.
+    """
+    expected = module.state_dict()
+    found = tensor_shapes(path)
+    _check_keys({k: tuple(v.shape) for k, v in expected.items()}, {k: s for k, (_, s) in found.items()}, ignore,
+                strict=True)
+    by_file: dict[Path, list[str]] = {}
+    for key in expected:
+        by_file.setdefault(found[key][0], []).append(key)
+    for file, keys in by_file.items():
+        for key, tensor in _read_tensors(file, keys):
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            if device is not None:
+                tensor = tensor.to(device)
+            module.load_state_dict({key: tensor}, strict=False, assign=True)
 
 
 def _short(items: list[str], limit: int = 12) -> str:

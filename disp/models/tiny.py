@@ -65,9 +65,24 @@ def train_tokenizer(corpus: Iterable[str], vocab_size: int = 512) -> Tokenizer:
     return tok
 
 
+# LLaDA-V's published image settings (its finetune scripts), for a tower of any image size: anyres_max_4 over
+# grids of 1x1 to 6x6 views, spatial_unpad merge with model.image_newline.
+LLADA_V_ANYRES = {"image_aspect_ratio": "anyres_max_4", "image_grid_pinpoints": "(1x1),...,(6x6)",
+                  "mm_patch_merge_type": "spatial_unpad"}
+
+
+def lavida_anyres(image_size: int) -> dict[str, Any]:
+    """LaViDa's stage-2 image settings (scripts/train/exps/cluster/llada-hd-llada-s2.sh), in units of the
+    tower's image size: anyres over 1x2, 2x1, 2x2, 3x1 and 1x3 views, spatial_unpad merge."""
+    s = image_size
+    return {"image_aspect_ratio": "anyres", "mm_patch_merge_type": "spatial_unpad",
+            "image_grid_pinpoints": [[s, 2 * s], [2 * s, s], [2 * s, 2 * s], [3 * s, s], [s, 3 * s]]}
+
+
 def tiny_config(family: str, vocab_size: int, lm: dict[str, Any] | None = None,
-                vision: dict[str, Any] | None = None) -> dict[str, Any]:
-    """config.json contents for a tiny checkpoint of `family` ("llada-v" or "lavida")."""
+                vision: dict[str, Any] | None = None, image: dict[str, Any] | None = None) -> dict[str, Any]:
+    """config.json contents for a tiny checkpoint of `family` ("llada-v" or "lavida"); `image` overrides the
+    image fields (`image_aspect_ratio`, `image_grid_pinpoints`, `mm_patch_merge_type`)."""
     if family not in ("llada-v", "lavida"):
         raise ValueError(f"no tiny configuration for family {family!r}")
     vcfg = {**TINY_VISION, **(vision or {})}
@@ -80,6 +95,7 @@ def tiny_config(family: str, vocab_size: int, lm: dict[str, Any] | None = None,
         "mm_patch_merge_type": "flat",
         "image_aspect_ratio": "square",
         "vision_config": {"model_type": "siglip_vision_model", **vcfg},
+        **(image or {}),
     }
     if family == "lavida":  # OLMo-style LLaDA fields, LaViDa's 2x2 pooling of visual tokens
         return {
@@ -105,7 +121,7 @@ def tiny_config(family: str, vocab_size: int, lm: dict[str, Any] | None = None,
 def write_tiny_checkpoint(out: str | Path, *, family: str = "llada-v", seed: int = 0,
                           corpus: Iterable[str] | None = None, tokenizer_vocab: int = 512,
                           lm: dict[str, Any] | None = None, vision: dict[str, Any] | None = None,
-                          max_shard_bytes: int = 256_000) -> Path:
+                          image: dict[str, Any] | None = None, max_shard_bytes: int = 256_000) -> Path:
     """Write a complete random-weight checkpoint directory; returns its path."""
     from disp.models import FAMILIES  # the registry lives in the package
 
@@ -122,7 +138,7 @@ def write_tiny_checkpoint(out: str | Path, *, family: str = "llada-v", seed: int
         "bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": EOS_TOKEN,
         "additional_special_tokens": [MASK_TOKEN]}, indent=2))
     vocab = -(-tok.get_vocab_size(with_added_tokens=True) // 64) * 64
-    config = tiny_config(family, vocab, lm, vision)
+    config = tiny_config(family, vocab, lm, vision, image)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer = ChatTokenizer.from_dir(out)
     (out / "generation_config.json").write_text(json.dumps(
