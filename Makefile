@@ -1,11 +1,11 @@
 PY ?= .venv/bin/python
 
-.PHONY: install test test-fast test-gpu lint format demo bench-quick clean
+.PHONY: install test test-fast test-gpu lint format demo clean
 
 install:            ## create .venv and install the project with every extra
 	python3 -m venv .venv
 	.venv/bin/pip install -q torch==2.13.0
-	.venv/bin/pip install -q -e ".[service,bench,dev]"
+	.venv/bin/pip install -q -e ".[service,experiments,dev]"
 
 test:               ## the full test suite (the README's test command)
 	$(PY) -m pytest -q

@@ -42,10 +42,11 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0] if exc.errors() else {}
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header")]
-    message = first.get("msg", "Invalid request")
+    message = first.get("msg", "Invalid request").removeprefix("Value error, ")
     if first.get("type") == "json_invalid":
         return _respond(request, 400, "malformed_json", f"Request body is not valid JSON: {message}")
-    return _respond(request, 422, "invalid_request", message, ".".join(loc) or None)
+    code = "invalid_settings" if loc[:1] == ["settings"] else "invalid_request"  # job settings: disp.config's checks
+    return _respond(request, 422, code, message, ".".join(loc) or None)
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -24,7 +24,6 @@ from api.db.models import (
     utcnow,
 )
 
-ORDER = [JobStatus.validating, JobStatus.queued, *RUNNING_STAGES, JobStatus.succeeded]
 NON_TERMINAL = [s for s in JobStatus if s not in TERMINAL]
 
 
@@ -74,7 +73,7 @@ def transition(
     values: dict[str, Any] = {"status": to}
     if to in RUNNING_STAGES:
         values.update(stage=to, stage_started_at=now)
-    if to == JobStatus.scoring or (to in RUNNING_STAGES and expected == [JobStatus.queued]):
+    if to in RUNNING_STAGES and expected == [JobStatus.queued]:  # the plan's first stage
         values["started_at"] = now
     if to in TERMINAL:
         values["finished_at"] = now

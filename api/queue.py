@@ -15,10 +15,7 @@ VALIDATE_DATASET = "worker.tasks.validate_dataset"
 VALIDATE_CHECKPOINT = "worker.tasks.validate_checkpoint"
 VALIDATE_JOB = "worker.tasks.validate_job"
 ADVANCE_JOB = "worker.tasks.advance_job"
-SCORE_SHARD = "worker.tasks.score_shard"
-PURIFY_SHARD = "worker.tasks.purify_shard"
-FINETUNE = "worker.tasks.finetune"
-EVALUATE = "worker.tasks.evaluate"
+RUN_STAGE = "worker.tasks.run_stage"  # one stage of `disp.stages` (one shard of a sharded stage)
 DELIVER_WEBHOOK = "worker.tasks.deliver_webhook"
 
 GPU, CPU = "gpu", "cpu"
@@ -28,10 +25,7 @@ QUEUE_OF = {
     VALIDATE_JOB: CPU,
     DELIVER_WEBHOOK: CPU,
     ADVANCE_JOB: GPU,
-    SCORE_SHARD: GPU,
-    PURIFY_SHARD: GPU,
-    FINETUNE: GPU,
-    EVALUATE: GPU,
+    RUN_STAGE: GPU,
 }
 
 

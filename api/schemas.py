@@ -1,5 +1,4 @@
-"""Request and response bodies. Job settings mirror `disp.config` field by field, with the same defaults
-(`tests/api/test_schemas.py` checks they agree); `disp.config` itself then validates the values."""
+"""Request and response bodies. Job settings are generated from `disp.config` (`api.settings_schema`)."""
 
 from __future__ import annotations
 
@@ -8,90 +7,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.settings_schema import settings_model
+from disp.config import DefenseConfig
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class LaViDaSettings(_Strict):
-    step_ratio: float = Field(0.5, description="LaViDa: fraction of each block's denoising steps run.")
-    step_per_block: int = Field(0, description="LaViDa: steps per block (0: gen_length / blocks); needs step_ratio 1.")
-    schedule: Literal["uniform", "shift", "logit_normal"] = Field("shift", description="LaViDa: tokens per step.")
-    shift: float = Field(0.33, description="LaViDa: s of the shift schedule.")
-    prefix_lm: bool = Field(True, description="LaViDa: prefix-DLM attention.")
-    kv_cache: bool = Field(True, description="LaViDa: reuse the prompt's keys/values; needs prefix_lm.")
-
-
-class SamplerSettings(_Strict):
-    gen_length: int = Field(32, description="Answer length in tokens.")
-    block_length: int = Field(
-        32, description="Block length of semi-autoregressive decoding; divides gen_length."
-    )
-    steps: int = Field(32, description="Denoising steps over the whole answer.")
-    temperature: float = Field(0.0, description="Gumbel-noise temperature; 0 means deterministic argmax.")
-    remasking: Literal["low_confidence", "random"] = Field("low_confidence", description="Commit order.")
-    suppress_eos: bool = Field(
-        True, description="Never propose EOS at masked positions (LLaDA-V); False: EOS allowed and ends the answer."
-    )
-    suppress_bos_headers: bool | None = Field(
-        None, description="Never propose BOS or a header token at masked positions; unset: as suppress_eos."
-    )
-    lavida: LaViDaSettings = Field(default_factory=LaViDaSettings, description="LaViDa's sampler options.")
-
-
-class SaliencySettings(_Strict):
-    probes: int = Field(6, description="Hutchinson probes M per sample (Eq. 8).")
-    topk: int = Field(5, description="Top-k vocabulary entries per generated position in the Fisher matrix.")
-    factor: float = Field(0.5, description="Scale of the quadratic form (1/2 from the KL expansion, Eq. 4).")
-    exact: bool = Field(False, description="Exact quadratic form via Jacobian-vector products (slow).")
-    method: Literal["fisher", "occlusion", "isolation"] = Field(
-        "fisher", description="'fisher' (the paper's quadratic form), 'occlusion' (the exact KL of Eq. 4, disp's variant) "
-                              "or 'isolation' (the KL of showing visual token i alone against showing none, disp's variant)."
-    )
-    occlusion_rows: int = Field(64, description="Rows (sample x visual token) per forward of the occlusion and isolation methods.")
-    batch_size: int = Field(8, description="Samples per scoring pass.")
-    seed: int = Field(1234, description="Seed of the probe noise.")
-
-
-class PurifySettings(_Strict):
-    mask_ratio: float = Field(0.3, description="Fraction rho of visual tokens held masked (Eq. 9).")
-    min_score: float = Field(
-        0.0, description="Hold a top-rho token only if its saliency (nats) is at least this; 0: all (the paper)."
-    )
-    batch_size: int = Field(8, description="Samples generated together.")
-    seed: int = Field(1234, description="Seed of sampling noise and of random masking.")
-    question: Literal["sample", "describe"] = Field(
-        "sample", description="Re-answer each sample's own question, or 'Describe this image in detail.' (official)."
-    )
-    sampler: SamplerSettings = Field(default_factory=SamplerSettings, description="Sampler settings.")
-
-
-class FinetuneSettings(_Strict):
-    epochs: int = Field(4, description="Passes over the purified data.")
-    lr: float = Field(1e-4, description="Peak AdamW learning rate.")
-    batch_size: int = Field(8, description="Samples per micro-batch.")
-    grad_accum: int = Field(1, description="Micro-batches per optimiser step.")
-    warmup_ratio: float = Field(0.03, description="Fraction of steps in linear warm-up before cosine decay.")
-    weight_decay: float = Field(0.0, description="AdamW weight decay.")
-    max_grad_norm: float = Field(1.0, description="Gradient-norm clip; 0 disables.")
-    bf16: bool = Field(True, description="bf16 autocast on GPU.")
-    seed: int = Field(1234, description="Seed of data order and diffusion noise.")
-    anchor_weight: float = Field(
-        0.0, description="Weight of the feature anchor on samples whose answer was kept (disp's, not the paper's; 0 = off)."
-    )
-
-
-class DefenseSettings(_Strict):
-    """The CLI's defense flags: `disp.config.DefenseConfig`."""
-
-    defense: Literal["disp", "none", "no_mask", "random_mask", "random_drop", "pruning", "oracle_filter"] = (
-        Field("disp", description="Defense to run.")
-    )
-    drop_ratio: float = Field(0.2, description="Fraction of samples dropped by random_drop.")
-    prune_ratio: float = Field(0.3, description="Fraction of projector weights zeroed by pruning.")
-    saliency: SaliencySettings = Field(default_factory=SaliencySettings)
-    purify: PurifySettings = Field(default_factory=PurifySettings)
-    finetune: FinetuneSettings = Field(default_factory=FinetuneSettings)
+DefenseSettings = settings_model(DefenseConfig)  # and its sections: SamplerSettings, SaliencySettings, ...
 
 
 class JobCreate(_Strict):

@@ -6,10 +6,14 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import replace
+from importlib.metadata import entry_points
 from pathlib import Path
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+# Entry-point groups through which installed packages extend the command line without disp importing them:
+# COMMAND_GROUP entries are `add_commands(subparsers)` callables, each subcommand setting its own `handler`;
+# a DEMO_GROUP entry named "service" is the `run_demo(workdir, quick=...)` that `disp demo` uses by default.
+COMMAND_GROUP, DEMO_GROUP = "disp.commands", "disp.demo"
 TARGETS = ["insertion", "refusal", "misclassification"]
 TRIGGERS = ["corner", "center", "noise", "multi", "blended"]
 
@@ -48,7 +52,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from disp.cli_flags import section_kwargs
     from disp.config import SamplerConfig
 
-    model = models.load(args.model, projector=args.projector, device=args.device)
+    model = models.load(args.checkpoint, projector=args.projector, device=args.device)
     cfg = SamplerConfig(**section_kwargs(args, "sampler"))
     image = Image.open(args.image).convert("RGB")
     gen = torch.Generator(device=model.device).manual_seed(args.seed)
@@ -64,11 +68,11 @@ def cmd_score(args: argparse.Namespace) -> int:
     from disp.config import SaliencyConfig, SamplerConfig
     from disp.pipeline import score
 
-    out = score(model_dir=args.model, data_json=args.data, images=args.images, out_json=args.out,
+    out = score(model_dir=args.checkpoint, data_json=args.data, images=args.images, out_json=args.out,
                 config=SaliencyConfig(**section_kwargs(args, "saliency")),
                 sampler=SamplerConfig(**section_kwargs(args, "sampler")), projector=args.projector,
                 device=args.device, on_progress=_bar("scoring"), workers=args.workers)
-    print(f"wrote saliency scores to {out}")
+    print(f"wrote the saliency of every visual token to {out}")
     return 0
 
 
@@ -95,13 +99,14 @@ def cmd_poison(args: argparse.Namespace) -> int:
 @command("defend")
 def cmd_defend(args: argparse.Namespace) -> int:
     from disp.cli_flags import defense_config
-    from disp.pipeline import defend
+    from disp.defend import defend
 
-    report = defend(model_dir=args.model, data_json=args.data, images=args.images, out_dir=args.out,
+    report = defend(model_dir=args.checkpoint, data_json=args.data, images=args.images, out_dir=args.out,
                     config=defense_config(args), projector=args.projector, manifest=args.manifest,
                     device=args.device, on_progress=_stage_bars(), workers=args.workers)
-    human = (f"{report['defense']}: trained on {report['num_train']} samples; stages "
-             + ", ".join(f"{k} {v:.1f}s" for k, v in report["stages"].items()) + f"; outputs in {args.out}")
+    trained = report["summary"]["num_train"]
+    human = (f"{report['defense']}: " + (f"trained on {trained} samples; " if trained is not None else "")
+             + "stages " + ", ".join(f"{k} {v:.1f}s" for k, v in report["seconds"].items()) + f"; outputs in {args.out}")
     _print(report, args.json, human)
     return 0
 
@@ -116,7 +121,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if not (args.clean or args.triggered):
         raise ValueError("give --clean and/or --triggered data to evaluate on")
-    model = models.load(args.model, projector=args.projector, device=args.device)
+    model = models.load(args.checkpoint, projector=args.projector, device=args.device)
     clean, clean_src = ([], None)
     if args.clean:
         clean, clean_src = load_dataset(args.clean, args.clean_images or args.clean.parent)
@@ -132,77 +137,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 @command("demo")
 def cmd_demo(args: argparse.Namespace) -> int:
-    if args.local:
+    runners = {ep.name: ep for ep in entry_points(group=DEMO_GROUP)}
+    if args.local or "service" not in runners:
+        if not args.local:
+            print("the service extra is not installed: running the demo in this process", file=sys.stderr)
         from disp.demo import run_demo
     else:  # the embedded service: API + one worker, SQLite, local files, no external servers
-        from api.demo import run_demo
+        run_demo = runners["service"].load()
     run_demo(args.workdir, quick=not args.full)
     return 0
-
-
-@command("bench")
-def cmd_bench(args: argparse.Namespace) -> int:
-    if args.bench == "pretrain":
-        from disp.bench.pretrain import main as pretrain_main
-
-        return pretrain_main(args.rest)
-    from disp.bench.reproduce import VARIANTS, check_quick, reproduce
-
-    cfg = reproduce_config(args)
-    result = reproduce(cfg, args.work, log=lambda line: print(line, file=sys.stderr))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
-    print(f"{'target':<18}{'trigger':<9}{'defense':<15}{'CP':>7}{'ASR w/o':>9}{'ASR w/t':>9}")
-    for r in result["rows"]:
-        print(f"{r['target']:<18}{r['trigger']:<9}{r['defense']:<15}{_pct(r['cp']):>7}{_pct(r['asr_wo']):>9}"
-              f"{_pct(r['asr_wt']):>9}")
-    print(f"total {result['seconds']:.0f}s")
-    if args.quick:
-        failures = check_quick(result["rows"])
-        for f in failures:
-            print(f"quick check failed: {f}", file=sys.stderr)
-        for name in dict.fromkeys(r["defense"] for r in result["rows"] if r["defense"] in VARIANTS):
-            variant = check_quick(result["rows"], name)  # reported beside, not the paper's method
-            print(f"variant {name}: " + ("; ".join(variant) or "meets the quick bar"), file=sys.stderr)
-        return 1 if failures else 0
-    return 0
-
-
-def reproduce_config(args: argparse.Namespace):
-    """ReproduceConfig from `disp bench reproduce` flags: --quick's or the full defaults, then each flag given."""
-    from disp.bench.reproduce import ReproduceConfig
-
-    overrides = {k: v for k, v in vars(args).items() if k.startswith("rp_") and v is not None}
-    given = {k.removeprefix("rp_"): tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
-    implant = {k.removeprefix("implant_"): given.pop(k) for k in [k for k in given if k.startswith("implant_")]}
-    cfg = (ReproduceConfig.quick if args.quick else ReproduceConfig)(base=str(args.base or ""), device=args.device)
-    return replace(cfg, **given, implant=replace(cfg.implant, **implant))
-
-
-def _add_reproduce_flags(parser: argparse.ArgumentParser) -> None:
-    """--targets, --n-train, --poison-sweep, ... for ReproduceConfig's plain fields (default: the config's),
-    and --implant-lr/--implant-epochs/--implant-batch-size for the implant fine-tuning."""
-    from dataclasses import fields
-
-    from disp.bench.reproduce import ReproduceConfig
-    from disp.cli_flags import field_help
-
-    defaults = ReproduceConfig()
-    for f in fields(ReproduceConfig):
-        value = getattr(defaults, f.name)
-        flag, dest = "--" + f.name.replace("_", "-"), "rp_" + f.name
-        if f.name in ("base", "device") or not isinstance(value, (tuple, int, float)):
-            continue
-        help_text = field_help(f)
-        if isinstance(value, tuple):
-            kind = float if value and isinstance(value[0], float) else str
-            parser.add_argument(flag, dest=dest, nargs="*", type=kind, default=None, help=help_text)
-        else:
-            parser.add_argument(flag, dest=dest, type=type(value), default=None, help=help_text)
-    for name, kind in (("lr", float), ("epochs", int), ("batch_size", int)):
-        parser.add_argument(f"--implant-{name.replace('_', '-')}", dest=f"rp_implant_{name}", type=kind, default=None,
-                            help=f"implant fine-tuning {name} (default {getattr(defaults.implant, name)})")
 
 
 def _bar(desc: str):
@@ -232,8 +175,8 @@ def _stage_bars():
 
 
 def _common(p: argparse.ArgumentParser, *, data: bool = True) -> None:
-    p.add_argument("--model", required=True, type=Path, help="checkpoint directory")
-    p.add_argument("--projector", type=Path, default=None, help="projector-only safetensors laid over --model")
+    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint directory (LLaDA-V or LaViDa layout)")
+    p.add_argument("--projector", type=Path, default=None, help="projector-only safetensors laid over --checkpoint")
     if data:
         p.add_argument("--data", required=True, type=Path, help="LLaVA-format JSON")
         p.add_argument("--images", required=True, type=Path, help="image folder, .zip or .tar")
@@ -310,31 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--triggered-images", type=Path, default=None, help="(default: the JSON's folder)")
     add_defense_flags(p, sections=("sampler",), defense=False)
 
-    p = sub.add_parser("bench", help="reproduction experiments (reproduce) and the SHAPES base recipe (pretrain)")
-    bench = p.add_subparsers(dest="bench", required=True)
-    b = bench.add_parser("reproduce", help="the paper's protocol on the SHAPES base model")
-    b.add_argument("--quick", action="store_true",
-                   help="one target, one trigger; checks the quick bar for DiSP (exit 1 if missed), reports it for "
-                        "disp's variants")
-    b.add_argument("--json", type=Path, default=None, help="write the results JSON here")
-    b.add_argument("--base", type=Path, default=None, help="base checkpoint (default: the committed SHAPES base)")
-    b.add_argument("--work", type=Path, default=Path("runs/reproduce"), help="working directory (cached stages)")
-    b.add_argument("--device", default="auto", help="'cpu', 'cuda' or 'auto' (cuda when available)")
-    _add_reproduce_flags(b)
-    b = bench.add_parser("pretrain", help="train the SHAPES base model (flags: disp bench pretrain -- -h)")
-    b.add_argument("rest", nargs=argparse.REMAINDER, help="the recipe's own flags")
-
     p = sub.add_parser("demo", help="poison a small dataset, defend it, and show ASR before and after")
     p.add_argument("--workdir", type=Path, default=Path("runs/demo"), help="working directory (cached stages)")
     p.add_argument("--full", action="store_true", help="evaluate on 200 + 200 ASR and 200 CP samples (default 60 + 60, 100)")
     p.add_argument("--local", action="store_true", help="run the pipeline in this process instead of the service")
 
-    try:  # the service's commands (serve, jobs, keys, models), when the service extra is installed
-        from api.cli import add_commands
-    except ImportError:
-        pass
-    else:
-        add_commands(sub)
+    for ep in entry_points(group=COMMAND_GROUP):  # installed extensions: the service's serve, jobs, keys, models
+        ep.load()(sub)
     return parser
 
 

@@ -26,6 +26,11 @@ def field_help(f, default=MISSING) -> str:
     return text.replace("%", "%%")
 
 
+def _metavar(f) -> str | None:
+    """The value's name in usage lines: the choices where there are some, else the field's name."""
+    return None if "choices" in f.metadata else f.name.upper()
+
+
 def _default(f):
     return f.default_factory() if f.default is MISSING else f.default
 
@@ -48,7 +53,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, section: str, cls, rena
         if isinstance(default, bool) or (default is None and "bool" in str(f.type)):
             group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
-            group.add_argument(flag, dest=dest, type=type(default), default=default, help=help_text)
+            group.add_argument(flag, dest=dest, type=type(default), default=default, help=help_text,
+                               choices=f.metadata.get("choices"), metavar=_metavar(f))
 
 
 def add_defense_flags(parser: argparse.ArgumentParser, *, sections=("sampler", "saliency", "purify", "finetune"),
@@ -60,7 +66,8 @@ def add_defense_flags(parser: argparse.ArgumentParser, *, sections=("sampler", "
             if is_dataclass(default):
                 continue
             parser.add_argument("--" + f.name.replace("_", "-"), dest=f"defense__{f.name}", type=type(default),
-                                default=default, help=field_help(f, default))
+                                default=default, help=field_help(f, default), choices=f.metadata.get("choices"),
+                                metavar=_metavar(f))
     for section, cls, renames in SECTIONS:
         if section in sections:
             add_dataclass_flags(parser, section, cls, renames)

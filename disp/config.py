@@ -2,7 +2,8 @@
 
 Defaults follow the paper (§3.3, App. B) and the official implementation: M = 6 Hutchinson probes on the
 top-5 logits with factor 0.5, mask ratio ρ = 0.3, 32 generation steps over a 32-token answer in one
-block, projector fine-tuning at lr 1e-4 for 4 epochs. The service's pydantic schemas mirror these.
+block, projector fine-tuning at lr 1e-4 for 4 epochs. The CLI's flags and the service's pydantic schemas are
+generated from these classes (`disp.cli_flags`, `api.settings_schema`).
 """
 
 from __future__ import annotations
@@ -10,16 +11,20 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from disp import stages
+
 REMASKING = ("low_confidence", "random")
 SCHEDULES = ("uniform", "shift", "logit_normal")
 QUESTIONS = ("sample", "describe")
 DESCRIBE_QUESTION = "Describe this image in detail."  # the official DiSP code's purification prompt
 SALIENCY_METHODS = ("fisher", "occlusion", "isolation")
-DEFENSES = ("disp", "none", "no_mask", "random_mask", "random_drop", "pruning", "oracle_filter")
+DEFENSES = tuple(stages.DEFENSES)
 
 
-def _help(text: str, default: Any) -> Any:
-    return field(default=default, metadata={"help": text})
+def _help(text: str, default: Any, choices: tuple[str, ...] | None = None) -> Any:
+    """A field with its help text (and, for a closed set of values, its choices), read by the CLI's flags and
+    the API's schemas."""
+    return field(default=default, metadata={"help": text, **({"choices": choices} if choices else {})})
 
 
 def _check(ok: bool, message: str) -> None:
@@ -54,7 +59,8 @@ class LaViDaSampling:
                               0.5)
     step_per_block: int = _help("LaViDa: steps per block, capped at block_length (LaViDa step_per_block); 0: gen_length / "
                                 "blocks. Needs step_ratio 1.", 0)
-    schedule: str = _help("LaViDa: tokens per step: 'uniform', 'shift' or 'logit_normal' (run_coco.sh: shift).", "shift")
+    schedule: str = _help("LaViDa: tokens per step: 'uniform', 'shift' or 'logit_normal' (run_coco.sh: shift).", "shift",
+                          SCHEDULES)
     shift: float = _help("LaViDa: s of the shift schedule s*t/(1+(s-1)*t) (run_coco.sh: 0.33).", 0.33)
     prefix_lm: bool = _help("LaViDa: prefix-DLM attention, the prompt does not attend to the answer (run_coco.sh: on; "
                             "the DiSP paper: off).", True)
@@ -101,7 +107,7 @@ class SamplerConfig:
     block_length: int = _help("Block length of semi-autoregressive decoding; divides gen_length.", 32)
     steps: int = _help("Denoising steps over the whole answer (LaViDa ignores it, as its generate does).", 32)
     temperature: float = _help("Gumbel-noise temperature; 0 means deterministic argmax.", 0.0)
-    remasking: str = _help("Commit order: 'low_confidence' or 'random'.", "low_confidence")
+    remasking: str = _help("Commit order: 'low_confidence' or 'random'.", "low_confidence", REMASKING)
     suppress_eos: bool = _help("Never propose EOS at masked positions (LLaDA-V). False: a committed EOS ends the "
                                "answer, and with suppress_bos_headers unset no token is suppressed (LLaDA's "
                                "generate.py).", True)
@@ -159,7 +165,8 @@ class SaliencyConfig:
     exact: bool = _help("Exact quadratic form via Jacobian-vector products (slow; for verification).", False)
     method: str = _help("'fisher' (the paper's quadratic form), 'occlusion' (disp's variant: the exact KL of "
                         "Eq. 4, one forward per visual token) or 'isolation' (disp's variant: the KL of showing "
-                        "visual token i alone against showing none, one forward per visual token).", "fisher")
+                        "visual token i alone against showing none, one forward per visual token).", "fisher",
+                        SALIENCY_METHODS)
     occlusion_rows: int = _help("Rows (sample x visual token) per forward of the occlusion and isolation methods.", 64)
     batch_size: int = _help("Samples per scoring pass.", 8)
     seed: int = _help("Seed of the probe noise.", 1234)
@@ -197,7 +204,8 @@ class PurifyConfig:
     batch_size: int = _help("Samples generated together.", 8)
     seed: int = _help("Seed of sampling noise and of random masking.", 1234)
     question: str = _help("Prompt of the re-answering: 'sample' (each sample's own question, disp's default) or "
-                          "'describe' ('Describe this image in detail.', the official code's).", "sample")
+                          "'describe' ('Describe this image in detail.', the official code's).", "sample",
+                          QUESTIONS)
     sampler: SamplerConfig = field(default_factory=SamplerConfig, metadata={"help": "Sampler settings."})
 
     def __post_init__(self) -> None:
@@ -256,13 +264,13 @@ class DefenseConfig:
     """A whole defense run: which defense, and the settings of each stage.
 
     Args:
-        defense: "disp" (the paper's method) or a baseline/ablation: "none", "no_mask", "random_mask",
-            "random_drop", "pruning", "oracle_filter".
+        defense: "disp" (the paper's method) or a baseline/ablation of `disp.stages.DEFENSES`.
         drop_ratio: fraction of samples removed by "random_drop" (paper: 20%).
         prune_ratio: fraction of projector weights with the smallest magnitude zeroed by "pruning" (30%).
     """
 
-    defense: str = _help("Defense to run.", "disp")
+    defense: str = _help("Defense to run: " + "; ".join(f"{d.name}: {d.summary}" for d in stages.DEFENSES.values())
+                         + ".", "disp", DEFENSES)
     drop_ratio: float = _help("Fraction of samples dropped by random_drop.", 0.2)
     prune_ratio: float = _help("Fraction of projector weights zeroed by pruning.", 0.3)
     saliency: SaliencyConfig = field(default_factory=SaliencyConfig, metadata={"help": "Saliency settings."})

@@ -1,11 +1,10 @@
 """The demo's inputs and scoring, shared by `disp demo --local` (in-process) and `disp demo` (the service).
 
-The demo is the reproduction's quick cell (`ReproduceConfig.quick`: 300 SHAPES captions, 20% poisoned with
-content insertion behind an 8 px corner patch, seed 1): it implants the backdoor by projector-only
-fine-tuning of the committed SHAPES base, runs DiSP with the reproduction's settings, and prints CP and ASR
-before and after, which is what `tests/disp/bench/test_quick_bar.py` asserts on the same cell. With no
-committed base (a source tree without assets) a tiny random checkpoint stands in, and the numbers then only
-show that the plumbing works.
+The demo is the quick cell (`disp.cell.QUICK_CELL`: 300 SHAPES captions, 20% poisoned with content insertion
+behind an 8 px corner patch, seed 1): it implants the backdoor by projector-only fine-tuning of the shipped
+SHAPES base, runs DiSP with the cell's settings, and prints CP and ASR before and after, which is what
+`tests/experiments/test_quick_bar.py` asserts on the same cell. Without the shipped base (a source tree
+without assets) a tiny random checkpoint stands in, and the numbers then only show that the plumbing works.
 """
 
 from __future__ import annotations
@@ -15,33 +14,37 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from disp.bench.reproduce import Cell, ReproduceConfig, defense_config, evaluate_cell, prepare_cell
-from disp.bench.shapes import config_of_checkpoint
+from disp.cell import (
+    BASE_CHECKPOINT,
+    QUICK_CELL,
+    Cell,
+    CellConfig,
+    defense_config,
+    evaluate_cell,
+    prepare_cell,
+)
 from disp.config import DefenseConfig
+from disp.defend import defend
 from disp.models.tiny import write_tiny_checkpoint
-from disp.pipeline import defend
+from disp.shapes import config_of_checkpoint
 
-BASE_CHECKPOINT = Path(__file__).parent / "assets" / "shapes-base"
-# v3 answers every look-up question; the protocol has not been run on it yet (docs/reproduction.md)
-BASE_V3_CHECKPOINT = Path(__file__).parent / "assets" / "shapes-base-v3"
 TARGET, TRIGGER, POISON_RATIO = "insertion", "corner", 0.2
 
 
-def demo_config(*, quick: bool = True, n_asr: int | None = None, n_cp: int | None = None) -> ReproduceConfig:
+def demo_config(*, quick: bool = True, n_asr: int | None = None, n_cp: int | None = None) -> CellConfig:
     """The quick cell, evaluated on its 60 + 60 ASR and 100 CP samples, or (quick=False) on the full
     protocol's 200 + 200 and 200; n_asr / n_cp override either."""
-    full = ReproduceConfig()
-    sizes = {} if quick else {"n_asr": full.n_asr, "n_cp": full.n_cp}
+    sizes = dict(QUICK_CELL) if quick else {k: v for k, v in QUICK_CELL.items() if k not in ("n_asr", "n_cp")}
     sizes |= {k: v for k, v in (("n_asr", n_asr), ("n_cp", n_cp)) if v is not None}
-    return ReproduceConfig.quick(**sizes)
+    return CellConfig(**sizes)
 
 
 @dataclass
 class DemoInputs:
     model_dir: Path  # the base checkpoint
     cell: Cell  # poisoned data (+ manifest, which defenses never read), backdoored projector, held-out sets
-    config: ReproduceConfig
-    defense: DefenseConfig  # the settings of the DiSP run (the reproduction's)
+    config: CellConfig
+    defense: DefenseConfig  # the settings of the DiSP run (the cell's)
 
     @property
     def poisoned_dir(self) -> Path:
@@ -62,11 +65,11 @@ def prepare_inputs(workdir: str | Path, *, quick: bool = True, n_asr: int | None
     n_poisoned = len(json.loads(cell.manifest.read_text())["poisoned_ids"])
     n_train = len(json.loads(cell.poisoned_json.read_text()))
     print(f"poisoned {n_poisoned} of {n_train} training captions (content insertion, 8 px corner patch)")
-    return DemoInputs(Path(model_dir), cell, cfg, defense_config("disp", cfg))
+    return DemoInputs(Path(model_dir), cell, cfg, defense_config(cfg))
 
 
 def evaluate_projectors(inputs: DemoInputs, projectors: dict[str, Path]) -> dict[str, dict]:
-    """CP and ASR w/o and w/t (`disp.bench.reproduce.evaluate_cell`) for each named projector."""
+    """CP and ASR w/o and w/t (`disp.cell.evaluate_cell`) for each named projector."""
     return {name: evaluate_cell(inputs.model_dir, path, inputs.cell, TARGET, inputs.config)
             for name, path in projectors.items()}
 
@@ -88,5 +91,5 @@ def run_demo(workdir: str | Path, *, quick: bool = True, n_asr: int | None = Non
     rows = evaluate_projectors(inputs, {"backdoored": inputs.cell.backdoored,
                                         "DiSP": workdir / "defended" / "projector.safetensors"})
     print_table(rows)
-    print(f"DiSP stages: {report['stages']}; total {time.perf_counter() - t0:.1f}s; outputs in {workdir}")
+    print(f"DiSP stages: {report['seconds']}; total {time.perf_counter() - t0:.1f}s; outputs in {workdir}")
     return {"rows": rows, "report": report}

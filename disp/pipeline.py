@@ -1,17 +1,13 @@
-"""Dataset-level stages of a defense, with files in and files out.
+"""Sample-level stages with files in and out: the work inside each stage of `disp.defend`.
 
-    score     → scores.json       Fisher–Jacobian saliency of every visual token (Eq. 3–8)
-    purify    → purified.json     answers rewritten with the top-ρ tokens held masked (Eq. 9–11)
-    finetune  → projector.safetensors + metrics.json   projector-only SFT on the purified data
-    defend    → all of the above + report.json, for any defense in `DefenseConfig.DEFENSES`
+    score_samples      saliency of every visual token (Eq. 3-8)
+    purify_samples     answers rewritten with the top-ρ tokens held masked (Eq. 9-11)
+    finetune_samples   projector-only SFT on the purified samples
 
-Each stage takes `on_progress(done, total)` and `should_stop()` (polled between batches; raises
-`Cancelled`). `defend` records a fingerprint of each stage's inputs (file hashes and settings) in
-`stages.json` and skips a stage whose output exists with the same fingerprint.
-
+Each takes `on_progress(done, total)` and `should_stop()` (polled between batches; raises `Cancelled`).
 Scoring and purification batch samples of similar prompt length together (outputs keep the input
 order), decode the next batch's images on a background thread while the model works, and run the
-vision tower once per distinct image: pass one `VisionCache` to both stages to share its outputs.
+vision tower once per distinct image: pass one `VisionCache` to every stage to share its outputs.
 On a CPU, `workers` > 1 runs that many batches at once, one per core (`disp.parallel`).
 """
 
@@ -19,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -28,9 +23,8 @@ from typing import Any
 import torch
 
 from disp import models
-from disp.baselines import magnitude_prune, oracle_filter, random_drop, read_manifest
 from disp.batching import VisionCache, length_buckets, loaded_batches, visual_counts
-from disp.config import DESCRIBE_QUESTION, DefenseConfig, FinetuneConfig, PurifyConfig, SaliencyConfig, SamplerConfig
+from disp.config import DESCRIBE_QUESTION, FinetuneConfig, PurifyConfig, SaliencyConfig, SamplerConfig
 from disp.constants import IMAGE_PLACEHOLDER
 from disp.data import ImageSource, Sample, load_records, open_image_source, parse_samples, write_json
 from disp.finetune import Cancelled, finetune_projector, result_dict
@@ -39,13 +33,13 @@ from disp.models.checkpoint import write_state_dict
 from disp.parallel import map_ordered, resolve_workers
 from disp.purify import PurifiedBatch, choose_masked, purify_batch
 from disp.saliency import input_grads_only, per_sample, visual_saliency
+from disp.stages import PROJECTOR_FILE
 
 Progress = Callable[[int, int], None]
 StopCheck = Callable[[], bool]
-PROJECTOR_FILE, PURIFIED_FILE, REPORT_FILE, SCORES_FILE = (
-    "projector.safetensors", "purified.json", "report.json", "scores.json")
 
-__all__ = ["Cancelled", "score", "purify", "finetune", "merge_shards", "defend", "file_hash"]
+__all__ = ["Cancelled", "score", "score_samples", "purify_samples", "finetune_samples", "merge_shards", "file_hash",
+           "load_model", "read_saliency"]
 
 
 # -- inputs -------------------------------------------------------------------------------------
@@ -66,20 +60,6 @@ def load_dataset(data_json: str | Path, images: str | Path) -> tuple[list[Sample
     return parse_samples(load_records(data_json), Path(data_json).name), open_image_source(images)
 
 
-def _select(samples: list[Sample], indices: Sequence[int] | None) -> list[Sample]:
-    if indices is None:
-        return samples
-    bad = [i for i in indices if not 0 <= i < len(samples)]
-    if bad:
-        raise ValueError(f"shard indices out of range 0..{len(samples) - 1}: {bad[:5]}")
-    return [samples[i] for i in indices]
-
-
-def _batches(items: list, size: int):
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
-
-
 def _tick(should_stop: StopCheck | None, on_progress: Progress | None, done: int, total: int) -> None:
     if on_progress is not None:
         on_progress(done, total)
@@ -87,7 +67,7 @@ def _tick(should_stop: StopCheck | None, on_progress: Progress | None, done: int
         raise Cancelled(f"stopped after {done} of {total}")
 
 
-def _model(model_dir, projector, device, dtype: torch.dtype | None = None) -> MDLM:
+def load_model(model_dir, projector=None, device=None, dtype: torch.dtype | None = None) -> MDLM:
     """Load for a stage. On a GPU the towers run in bf16 by default; the projector, which is trained and
     shipped, stays float32 (its outputs are cast to the language model's dtype where they are spliced)."""
     device = models.resolve_device(device)
@@ -137,16 +117,23 @@ def score_samples(model: MDLM, samples: list[Sample], source: ImageSource, confi
 
 
 def score(*, model_dir, data_json, images, out_json, config: SaliencyConfig | None = None,
-          sampler: SamplerConfig | None = None, indices: Sequence[int] | None = None, projector=None,
-          device=None, on_progress: Progress | None = None, should_stop: StopCheck | None = None,
-          workers: int | None = 1, question: str = "sample") -> Path:
-    """Write {"scores": {id: [...]}} for the selected samples (all by default)."""
+          sampler: SamplerConfig | None = None, projector=None, device=None, on_progress: Progress | None = None,
+          should_stop: StopCheck | None = None, workers: int | None = 1, question: str = "sample") -> Path:
+    """Write {"config": ..., "saliency": {id: [...]}} for every sample of a dataset."""
     config, sampler = config or SaliencyConfig(), sampler or SamplerConfig()
     samples, source = load_dataset(data_json, images)
-    model = _model(model_dir, projector, device)
-    scores = score_samples(model, _select(samples, indices), source, config, sampler,
-                           on_progress=on_progress, should_stop=should_stop, workers=workers, question=question)
-    return write_json(out_json, {"config": asdict(config), "scores": scores})
+    saliency = score_samples(load_model(model_dir, projector, device), samples, source, config, sampler,
+                             on_progress=on_progress, should_stop=should_stop, workers=workers, question=question)
+    return write_json(out_json, {"config": asdict(config), "saliency": saliency})
+
+
+def read_saliency(path: str | Path, samples: Sequence[Sample]) -> dict[str, list[float]]:
+    """The saliency a scoring stage wrote, checked to cover every sample."""
+    saliency = json.loads(Path(path).read_text())["saliency"]
+    missing = [s.id for s in samples if s.id not in saliency]
+    if missing:
+        raise ValueError(f"{Path(path).name}: no saliency for ids {missing[:5]}")
+    return saliency
 
 
 def purify_samples(model: MDLM, samples: list[Sample], source: ImageSource, config: PurifyConfig,
@@ -170,18 +157,8 @@ def purify_samples(model: MDLM, samples: list[Sample], source: ImageSource, conf
     sal: list[torch.Tensor | None] = []
     for lo in range(0, len(samples), config.batch_size):
         chunk, n = samples[lo : lo + config.batch_size], counts[lo : lo + config.batch_size]
-        s = None
-        if masking == "saliency":
-            wrong = [(x.id, len(scores[x.id]), c) for x, c in zip(chunk, n, strict=True) if len(scores[x.id]) != c]
-            if wrong:
-                sid, got, want = wrong[0]
-                raise ValueError(f"scores of sample {sid!r} cover {got} visual tokens, its image gives the model "
-                                 f"{want}")
-            s = torch.full((len(chunk), max(n)), float("-inf"))
-            for b, x in enumerate(chunk):
-                s[b, : n[b]] = torch.tensor(scores[x.id])
-        rows = choose_masked(s, n, len(chunk), config.mask_ratio, masking, mask_gen, min_score=config.min_score)
-        held += list(rows)
+        s = _score_rows([scores[x.id] for x in chunk], [x.id for x in chunk], n) if masking == "saliency" else None
+        held += list(choose_masked(s, n, len(chunk), config.mask_ratio, masking, mask_gen, min_score=config.min_score))
         sal += [row[:c] for row, c in zip(s, n, strict=True)] if s is not None else [None] * len(chunk)
     questions = [question_of(x, config.question) for x in samples]
     ids = [model.tokenizer.encode_prompt(q) for q in questions]
@@ -189,10 +166,8 @@ def purify_samples(model: MDLM, samples: list[Sample], source: ImageSource, conf
     def run(item: tuple[int, list[int]]) -> PurifiedBatch:
         k, batch = item
         gen = torch.Generator(device=model.device).manual_seed(config.seed + k)
-        width = max(len(held[i]) for i in batch)
-        idx = torch.stack([torch.cat([held[i], held[i].new_full((width - len(held[i]),), -1)]) for i in batch])
-        return purify_batch(model, [questions[i] for i in batch], None, idx, config, generator=gen,
-                            image_embeds=cache.embeds(model, [samples[i].image for i in batch]))
+        return purify_batch(model, [questions[i] for i in batch], None, _stack_padded([held[i] for i in batch]),
+                            config, generator=gen, image_embeds=cache.embeds(model, [samples[i].image for i in batch]))
 
     out: dict[int, dict] = {}
     lengths = [len(x) - 1 + n for x, n in zip(ids, counts, strict=True)]
@@ -212,33 +187,33 @@ def purify_samples(model: MDLM, samples: list[Sample], source: ImageSource, conf
     return [out[i] for i in range(len(samples))]
 
 
-def purify(*, model_dir, data_json, images, scores_json=None, out_json, config: PurifyConfig | None = None,
-           masking: str = "saliency", indices: Sequence[int] | None = None, projector=None, device=None,
-           on_progress: Progress | None = None, should_stop: StopCheck | None = None,
-           workers: int | None = 1) -> Path:
-    """Write the purified records (LLaVA format plus a `disp` field) for the selected samples."""
-    config = config or PurifyConfig()
-    samples, source = load_dataset(data_json, images)
-    scores = json.loads(Path(scores_json).read_text())["scores"] if masking == "saliency" else None
-    if scores is not None:
-        missing = [s.id for s in _select(samples, indices) if s.id not in scores]
-        if missing:
-            raise ValueError(f"{scores_json}: no scores for ids {missing[:5]}")
-    model = _model(model_dir, projector, device)
-    recs = purify_samples(model, _select(samples, indices), source, config, scores, masking=masking,
-                          on_progress=on_progress, should_stop=should_stop, workers=workers)
-    return write_json(out_json, recs)
+def _score_rows(rows: list[list[float]], ids: list[str], counts: list[int]) -> torch.Tensor:
+    """Per-sample saliency lists → [B, max N_b] padded with −inf, each checked against its image's count."""
+    for sid, row, n in zip(ids, rows, counts, strict=True):
+        if len(row) != n:
+            raise ValueError(f"scores of sample {sid!r} cover {len(row)} visual tokens, its image gives the model {n}")
+    out = torch.full((len(rows), max(counts)), float("-inf"))
+    for b, row in enumerate(rows):
+        out[b, : len(row)] = torch.tensor(row)
+    return out
+
+
+def _stack_padded(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Index rows of different lengths → [B, max] padded with −1 (no token)."""
+    width = max(len(r) for r in rows)
+    return torch.stack([torch.cat([r, r.new_full((width - len(r),), -1)]) for r in rows])
 
 
 def merge_shards(*, shard_jsons: Sequence[str | Path], out_json: str | Path) -> Path:
-    """Concatenate shard outputs in the order given: score shards merge their dicts, purify shards their lists."""
+    """Concatenate shard outputs in the order given: scoring shards merge their dicts, purifying shards their
+    lists."""
     parts = [json.loads(Path(p).read_text()) for p in shard_jsons]
     if all(isinstance(p, list) for p in parts):
         return write_json(out_json, [r for p in parts for r in p])
     merged: dict[str, list[float]] = {}
     for p in parts:
-        merged.update(p["scores"])
-    return write_json(out_json, {"config": parts[0].get("config"), "scores": merged})
+        merged.update(p["saliency"])
+    return write_json(out_json, {"config": parts[0].get("config"), "saliency": merged})
 
 
 def save_projector(model: MDLM, path: Path) -> Path:
@@ -276,122 +251,3 @@ def finetune_samples(model: MDLM, samples: list[Sample], source: ImageSource, co
     metrics = result_dict(result)
     write_json(out_dir / "metrics.json", metrics)
     return metrics
-
-
-def finetune(*, model_dir, purified_json, images, out_dir, config: FinetuneConfig | None = None, projector=None,
-             device=None, on_progress: Progress | None = None, should_stop: StopCheck | None = None) -> Path:
-    """Projector-only fine-tuning on a (purified) LLaVA dataset; resumable from `out_dir`."""
-    out_dir = Path(out_dir)
-    records = load_records(purified_json)
-    samples, source = parse_samples(records, Path(purified_json).name), open_image_source(images)
-    config = config or FinetuneConfig()
-    key = _Stages.fingerprint(file_hash(model_dir), file_hash(purified_json), file_hash(images),
-                              file_hash(projector) if projector else None, asdict(config))
-    model = _model(model_dir, projector, device)
-    finetune_samples(model, samples, source, config, out_dir, run_key=key,
-                     anchor=kept_answers(records), on_progress=on_progress,
-                     should_stop=should_stop)
-    return out_dir / PROJECTOR_FILE
-
-
-# -- the whole defense ----------------------------------------------------------------------------
-class _Stages:
-    """stages.json: each finished stage's input fingerprint, so a re-run skips it."""
-
-    def __init__(self, out_dir: Path):
-        self.path = out_dir / "stages.json"
-        self.done: dict[str, dict] = json.loads(self.path.read_text()) if self.path.is_file() else {}
-
-    @staticmethod
-    def fingerprint(*parts: Any) -> str:
-        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-    def fresh(self, stage: str, fp: str, outputs: Sequence[Path]) -> bool:
-        return self.done.get(stage, {}).get("fingerprint") == fp and all(p.exists() for p in outputs)
-
-    def finish(self, stage: str, fp: str, seconds: float, **extra: Any) -> None:
-        self.done[stage] = {"fingerprint": fp, "seconds": round(seconds, 3), **extra}
-        write_json(self.path, self.done)
-
-
-def defend(*, model_dir, data_json, images, out_dir, config: DefenseConfig | None = None, projector=None,
-           manifest=None, device=None, on_progress: Callable[[str, int, int], None] | None = None,
-           should_stop: StopCheck | None = None, workers: int | None = 1) -> dict:
-    """Run one defense end to end; writes projector.safetensors, purified.json and report.json.
-
-    `on_progress(stage, done, total)`; `manifest` is read only by "oracle_filter" and for diagnostics.
-    `workers`: scoring and purification batches at once on CPU threads (`disp.parallel`; None or 0: one per
-    core on a CPU); no output depends on it. Fine-tuning uses torch's own threads.
-    """
-    config = config or DefenseConfig()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    samples, source = load_dataset(data_json, images)
-    inputs = {"model": file_hash(model_dir), "data": file_hash(data_json), "images": file_hash(images),
-              "projector": file_hash(projector) if projector else None}
-    stages = _Stages(out_dir)
-    model = _model(model_dir, projector, device)
-    sampler = config.purify.sampler
-    report: dict[str, Any] = {"defense": config.defense, "config": config.to_dict(), "inputs": inputs,
-                              "num_samples": len(samples), "num_visual_tokens": model.num_image_tokens}
-
-    def progress(stage: str) -> Progress:
-        return lambda done, total: on_progress(stage, done, total) if on_progress else None
-
-    cache = VisionCache()  # the tower runs once per image for all three stages
-
-    train, anchor = samples, None
-    masking = {"disp": "saliency", "no_mask": "none", "random_mask": "random"}.get(config.defense)
-    if masking is not None:
-        scores = None
-        if masking == "saliency":
-            fp = stages.fingerprint(inputs, asdict(config.saliency), asdict(sampler), config.purify.question)
-            if not stages.fresh("scoring", fp, [out_dir / SCORES_FILE]):
-                t = time.perf_counter()
-                s = score_samples(model, samples, source, config.saliency, sampler,
-                                  on_progress=progress("scoring"), should_stop=should_stop, cache=cache,
-                                  workers=workers, question=config.purify.question)
-                write_json(out_dir / SCORES_FILE, {"config": asdict(config.saliency), "scores": s})
-                stages.finish("scoring", fp, time.perf_counter() - t)
-            scores = json.loads((out_dir / SCORES_FILE).read_text())["scores"]
-        fp = stages.fingerprint(inputs, stages.done.get("scoring"), masking, asdict(config.purify))
-        if not stages.fresh("purifying", fp, [out_dir / PURIFIED_FILE]):
-            t = time.perf_counter()
-            recs = purify_samples(model, samples, source, config.purify, scores, masking=masking,
-                                  on_progress=progress("purifying"), should_stop=should_stop, cache=cache,
-                                  workers=workers)
-            write_json(out_dir / PURIFIED_FILE, recs)
-            stages.finish("purifying", fp, time.perf_counter() - t)
-        purified = json.loads((out_dir / PURIFIED_FILE).read_text())
-        train, anchor = parse_samples(purified, PURIFIED_FILE), kept_answers(purified)
-        report["answers_changed"] = len(anchor) - sum(anchor)
-    elif config.defense in ("random_drop", "oracle_filter"):
-        if config.defense == "random_drop":
-            train = random_drop(samples, config.drop_ratio, config.finetune.seed)
-        else:
-            if manifest is None:
-                raise ValueError("oracle_filter needs the attack's manifest (--manifest)")
-            train = oracle_filter(samples, read_manifest(manifest)["poisoned_ids"])
-        write_json(out_dir / PURIFIED_FILE, [{"id": s.id, "image": s.image, "conversations": [
-            {"from": "human", "value": s.question}, {"from": "gpt", "value": s.answer}]} for s in train])
-    report["num_train"] = len(train)
-
-    if config.defense in ("none", "pruning"):
-        if config.defense == "pruning":
-            report["sparsity"] = magnitude_prune(model, config.prune_ratio)
-        save_projector(model, out_dir / PROJECTOR_FILE)
-        if not (out_dir / PURIFIED_FILE).exists():
-            write_json(out_dir / PURIFIED_FILE, [])
-    else:
-        fp = stages.fingerprint(inputs, stages.done.get("purifying"), config.defense, asdict(config.finetune),
-                                file_hash(out_dir / PURIFIED_FILE))
-        if not stages.fresh("finetuning", fp, [out_dir / PROJECTOR_FILE]):
-            t = time.perf_counter()
-            metrics = finetune_samples(model, train, source, config.finetune, out_dir, run_key=fp, anchor=anchor,
-                                       on_progress=progress("finetuning"), should_stop=should_stop, cache=cache)
-            stages.finish("finetuning", fp, time.perf_counter() - t, metrics=metrics)
-        report["finetune"] = stages.done["finetuning"].get("metrics")
-    report["stages"] = {k: v["seconds"] for k, v in stages.done.items()}
-    report["outputs"] = {"projector": PROJECTOR_FILE, "purified": PURIFIED_FILE}
-    write_json(out_dir / REPORT_FILE, report)
-    return report

@@ -89,16 +89,6 @@ def fisher_probes_from_noise(p: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return u * (y - (y * u).sum(-1, keepdim=True) * u)
 
 
-def fisher_probes(p: torch.Tensor, n: int, generator: torch.Generator | None) -> torch.Tensor:
-    """n draws q ~ N(0, diag(p) − ppᵀ) per row of p [..., k] → [n, ..., k] (float64).
-
-    With u = √p (a unit vector), q = u ⊙ (y − (y·u) u), y ~ N(0, I) has exactly that covariance,
-    because I − uuᵀ is a projection.
-    """
-    y = torch.randn((n, *p.shape), generator=generator, device=p.device, dtype=torch.float64)
-    return fisher_probes_from_noise(p, y)
-
-
 @contextmanager
 def input_grads_only(model: MDLM) -> Iterator[None]:
     """Parameters stop requiring grad for the duration, so the forward keeps only what input gradients need."""

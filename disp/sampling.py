@@ -159,11 +159,3 @@ def generate(
     first, _ = stop_lengths(ids, is_mask, tok.eot_id, stop_also)
     return Generation(ids=ids, lengths=first, steps_run=steps_run)
 
-
-def generate_text(model: MDLM, questions: list[str], images, config: SamplerConfig | None = None,
-                  *, seed: int = 0) -> list[str]:
-    """Convenience: questions + PIL images → decoded answers."""
-    config = config or SamplerConfig()
-    gen = torch.Generator(device=model.device).manual_seed(seed)
-    out = generate(model, model.prompt_batch(questions, images), config, generator=gen)
-    return [model.tokenizer.decode(a).strip() for a in out.answers()]

@@ -2,43 +2,34 @@
 
 from __future__ import annotations
 
-from api.db.models import Job, JobStatus
+from pathlib import PurePosixPath
 
-_DIR = {JobStatus.scoring: "scores", JobStatus.purifying: "purified"}
+from api.db.models import Job
+from disp.stages import PROJECTOR_FILE, PURIFIED_FILE, REPORT_FILE, SALIENCY_FILE, STAGES
+
+# what a succeeded job publishes: (artifact kind, stage output file)
+PUBLISHED = (("projector", PROJECTOR_FILE), ("purified_dataset", PURIFIED_FILE), ("saliency", SALIENCY_FILE),
+             ("report", REPORT_FILE))
 
 
 def prefix(job: Job) -> str:
     return f"tenants/{job.tenant_id}/jobs/{job.id}"
 
 
+def output(job: Job, name: str) -> str:
+    """A stage's output file (merged over shards for a sharded stage)."""
+    return f"{prefix(job)}/{name}"
+
+
 def shard(job: Job, stage: str, index: int) -> str:
-    return f"{prefix(job)}/{_DIR[JobStatus(stage)]}/shard-{index:05d}.json"
+    return f"{prefix(job)}/{PurePosixPath(STAGES[stage].writes).stem}/shard-{index:05d}.json"
 
 
-def merged(job: Job, stage: str) -> str:
-    return f"{prefix(job)}/{_DIR[JobStatus(stage)]}.json"
-
-
-def projector(job: Job) -> str:
-    return f"{prefix(job)}/projector.safetensors"
-
-
-def finetune_metrics(job: Job) -> str:
-    return f"{prefix(job)}/finetune_metrics.json"
-
-
-def defend_report(job: Job) -> str:
-    return f"{prefix(job)}/defend_report.json"
-
-
-def report(job: Job) -> str:
-    return f"{prefix(job)}/report.json"
+def metrics(job: Job, stage: str, index: int = 0) -> str:
+    """A stage's metrics (per shard for a sharded stage)."""
+    return f"{prefix(job)}/metrics/{stage}-{index:05d}.json"
 
 
 def artifacts(job: Job) -> list[tuple[str, str, str]]:
-    """(kind, key, download filename) of every artifact a succeeded job publishes."""
-    return [
-        ("projector", projector(job), "projector.safetensors"),
-        ("purified_dataset", merged(job, JobStatus.purifying), "purified.json"),
-        ("report", report(job), "report.json"),
-    ]
+    """(kind, key, download filename) of every artifact a succeeded job may publish (those its plan wrote)."""
+    return [(kind, output(job, name), name) for kind, name in PUBLISHED]

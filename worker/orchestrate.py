@@ -26,24 +26,18 @@ from api.db.models import (
     utcnow,
 )
 from api.db.session import session_scope
-from api.queue import ADVANCE_JOB, DELIVER_WEBHOOK, EVALUATE, FINETUNE, PURIFY_SHARD, QUEUE_OF, SCORE_SHARD
+from api.queue import ADVANCE_JOB, DELIVER_WEBHOOK, QUEUE_OF, RUN_STAGE
 from api.storage import Storage
+from disp.stages import STAGES, plan
 from worker import keys
 from worker.config import WorkerSettings
 
 log = logging.getLogger(__name__)
 
-STAGED = {
-    "disp": [JobStatus.scoring, JobStatus.purifying],
-    "no_mask": [JobStatus.purifying],
-    "random_mask": [JobStatus.purifying],
-}
-SHARD_TASK = {JobStatus.scoring: SCORE_SHARD, JobStatus.purifying: PURIFY_SHARD}
 
-
-def plan(settings: dict[str, Any]) -> list[JobStatus]:
-    """The running stages of a job, in order (baselines without purification go straight to finetuning)."""
-    return [*STAGED.get(settings.get("defense", "disp"), []), JobStatus.finetuning, JobStatus.evaluating]
+def job_plan(job: Job) -> list[JobStatus]:
+    """The job's running stages, in order: its defense's plan (`disp.stages`)."""
+    return [JobStatus(s.name) for s in plan(job.settings.get("defense", "disp"))]
 
 
 def _sig(app, settings: WorkerSettings, task: str, **kwargs: Any):
@@ -119,15 +113,15 @@ def validate_job(app, settings: WorkerSettings, job_id: str) -> str:
 def _dispatch(
     app, settings: WorkerSettings, job: Job, stage: JobStatus, shards: list[int] | None = None
 ) -> None:
-    then = _sig(app, settings, ADVANCE_JOB, job_id=job.id)
-    if stage in SHARD_TASK:
+    """Queue the stage's work: a chord of shard tasks then `advance_job` for a sharded stage, one task
+    (which advances the job itself) otherwise."""
+    if STAGES[stage].sharded:
         todo = shards if shards is not None else list(range(job.num_shards))
         _announce_shards(settings, job, stage, todo)
-        chord([_sig(app, settings, SHARD_TASK[stage], job_id=job.id, shard=i) for i in todo])(then)
-    elif stage == JobStatus.finetuning:
-        _sig(app, settings, FINETUNE, job_id=job.id).apply_async()
+        then = _sig(app, settings, ADVANCE_JOB, job_id=job.id)
+        chord([_sig(app, settings, RUN_STAGE, job_id=job.id, stage=str(stage), shard=i) for i in todo])(then)
     else:
-        _sig(app, settings, EVALUATE, job_id=job.id).apply_async()
+        _sig(app, settings, RUN_STAGE, job_id=job.id, stage=str(stage), shard=0).apply_async()
 
 
 def _announce_shards(settings: WorkerSettings, job: Job, stage: JobStatus, shards: list[int]) -> None:
@@ -145,12 +139,12 @@ def _announce_shards(settings: WorkerSettings, job: Job, stage: JobStatus, shard
 
 def stage_done(storage: Storage, job: Job, stage: JobStatus) -> list[int] | bool:
     """True when the stage's output is in storage; for sharded stages, the list of missing shards."""
-    if stage in SHARD_TASK:
-        if storage.exists(keys.merged(job, stage)):
-            return True
+    if storage.exists(keys.output(job, STAGES[stage].writes)):
+        return True
+    if STAGES[stage].sharded:
         missing = [i for i in range(job.num_shards) if not storage.exists(keys.shard(job, stage, i))]
         return missing or True
-    return storage.exists(keys.projector(job) if stage == JobStatus.finetuning else keys.report(job))
+    return False
 
 
 def advance(app, settings: WorkerSettings, storage: Storage, job_id: str, *, resume: bool = False) -> None:
@@ -164,7 +158,7 @@ def advance(app, settings: WorkerSettings, storage: Storage, job_id: str, *, res
     if job.cancel_requested:
         cancel(app, settings, job_id)
         return
-    stages = plan(job.settings)
+    stages = job_plan(job)
     if job.status == JobStatus.validating:
         return
     if job.status == JobStatus.queued:
@@ -179,7 +173,7 @@ def advance(app, settings: WorkerSettings, storage: Storage, job_id: str, *, res
         if recent and not resume:
             # The stage's tasks are queued or running (a chord can fire early when a redelivered shard
             # reports twice): look again later instead of running the work twice.
-            if stage in SHARD_TASK:
+            if STAGES[stage].sharded:
                 _sig(app, settings, ADVANCE_JOB, job_id=job_id).apply_async(countdown=settings.advance_poll_s)
             return
         log.warning(
@@ -190,11 +184,11 @@ def advance(app, settings: WorkerSettings, storage: Storage, job_id: str, *, res
         )
         _dispatch(app, settings, job, stage, done if isinstance(done, list) else None)
         return
-    if stage in SHARD_TASK:
+    if STAGES[stage].sharded:
         from worker.stages import merge_stage
 
         merge_stage(settings, storage, job, stage)
-    if stage == JobStatus.evaluating:
+    if stage == stages[-1]:
         finish(app, settings, storage, job)
         return
     nxt = stages[stages.index(stage) + 1]
@@ -204,7 +198,7 @@ def advance(app, settings: WorkerSettings, storage: Storage, job_id: str, *, res
 
 def finish(app, settings: WorkerSettings, storage: Storage, job: Job) -> None:
     """Register the artifacts, copy the report's summary into the job's metrics, and succeed."""
-    report = json.loads(storage.read_bytes(keys.report(job)))
+    report = json.loads(storage.read_bytes(keys.output(job, STAGES["evaluating"].writes)))
     with session_scope(settings.database_url) as session:
         have = {a.kind for a in session.query(Artifact).filter(Artifact.job_id == job.id)}
         for kind, key, filename in keys.artifacts(job):
@@ -226,7 +220,7 @@ def finish(app, settings: WorkerSettings, storage: Storage, job: Job) -> None:
         settings,
         job.id,
         JobStatus.succeeded,
-        expect=JobStatus.evaluating,
+        expect=job_plan(job)[-1],
         metrics=report.get("summary", {}),
         message="succeeded",
     )

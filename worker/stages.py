@@ -1,18 +1,19 @@
-"""Stage bodies: fetch inputs, call `disp.pipeline` with progress and cancel callbacks, put the output in
-storage. A stage whose output is already in storage returns at once (redelivery, restart)."""
+"""Runs a job's stages: fetch the stage's inputs, call `disp.defend.run_stage` with progress and cancel
+callbacks, put its output and metrics in storage. A stage whose output is already in storage returns at once
+(redelivery, restart)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from api.db.models import TERMINAL, Checkpoint, Dataset, Job, JobStatus
+from api.db.models import TERMINAL, Checkpoint, Dataset, Job
 from api.db.session import session_scope
 from api.storage import Storage
+from disp.stages import STAGES, inputs_of, plan
 from worker import keys
 from worker.config import WorkerSettings
 from worker.inputs import CheckpointFiles, DatasetFiles, checkpoint_files, dataset_files
@@ -68,25 +69,6 @@ def load_context(
     return StageContext(job, ds, ck, workdir, reporter, settings, storage)
 
 
-def _configs(job: Job):
-    from disp.config import DefenseConfig
-
-    return DefenseConfig.from_dict(job.settings)
-
-
-def _common(ctx: StageContext) -> dict:
-    return {
-        "model_dir": ctx.checkpoint.model_dir,
-        "projector": ctx.checkpoint.projector,
-        "data_json": ctx.dataset.data_json,
-        "images": ctx.dataset.images,
-        "device": ctx.settings.device,
-        "workers": ctx.settings.cpu_workers,
-        "on_progress": ctx.reporter.on_progress,
-        "should_stop": ctx.reporter.should_stop,
-    }
-
-
 def shard_indices(num_records: int, num_shards: int, shard: int) -> list[int]:
     size = -(-num_records // num_shards)
     return list(range(shard * size, min((shard + 1) * size, num_records)))
@@ -103,109 +85,64 @@ def _fetch(ctx: StageContext, key: str, name: str) -> Path:
     return path
 
 
-def run_shard(ctx: StageContext, shard: int) -> None:
-    job, stage = ctx.job, JobStatus(ctx.job.status)
-    key = keys.shard(job, stage, shard)
+def earlier_metrics(storage: Storage, job: Job, stage: str) -> dict[str, dict]:
+    """The metrics of the stages before `stage` in the job's plan (shard metrics merged)."""
+    out: dict[str, dict] = {}
+    for s in plan(job.settings["defense"]):
+        if s.name == stage:
+            break
+        shards = range(job.num_shards) if s.sharded else range(1)
+        out[s.name] = merge_metrics([json.loads(storage.read_bytes(keys.metrics(job, s.name, i))) for i in shards])
+    return out
+
+
+def merge_metrics(parts: list[dict]) -> dict:
+    """One stage's metrics from its shards': counts add up."""
+    if len(parts) == 1:
+        return parts[0]
+    return {k: sum(p.get(k, 0) for p in parts) for k in dict.fromkeys(k for p in parts for k in p)}
+
+
+def run(ctx: StageContext, shard: int) -> None:
+    """Run the job's current stage (one shard of it) and store its output and metrics; a stage whose output
+    is already stored returns at once."""
+    job = ctx.job
+    stage = STAGES[job.status]
+    key = keys.shard(job, stage.name, shard) if stage.sharded else keys.output(job, stage.writes)
     if ctx.storage.exists(key):
         return
-    from disp import pipeline
+    from disp.config import DefenseConfig
+    from disp.defend import run_stage
 
-    config = _configs(job)
-    indices = shard_indices(_num_records(ctx), job.num_shards, shard)
-    out = ctx.workdir / f"{stage}-shard-{shard:05d}.json"
-    if stage == JobStatus.scoring:
-        pipeline.score(
-            out_json=out,
-            config=config.saliency,
-            sampler=config.purify.sampler,
-            indices=indices,
-            **_common(ctx),
-        )
-    else:
-        masking = {"disp": "saliency", "no_mask": "none", "random_mask": "random"}[config.defense]
-        scores = (
-            _fetch(ctx, keys.merged(job, JobStatus.scoring), "scores.json") if masking == "saliency" else None
-        )
-        pipeline.purify(
-            out_json=out,
-            scores_json=scores,
-            config=config.purify,
-            masking=masking,
-            indices=indices,
-            **_common(ctx),
-        )
-    ctx.storage.put_file(key, out)
-
-
-def merge_stage(settings: WorkerSettings, storage: Storage, job: Job, stage: JobStatus) -> None:
-    """Concatenate the shard outputs in index order into the stage's merged object."""
-    if storage.exists(keys.merged(job, stage)):
-        return
-    from disp import pipeline
-
-    workdir = settings.work_dir / "jobs" / job.id / f"merge-{stage}"
-    workdir.mkdir(parents=True, exist_ok=True)
-    parts = [
-        storage.download(keys.shard(job, stage, i), workdir / f"{i:05d}.json") for i in range(job.num_shards)
-    ]
-    merged = pipeline.merge_shards(shard_jsons=parts, out_json=workdir / "merged.json")
-    storage.put_file(keys.merged(job, stage), merged)
-    shutil.rmtree(workdir, ignore_errors=True)
+    config = DefenseConfig.from_dict(job.settings)
+    files = {f: _fetch(ctx, keys.output(job, f), f) for f in inputs_of(stage, config.defense)}
+    out = ctx.workdir / (f"{stage.name}-shard-{shard:05d}.json" if stage.sharded else stage.writes)
+    metrics = run_stage(
+        stage.name,
+        model_dir=ctx.checkpoint.model_dir,
+        projector=ctx.checkpoint.projector,
+        data_json=ctx.dataset.data_json,
+        images=ctx.dataset.images,
+        out=out,
+        config=config,
+        files=files,
+        metrics=earlier_metrics(ctx.storage, job, stage.name),
+        indices=shard_indices(_num_records(ctx), job.num_shards, shard) if stage.sharded else None,
+        run_key=f"{job.id}-{stage.name}",
+        device=ctx.settings.device,
+        workers=ctx.settings.cpu_workers,
+        on_progress=ctx.reporter.on_progress,
+        should_stop=ctx.reporter.should_stop,
+    )
+    ctx.storage.put_bytes(keys.metrics(job, stage.name, shard), json.dumps(metrics).encode())
+    if stage.name == "evaluating":
+        _add_job_details(ctx, out)
+    ctx.storage.put_file(key, out)  # last: marks the stage (shard) done
 
 
-def run_finetune(ctx: StageContext) -> None:
+def _add_job_details(ctx: StageContext, report_path: Path) -> None:
+    """The report names the job and the stored inputs it ran on."""
     job = ctx.job
-    if ctx.storage.exists(keys.projector(job)):
-        return
-    from disp import pipeline
-
-    config = _configs(job)
-    out_dir = ctx.workdir / "finetune"
-    common = _common(ctx)
-    if config.defense in ("none", "pruning", "random_drop"):
-        progress = common.pop("on_progress")
-        del common["data_json"]
-        report = pipeline.defend(
-            data_json=ctx.dataset.data_json,
-            out_dir=out_dir,
-            config=config,
-            on_progress=lambda _stage, done, total: progress(done, total),
-            **common,
-        )
-        ctx.storage.put_file(keys.merged(job, JobStatus.purifying), out_dir / "purified.json")
-        ctx.storage.put_bytes(keys.defend_report(job), json.dumps(report).encode())
-        ctx.storage.put_bytes(keys.finetune_metrics(job), json.dumps(report.get("finetune") or {}).encode())
-    else:
-        purified = _fetch(ctx, keys.merged(job, JobStatus.purifying), "purified.json")
-        del common["data_json"], common["workers"]  # fine-tuning uses torch's own threads
-        pipeline.finetune(purified_json=purified, out_dir=out_dir, config=config.finetune, **common)
-        ctx.storage.put_file(keys.finetune_metrics(job), out_dir / "metrics.json")
-    ctx.storage.put_file(keys.projector(job), out_dir / "projector.safetensors")  # last: marks the stage done
-
-
-def build_report(ctx: StageContext) -> None:
-    """report.json: settings, inputs, what purification changed, fine-tuning metrics and a summary."""
-    job = ctx.job
-    if ctx.storage.exists(keys.report(job)):
-        return
-    ctx.reporter.on_progress(0, 1)
-    purified = json.loads(ctx.storage.read_bytes(keys.merged(job, JobStatus.purifying)))
-    finetune = json.loads(ctx.storage.read_bytes(keys.finetune_metrics(job)))
-    changed = [
-        r["id"]
-        for r in purified
-        if r.get("disp") and r["disp"].get("original_answer") != r["disp"].get("purified_answer")
-    ]
-    num = _num_records(ctx)
-    losses = finetune.get("epoch_losses") or []
-    summary = {
-        "num_samples": num,
-        "num_train": len(purified),
-        "answers_changed": len(changed),
-        "answers_changed_fraction": round(len(changed) / num, 6) if num else 0.0,
-        "final_loss": losses[-1] if losses else None,
-        "finetune_steps": finetune.get("steps"),
-    }
     with session_scope(ctx.settings.database_url) as session:
         dataset = session.get(Dataset, job.dataset_id)
         checkpoint = session.get(Checkpoint, job.checkpoint_id)
@@ -213,19 +150,22 @@ def build_report(ctx: StageContext) -> None:
             "dataset": {"id": dataset.id, "sha256": dataset.sha256},
             "checkpoint": {"id": checkpoint.id, "sha256": checkpoint.sha256, "kind": checkpoint.kind},
         }
-    report = {
-        "job_id": job.id,
-        "defense": job.settings.get("defense"),
-        "settings": job.settings,
-        "inputs": inputs,
-        "summary": summary,
-        "finetune": finetune,
-        "changed_ids": changed[:10_000],
-    }
-    if ctx.storage.exists(keys.defend_report(job)):
-        report["defend"] = json.loads(ctx.storage.read_bytes(keys.defend_report(job)))
-    ctx.storage.put_bytes(keys.report(job), json.dumps(report, indent=2).encode())
-    ctx.reporter.on_progress(1, 1)
+    report = json.loads(report_path.read_text())
+    report_path.write_text(json.dumps({"job_id": job.id, "inputs": inputs, **report}, indent=2))
 
 
-StageBody = Callable[[StageContext], None]
+def merge_stage(settings: WorkerSettings, storage: Storage, job: Job, stage: str) -> None:
+    """Concatenate the shard outputs in index order into the stage's output."""
+    key = keys.output(job, STAGES[stage].writes)
+    if storage.exists(key):
+        return
+    from disp.pipeline import merge_shards
+
+    workdir = settings.work_dir / "jobs" / job.id / f"merge-{stage}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    parts = [
+        storage.download(keys.shard(job, stage, i), workdir / f"{i:05d}.json") for i in range(job.num_shards)
+    ]
+    merged = merge_shards(shard_jsons=parts, out_json=workdir / "merged.json")
+    storage.put_file(key, merged)
+    shutil.rmtree(workdir, ignore_errors=True)

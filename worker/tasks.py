@@ -15,15 +15,13 @@ from api.db.session import session_scope
 from api.queue import (
     ADVANCE_JOB,
     DELIVER_WEBHOOK,
-    EVALUATE,
-    FINETUNE,
-    PURIFY_SHARD,
-    SCORE_SHARD,
+    RUN_STAGE,
     VALIDATE_CHECKPOINT,
     VALIDATE_DATASET,
     VALIDATE_JOB,
 )
 from api.storage import get_storage
+from disp.stages import STAGES
 from worker import orchestrate, stages, validation
 from worker.config import get_worker_settings
 from worker.webhooks import DeliveryFailed, deliver
@@ -101,8 +99,8 @@ def advance_job(self, job_id: str, resume: bool = False) -> None:
     orchestrate.advance(self.app, settings, get_storage(settings), job_id, resume=resume)
 
 
-def _run(app, job_id: str, stage: JobStatus, shard: int, body) -> str:
-    """Run one stage body; map its outcome onto the job (cancelled, failed) instead of raising, so a chord
+def _run(app, job_id: str, stage: str, shard: int) -> str:
+    """Run one stage (shard); map its outcome onto the job (cancelled, failed) instead of raising, so a chord
     of shards is never left waiting on an exception. Transient infrastructure errors are retried."""
     from disp.data import DataError
     from disp.models import CheckpointError
@@ -116,7 +114,7 @@ def _run(app, job_id: str, stage: JobStatus, shard: int, body) -> str:
         ctx = stages.load_context(settings, get_storage(settings), job_id, stage, shard)
         if ctx is None:
             return "skipped"
-        body(ctx)
+        stages.run(ctx, shard)
     except Cancelled:
         orchestrate.cancel(app, settings, job_id)
         return "cancelled"
@@ -132,28 +130,11 @@ def _run(app, job_id: str, stage: JobStatus, shard: int, body) -> str:
     return "done"
 
 
-@shared_task(name=SCORE_SHARD, bind=True, **RETRY)
-def score_shard(self, job_id: str, shard: int) -> str:
-    return _run(self.app, job_id, JobStatus.scoring, shard, lambda ctx: stages.run_shard(ctx, shard))
-
-
-@shared_task(name=PURIFY_SHARD, bind=True, **RETRY)
-def purify_shard(self, job_id: str, shard: int) -> str:
-    return _run(self.app, job_id, JobStatus.purifying, shard, lambda ctx: stages.run_shard(ctx, shard))
-
-
-@shared_task(name=FINETUNE, bind=True, ignore_result=True, **RETRY)
-def finetune(self, job_id: str) -> str:
-    outcome = _run(self.app, job_id, JobStatus.finetuning, 0, stages.run_finetune)
-    if outcome == "done":
-        advance_job.apply_async(kwargs={"job_id": job_id}, queue=_settings().queue("gpu"))
-    return outcome
-
-
-@shared_task(name=EVALUATE, bind=True, ignore_result=True, **RETRY)
-def evaluate(self, job_id: str) -> str:
-    outcome = _run(self.app, job_id, JobStatus.evaluating, 0, stages.build_report)
-    if outcome == "done":
+@shared_task(name=RUN_STAGE, bind=True, **RETRY)
+def run_stage(self, job_id: str, stage: str, shard: int = 0) -> str:
+    """One stage of `disp.stages` (one shard of a sharded stage, whose chord then advances the job)."""
+    outcome = _run(self.app, job_id, stage, shard)
+    if outcome == "done" and not STAGES[stage].sharded:
         advance_job.apply_async(kwargs={"job_id": job_id}, queue=_settings().queue("gpu"))
     return outcome
 

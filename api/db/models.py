@@ -11,6 +11,8 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Integer, MetaData, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from disp.stages import STAGES
+
 NAMING = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_name)s",
@@ -36,21 +38,14 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{int(time.time() * 1000):012x}{os.urandom(6).hex()}"
 
 
-class JobStatus(StrEnum):
-    validating = "validating"
-    queued = "queued"
-    scoring = "scoring"
-    purifying = "purifying"
-    finetuning = "finetuning"
-    evaluating = "evaluating"
-    succeeded = "succeeded"
-    failed_validation = "failed_validation"
-    failed = "failed"
-    cancelled = "cancelled"
+# A job is validating, then queued, then in one of the stages of `disp.stages` (its defense's plan), then in
+# one of the final statuses.
+JobStatus = StrEnum("JobStatus", [(s, s) for s in (
+    "validating", "queued", *STAGES, "succeeded", "failed_validation", "failed", "cancelled")])
 
 
 TERMINAL = {JobStatus.succeeded, JobStatus.failed_validation, JobStatus.failed, JobStatus.cancelled}
-RUNNING_STAGES = (JobStatus.scoring, JobStatus.purifying, JobStatus.finetuning, JobStatus.evaluating)
+RUNNING_STAGES = tuple(JobStatus(s) for s in STAGES)
 
 
 class UploadStatus(StrEnum):

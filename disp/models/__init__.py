@@ -12,12 +12,7 @@ from disp.models.checkpoint import CheckpointError, read_state_dict, refuse_pick
 from disp.models.lavida import LaViDa
 from disp.models.llada_v import LLaDAV, read_config
 
-FAMILIES: dict[str, type[MDLM]] = {"llada-v": LLaDAV}
-FAMILIES["lavida"] = LaViDa
-
-
-def register_family(name: str, cls: type[MDLM]) -> None:
-    FAMILIES[name] = cls
+FAMILIES: dict[str, type[MDLM]] = {"llada-v": LLaDAV, "lavida": LaViDa}
 
 
 def detect_family(config: dict[str, Any]) -> str:
@@ -86,5 +81,4 @@ def load(path: str | Path, *, projector: str | Path | None = None, device: str |
     return model
 
 
-__all__ = ["MDLM", "PromptBatch", "CheckpointError", "FAMILIES", "check_config", "detect_family", "load",
-           "register_family"]
+__all__ = ["MDLM", "PromptBatch", "CheckpointError", "FAMILIES", "check_config", "detect_family", "load"]

@@ -31,12 +31,6 @@ def test_api_never_loads_torch_or_the_worker():
     assert not any(m == "worker" or m.startswith("worker.") for m in mods)
 
 
-def test_disp_never_loads_the_service_stack():
-    mods = loaded_modules("import disp, disp.pipeline, disp.cli")
-    for name in ("fastapi", "celery", "sqlalchemy", "boto3", "api", "worker"):
-        assert name not in mods, name
-
-
 def _fields(obj) -> dict:
     return {
         f.name: _fields(getattr(obj, f.name))

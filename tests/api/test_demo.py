@@ -30,7 +30,7 @@ def test_local_demo_removes_the_backdoor(workdir):
 
     out = run_demo(workdir, **SIZES)
     check_removed(out["rows"], "DiSP")
-    assert out["report"]["stages"]
+    assert set(out["report"]["seconds"]) == {"scoring", "purifying", "finetuning", "evaluating"}
 
 
 def test_service_demo_removes_the_backdoor_as_the_library_does(workdir):

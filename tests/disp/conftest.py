@@ -1,4 +1,4 @@
-"""Shared fixtures of the data/attack tests: a small folder of real PNG images with LLaVA records."""
+"""Shared fixtures of the library tests: a small folder of real PNG images with LLaVA records, a poisoned SHAPES set."""
 
 from __future__ import annotations
 
@@ -36,3 +36,17 @@ def data_folder(tmp_path: Path) -> tuple[Path, list[dict[str, Any]]]:
                               {"from": "gpt", "value": answer}],
         })
     return root, records
+
+
+@pytest.fixture(scope="session")
+def poisoned(tmp_path_factory):
+    """12 SHAPES captions, a quarter poisoned (insertion behind a corner patch): `disp.attacks.PoisonResult`."""
+    from disp.attacks import TriggerConfig, poison_dataset
+    from disp.pipeline import load_dataset
+    from disp.shapes import ShapesConfig, write_dataset
+
+    root = tmp_path_factory.mktemp("data")
+    paths = write_dataset(root / "shapes", ShapesConfig(), sizes={"train": 12, "val": 2, "test": 2}, seed=0)
+    samples, source = load_dataset(paths["train"], root / "shapes")
+    return poison_dataset(samples, source, target="insertion", trigger=TriggerConfig(kind="corner", size_frac=0.25),
+                          ratio=0.25, seed=0, out_dir=root / "poisoned")

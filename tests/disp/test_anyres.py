@@ -303,12 +303,12 @@ def test_tiny_anyres_models_go_through_disp_defend(family, anyres_data, tmp_path
     ckpt = write_tiny_checkpoint(tmp_path / family, family=family, seed=5, image=image)
     fast = ["--gen-length", "8", "--block-length", "8", "--steps", "8", "--epochs", "1", "--probes", "2",
             "--saliency-batch-size", "3", "--purify-batch-size", "3", "--batch-size", "3"]
-    assert main(["defend", "--model", str(ckpt), "--data", str(anyres_data / "data.json"), "--images",
+    assert main(["defend", "--checkpoint", str(ckpt), "--data", str(anyres_data / "data.json"), "--images",
                  str(anyres_data), "--out", str(tmp_path / "out"), "--json", *fast]) == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report["stages"]) == {"scoring", "purifying", "finetuning"}
     model = models.load(ckpt)
-    scores = json.loads((tmp_path / "out" / "scores.json").read_text())["scores"]
+    scores = json.loads((tmp_path / "out" / "saliency.json").read_text())["saliency"]
     assert [len(scores[f"s{i}"]) for i in range(6)] == [model.visual_token_count(SIZES[i % 4]) for i in range(6)]
     out = models.load(ckpt, projector=tmp_path / "out" / "projector.safetensors")
     assert torch.equal(out.image_newline, model.image_newline)

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from disp.bench.shapes import ShapesConfig, write_dataset
 from disp.cli import main
+from disp.shapes import ShapesConfig, write_dataset
 
 FAST = ["--gen-length", "8", "--block-length", "8", "--steps", "8"]
 
@@ -16,7 +16,7 @@ def test_init_tiny_then_generate(tmp_path, capsys, solid_images):
     assert main(["init-tiny", "--family", "llada-v", "--out", str(tmp_path / "m"), "--seed", "1"]) == 0
     solid_images[0].save(tmp_path / "img.png")
     capsys.readouterr()
-    assert main(["generate", "--model", str(tmp_path / "m"), "--image", str(tmp_path / "img.png"),
+    assert main(["generate", "--checkpoint", str(tmp_path / "m"), "--image", str(tmp_path / "img.png"),
                  "--prompt", "What is it?", "--json", *FAST]) == 0
     out = json.loads(capsys.readouterr().out)
     assert isinstance(out["answer"], str) and out["steps"] <= 8
@@ -29,12 +29,12 @@ def test_poison_defend_evaluate(tiny_dir, tmp_path, capsys):
                  "--test-data", str(paths["test"]), "--json"]) == 0
     poison = json.loads(capsys.readouterr().out)
     assert poison["poisoned"] == 2 and poison["samples"] == 10
-    assert main(["defend", "--model", str(tiny_dir), "--data", poison["data"], "--images", str(tmp_path / "p"),
+    assert main(["defend", "--checkpoint", str(tiny_dir), "--data", poison["data"], "--images", str(tmp_path / "p"),
                  "--out", str(tmp_path / "o"), "--epochs", "1", "--probes", "2", "--workers", "2", "--json",
                  *FAST]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["defense"] == "disp" and report["config"]["saliency"]["probes"] == 2
-    assert main(["evaluate", "--model", str(tiny_dir), "--projector", str(tmp_path / "o" / "projector.safetensors"),
+    assert main(["evaluate", "--checkpoint", str(tiny_dir), "--projector", str(tmp_path / "o" / "projector.safetensors"),
                  "--target", "refusal", "--clean", poison["test_clean"], "--triggered", poison["test_triggered"],
                  "--json", *FAST]) == 0
     ev = json.loads(capsys.readouterr().out)
@@ -43,17 +43,17 @@ def test_poison_defend_evaluate(tiny_dir, tmp_path, capsys):
 
 
 def test_bad_input_is_one_clear_line(tiny_dir, tmp_path, capsys):
-    assert main(["defend", "--model", str(tiny_dir), "--data", str(tmp_path / "nope.json"), "--images",
+    assert main(["defend", "--checkpoint", str(tiny_dir), "--data", str(tmp_path / "nope.json"), "--images",
                  str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "nope.json" in capsys.readouterr().err
-    assert main(["defend", "--model", str(tiny_dir), "--data", "x.json", "--images", ".", "--out", "o",
+    assert main(["defend", "--checkpoint", str(tiny_dir), "--data", "x.json", "--images", ".", "--out", "o",
                  "--mask-ratio", "1.5"]) == 2
     assert "mask_ratio must be in [0, 1), got 1.5" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["score", "--model", str(tiny_dir), "--data", "x.json", "--images", ".", "--out", "o", "--workers", "-1"])
+        main(["score", "--checkpoint", str(tiny_dir), "--data", "x.json", "--images", ".", "--out", "o", "--workers", "-1"])
     assert "--workers: must be a whole number >= 0 (0: one per core), got '-1'" in capsys.readouterr().err
     (tmp_path / "evil.pt").write_bytes(b"not opened")
-    assert main(["generate", "--model", str(tmp_path / "evil.pt"), "--image", "x.png", "--prompt", "hi"]) == 2
+    assert main(["generate", "--checkpoint", str(tmp_path / "evil.pt"), "--image", "x.png", "--prompt", "hi"]) == 2
     assert "pickle" in capsys.readouterr().err
 
 
@@ -67,13 +67,13 @@ def test_lavida_end_to_end_through_the_cli(tmp_path, capsys):
                  "insertion", "--trigger", "corner", "--ratio", "0.25", "--out", str(tmp_path / "p"),
                  "--test-data", str(paths["test"]), "--json"]) == 0
     poison = json.loads(capsys.readouterr().out)
-    assert main(["defend", "--model", str(model), "--data", poison["data"], "--images", str(tmp_path / "p"),
+    assert main(["defend", "--checkpoint", str(model), "--data", poison["data"], "--images", str(tmp_path / "p"),
                  "--out", str(tmp_path / "o"), "--epochs", "1", "--json", *FAST]) == 0
     report = json.loads(capsys.readouterr().out)
     assert set(report["stages"]) == {"scoring", "purifying", "finetuning"}
     for name in ("projector.safetensors", "purified.json", "report.json"):
         assert (tmp_path / "o" / name).is_file()
-    assert main(["evaluate", "--model", str(model), "--projector", str(tmp_path / "o" / "projector.safetensors"),
+    assert main(["evaluate", "--checkpoint", str(model), "--projector", str(tmp_path / "o" / "projector.safetensors"),
                  "--target", "insertion", "--clean", poison["test_clean"], "--triggered", poison["test_triggered"],
                  "--json", *FAST]) == 0
     assert json.loads(capsys.readouterr().out)["n_triggered"] == 2
@@ -95,7 +95,7 @@ def test_every_subcommand_prints_its_help(capsys):
                     yield from commands(sub, (*prefix, name))
 
     found = list(commands(build_parser()))
-    assert ("defend",) in found and ("bench", "reproduce") in found
+    assert ("defend",) in found and ("serve",) in found and not any(c[0] == "bench" for c in found)
     for command in found:
         with pytest.raises(SystemExit) as stop:
             main([*command, "--help"])

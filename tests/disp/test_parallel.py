@@ -9,11 +9,11 @@ import torch
 
 from disp import models
 from disp.attacks import TriggerConfig, poison_dataset
-from disp.bench.shapes import ShapesConfig, write_dataset
 from disp.config import PurifyConfig, SaliencyConfig, SamplerConfig
 from disp.finetune import Cancelled
 from disp.parallel import map_ordered, resolve_workers, thread_share
 from disp.pipeline import VisionCache, load_dataset, purify_samples, score_samples
+from disp.shapes import ShapesConfig, write_dataset
 
 SAMPLER = SamplerConfig(8, 8, 8)
 

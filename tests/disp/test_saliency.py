@@ -11,7 +11,7 @@ from disp.config import SaliencyConfig, SamplerConfig
 from disp.saliency import (
     exact_saliency,
     first_step_inputs,
-    fisher_probes,
+    fisher_probes_from_noise,
     hutchinson_saliency,
     isolation_saliency,
     occlusion_saliency,
@@ -33,7 +33,8 @@ def scene() -> Image.Image:
 
 def test_probe_covariance_is_the_fisher():
     p = torch.softmax(torch.randn(3, 5), -1)
-    q = fisher_probes(p, 200_000, torch.Generator().manual_seed(0))  # (M, 3, 5)
+    y = torch.randn((200_000, *p.shape), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    q = fisher_probes_from_noise(p, y)  # (M, 3, 5): with u = √p, u ⊙ (y − (y·u) u) has covariance diag p − ppᵀ
     for row in range(3):
         cov = torch.einsum("mi,mj->ij", q[:, row], q[:, row]) / q.shape[0]
         fisher = torch.diag(p[row]).double() - torch.outer(p[row], p[row]).double()

@@ -139,7 +139,7 @@ def test_happy_path(client, tenant, reference, tiny_dir, tmp_path, pg_url):
     assert job["metrics"]["num_samples"] == 8 and job["metrics"]["finetune_steps"] > 0
     assert job["progress"] == {"stage": "evaluating", "done": 1, "total": 1} and job["finished_at"]
     artifacts = client.get(f"/v1/jobs/{job['id']}/artifacts", headers=tenant).json()["data"]
-    assert sorted(a["kind"] for a in artifacts) == ["projector", "purified_dataset", "report"]
+    assert sorted(a["kind"] for a in artifacts) == ["projector", "purified_dataset", "report", "saliency"]
     assert sorted(job["artifact_ids"]) == sorted(a["id"] for a in artifacts)
     by_kind = {a["kind"]: a for a in artifacts}
     projector = download(client, tenant, by_kind["projector"]["id"], via_url=True)

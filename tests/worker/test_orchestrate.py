@@ -96,7 +96,7 @@ def test_advance_walks_the_stages_and_tolerates_duplicates(env):
     assert calls == [("dispatch", "scoring", None), ("send", "worker.tasks.advance_job", 30.0)]
     job = status(settings, job_id)
     storage.put_bytes(
-        keys.shard(job, "scoring", 0), json.dumps({"config": {}, "scores": {"s0": [1.0]}}).encode()
+        keys.shard(job, "scoring", 0), json.dumps({"config": {}, "saliency": {"s0": [1.0]}}).encode()
     )
     calls.clear()
     orchestrate.advance(None, settings, storage, job_id)  # chord fired early: poll, don't re-run shard 1
@@ -107,13 +107,13 @@ def test_advance_walks_the_stages_and_tolerates_duplicates(env):
     orchestrate.advance(None, settings, storage, job_id)
     assert calls == [("dispatch", "scoring", [1])]
     storage.put_bytes(
-        keys.shard(job, "scoring", 1), json.dumps({"config": {}, "scores": {"s1": [2.0]}}).encode()
+        keys.shard(job, "scoring", 1), json.dumps({"config": {}, "saliency": {"s1": [2.0]}}).encode()
     )
     calls.clear()
     orchestrate.advance(None, settings, storage, job_id)
     assert status(settings, job_id).status == "purifying" and calls == [("dispatch", "purifying", None)]
-    merged = json.loads(storage.read_bytes(keys.merged(job, "scoring")))
-    assert merged["scores"] == {"s0": [1.0], "s1": [2.0]}
+    merged = json.loads(storage.read_bytes(keys.output(job, "saliency.json")))
+    assert merged["saliency"] == {"s0": [1.0], "s1": [2.0]}
 
 
 def test_finishing_registers_artifacts_once(env):
@@ -122,9 +122,9 @@ def test_finishing_registers_artifacts_once(env):
         session.get(Job, job_id).status = JobStatus.evaluating
         session.add(StageProgress(job_id=job_id, stage="evaluating", shard=0, done=1, total=1))
     job = status(settings, job_id)
-    storage.put_bytes(keys.projector(job), b"weights")
-    storage.put_bytes(keys.merged(job, "purifying"), b"[]")
-    storage.put_bytes(keys.report(job), json.dumps({"summary": {"answers_changed": 3}}).encode())
+    storage.put_bytes(keys.output(job, "projector.safetensors"), b"weights")
+    storage.put_bytes(keys.output(job, "purified.json"), b"[]")
+    storage.put_bytes(keys.output(job, "report.json"), json.dumps({"summary": {"answers_changed": 3}}).encode())
     orchestrate.advance(None, settings, storage, job_id)
     orchestrate.advance(None, settings, storage, job_id)
     job = status(settings, job_id)
@@ -152,7 +152,7 @@ def test_resume_after_restart_redispatches_missing_work_at_once(env):
     orchestrate.advance(None, settings, storage, job_id)
     job = status(settings, job_id)
     storage.put_bytes(
-        keys.shard(job, "scoring", 1), json.dumps({"config": {}, "scores": {"s1": [1.0]}}).encode()
+        keys.shard(job, "scoring", 1), json.dumps({"config": {}, "saliency": {"s1": [1.0]}}).encode()
     )
     calls.clear()
     orchestrate.advance(None, settings, storage, job_id, resume=True)

@@ -1,0 +1,252 @@
+"""A whole defense, stage by stage, as `disp.stages` lays it out.
+
+Each stage has a body here (`STAGE_BODIES`): it reads the dataset, the checkpoint and the files of earlier
+stages from a `StageRun`, writes its one output file and returns its metrics. `defend` runs a defense's
+stages in one process (the model loaded once, the vision tower once per image for all stages); `run_stage`
+runs one stage alone, on a shard of the samples where the stage is sharded (the service's worker).
+
+`defend` records each finished stage's fingerprint (the settings it depends on, the files it read and the
+fingerprints of the stages before it) in `stages.json` and skips a stage whose output exists with the same
+fingerprint, so a re-run resumes where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from disp.baselines import magnitude_prune, oracle_filter, random_drop, read_manifest
+from disp.batching import VisionCache
+from disp.config import DefenseConfig
+from disp.data import ImageSource, Sample, load_records, parse_samples, to_record, write_json
+from disp.models.base import MDLM
+from disp.pipeline import (
+    Progress,
+    StopCheck,
+    file_hash,
+    finetune_samples,
+    kept_answers,
+    load_dataset,
+    load_model,
+    purify_samples,
+    read_saliency,
+    save_projector,
+    score_samples,
+)
+from disp.stages import (
+    DEFENSES,
+    PROJECTOR_FILE,
+    PURIFIED_FILE,
+    SALIENCY_FILE,
+    STAGES,
+    Stage,
+    inputs_of,
+    plan,
+)
+
+
+@dataclass
+class StageRun:
+    """What a stage body reads: settings, data, model, earlier files and metrics, callbacks."""
+
+    config: DefenseConfig
+    samples: list[Sample]  # the whole dataset
+    source: ImageSource
+    open_model: Callable[[], MDLM]
+    work_dir: Path  # resumable state (fine-tuning) lives here
+    files: dict[str, Path] = field(default_factory=dict)  # earlier stages' outputs, by file name
+    metrics: dict[str, dict] = field(default_factory=dict)  # earlier stages' metrics, by stage name
+    indices: Sequence[int] | None = None  # a sharded stage's samples (None: all)
+    manifest: Path | None = None
+    run_key: str = ""  # the stage's fingerprint: names its resumable state
+    workers: int | None = 1
+    cache: VisionCache = field(default_factory=VisionCache)
+    on_progress: Progress | None = None
+    should_stop: StopCheck | None = None
+
+    @cached_property
+    def model(self) -> MDLM:
+        return self.open_model()
+
+    @property
+    def selected(self) -> list[Sample]:
+        if self.indices is None:
+            return self.samples
+        bad = [i for i in self.indices if not 0 <= i < len(self.samples)]
+        if bad:
+            raise ValueError(f"shard indices out of range 0..{len(self.samples) - 1}: {bad[:5]}")
+        return [self.samples[i] for i in self.indices]
+
+
+def _scoring(run: StageRun, out: Path) -> dict:
+    cfg = run.config
+    saliency = score_samples(run.model, run.selected, run.source, cfg.saliency, cfg.purify.sampler,
+                             on_progress=run.on_progress, should_stop=run.should_stop, cache=run.cache,
+                             workers=run.workers, question=cfg.purify.question)
+    write_json(out, {"config": asdict(cfg.saliency), "saliency": saliency})
+    return {}
+
+
+def _purifying(run: StageRun, out: Path) -> dict:
+    masking = DEFENSES[run.config.defense].masking
+    saliency = read_saliency(run.files[SALIENCY_FILE], run.selected) if masking == "saliency" else None
+    records = purify_samples(run.model, run.selected, run.source, run.config.purify, saliency, masking=masking,
+                             on_progress=run.on_progress, should_stop=run.should_stop, cache=run.cache,
+                             workers=run.workers)
+    write_json(out, records)
+    return {"answers_changed": len(records) - sum(kept_answers(records))}
+
+
+def _filtering(run: StageRun, out: Path) -> dict:
+    cfg = run.config
+    if DEFENSES[cfg.defense].needs_manifest:
+        if run.manifest is None:
+            raise ValueError(f"{cfg.defense} needs the attack's manifest (--manifest)")
+        kept = oracle_filter(run.samples, read_manifest(run.manifest)["poisoned_ids"])
+    else:
+        kept = random_drop(run.samples, cfg.drop_ratio, cfg.finetune.seed)
+    write_json(out, [to_record(s) for s in kept])
+    return {"num_train": len(kept)}
+
+
+def _finetuning(run: StageRun, out: Path) -> dict:
+    records = load_records(run.files[PURIFIED_FILE])
+    train = parse_samples(records, PURIFIED_FILE)
+    metrics = finetune_samples(run.model, train, run.source, run.config.finetune, out.parent, run_key=run.run_key,
+                               anchor=kept_answers(records), on_progress=run.on_progress,
+                               should_stop=run.should_stop, cache=run.cache)
+    return {"num_train": len(train), **metrics}
+
+
+def _pruning(run: StageRun, out: Path) -> dict:
+    sparsity = magnitude_prune(run.model, run.config.prune_ratio)
+    save_projector(run.model, out)
+    return {"sparsity": sparsity}
+
+
+def _exporting(run: StageRun, out: Path) -> dict:
+    save_projector(run.model, out)
+    return {}
+
+
+def _evaluating(run: StageRun, out: Path) -> dict:
+    """The report: settings, what each stage did, and which answers the defense changed."""
+    if run.on_progress:
+        run.on_progress(0, 1)
+    records = load_records(run.files[PURIFIED_FILE]) if PURIFIED_FILE in run.files else []
+    changed = [r["id"] for r, kept in zip(records, kept_answers(records), strict=True) if not kept]
+    n = len(run.samples)
+    finetune = run.metrics.get("finetuning", {})
+    losses = finetune.get("epoch_losses") or []
+    summary = {"num_samples": n, "num_train": len(records) if PURIFIED_FILE in run.files else None,
+               "answers_changed": len(changed), "answers_changed_fraction": round(len(changed) / n, 6) if n else 0.0,
+               "final_loss": losses[-1] if losses else None, "finetune_steps": finetune.get("steps")}
+    report = {"defense": run.config.defense, "config": run.config.to_dict(), "summary": summary,
+              "stages": run.metrics, "changed_ids": changed[:10_000]}
+    write_json(out, report)
+    if run.on_progress:
+        run.on_progress(1, 1)
+    return {}
+
+
+STAGE_BODIES: dict[str, Callable[[StageRun, Path], dict]] = {
+    "scoring": _scoring, "purifying": _purifying, "filtering": _filtering, "finetuning": _finetuning,
+    "pruning": _pruning, "exporting": _exporting, "evaluating": _evaluating}
+assert set(STAGE_BODIES) == set(STAGES), "every stage of disp.stages has a body"
+
+
+def _setting(config: DefenseConfig, path: str) -> Any:
+    value: Any = config
+    for part in path.split("."):
+        value = getattr(value, part)
+    return asdict(value) if hasattr(value, "__dataclass_fields__") else value
+
+
+def fingerprint(stage: Stage, config: DefenseConfig, inputs: dict, files: dict[str, Path],
+                before: Sequence[str]) -> str:
+    """What a stage's output depends on: the run's inputs, its settings, the files it reads and the
+    fingerprints of the stages before it."""
+    parts = [stage.name, inputs, {p: _setting(config, p) for p in stage.settings},
+             {name: file_hash(path) for name, path in sorted(files.items())}, list(before)]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def run_stage(stage: str, *, model_dir, data_json, images, out: str | Path, config: DefenseConfig,
+              files: dict[str, Path] | None = None, metrics: dict[str, dict] | None = None, projector=None,
+              manifest=None, indices: Sequence[int] | None = None, run_key: str = "", device=None,
+              workers: int | None = 1, on_progress: Progress | None = None,
+              should_stop: StopCheck | None = None) -> dict:
+    """Run one stage alone (sharded stages on `indices`); write `out`; return the stage's metrics.
+    `files` holds the outputs of the stages before it (see `disp.stages.inputs_of`)."""
+    samples, source = load_dataset(data_json, images)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    run = StageRun(config, samples, source, lambda: load_model(model_dir, projector, device), out.parent,
+                   files=dict(files or {}), metrics=dict(metrics or {}), indices=indices, manifest=manifest,
+                   run_key=run_key, workers=workers, on_progress=on_progress, should_stop=should_stop)
+    if indices is not None and not STAGES[stage].sharded:
+        raise ValueError(f"stage {stage!r} is not sharded")
+    return STAGE_BODIES[stage](run, out)
+
+
+class _Record:
+    """stages.json: each finished stage's fingerprint, seconds and metrics, so a re-run skips it."""
+
+    def __init__(self, out_dir: Path):
+        self.path = out_dir / "stages.json"
+        self.done: dict[str, dict] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def fresh(self, stage: str, fp: str, output: Path) -> bool:
+        return self.done.get(stage, {}).get("fingerprint") == fp and output.exists()
+
+    def finish(self, stage: str, fp: str, seconds: float, metrics: dict) -> None:
+        self.done[stage] = {"fingerprint": fp, "seconds": round(seconds, 3), "metrics": metrics}
+        write_json(self.path, self.done)
+
+
+def defend(*, model_dir, data_json, images, out_dir, config: DefenseConfig | None = None, projector=None,
+           manifest=None, device=None, on_progress: Callable[[str, int, int], None] | None = None,
+           should_stop: StopCheck | None = None, workers: int | None = 1) -> dict:
+    """Run one defense end to end; writes every stage's output under out_dir and returns the report.
+
+    `on_progress(stage, done, total)`; `manifest` is read only by "oracle_filter". `workers`: scoring and
+    purification batches at once on CPU threads (`disp.parallel`; None or 0: one per core on a CPU); no
+    output depends on it. Fine-tuning uses torch's own threads.
+    """
+    config = config or DefenseConfig()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    samples, source = load_dataset(data_json, images)
+    inputs = {"model": file_hash(model_dir), "data": file_hash(data_json), "images": file_hash(images),
+              "projector": file_hash(projector) if projector else None}
+    record = _Record(out_dir)
+    run = StageRun(config, samples, source, lambda: load_model(model_dir, projector, device), out_dir,
+                   manifest=manifest, workers=workers, should_stop=should_stop)
+    before: list[str] = []
+    for stage in plan(config.defense):
+        out = out_dir / stage.writes
+        run.files = {f: out_dir / f for f in inputs_of(stage, config.defense)}
+        fp = fingerprint(stage, config, inputs, run.files, before)
+        if not record.fresh(stage.name, fp, out):
+            run.run_key = fp
+            run.on_progress = (lambda done, total, s=stage.name: on_progress(s, done, total)) if on_progress else None
+            t = time.perf_counter()
+            metrics = STAGE_BODIES[stage.name](run, out)
+            record.finish(stage.name, fp, time.perf_counter() - t, metrics)
+        run.metrics[stage.name] = record.done[stage.name]["metrics"]
+        before.append(fp)
+    report = json.loads((out_dir / STAGES["evaluating"].writes).read_text())
+    report |= {"inputs": inputs, "seconds": {s.name: record.done[s.name]["seconds"] for s in plan(config.defense)},
+               "outputs": sorted({s.writes for s in plan(config.defense)} | {"stages.json"})}
+    write_json(out_dir / STAGES["evaluating"].writes, report)
+    return report
+
+
+__all__ = ["StageRun", "STAGE_BODIES", "defend", "run_stage", "fingerprint", "PROJECTOR_FILE", "PURIFIED_FILE",
+           "SALIENCY_FILE"]
