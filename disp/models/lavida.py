@@ -50,7 +50,13 @@ from disp.models.llada_lm import (
     positions_from_mask,
     rope_cos_sin,
 )
-from disp.models.llada_v import SiglipTower, _VisionTowerHolder, layout_of, new_image_newline, vision_config_from
+from disp.models.llada_v import (
+    SiglipTower,
+    _VisionTowerHolder,
+    layout_of,
+    new_image_newline,
+    vision_config_from,
+)
 from disp.tokenizer import ChatTokenizer
 
 if TYPE_CHECKING:  # imported lazily below: those modules import the model package
