@@ -132,8 +132,6 @@ class SamplerConfig:
         )
         _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
         _check(self.remasking in REMASKING, f"remasking must be one of {REMASKING}, got {self.remasking!r}")
-        _check(self.lavida.steps_per_block(self.gen_length, self.block_length) >= 1,
-               f"LaViDa's step_ratio {self.lavida.step_ratio} leaves no step per block of {self.block_length}")
 
     @property
     def suppresses_bos_headers(self) -> bool:

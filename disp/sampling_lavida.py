@@ -92,10 +92,12 @@ def generate(
         Generation with ids [B, G] and per-row answer lengths (tokens before <|eot_id|>).
     """
     opts = config.lavida
+    per_block = opts.steps_per_block(config.gen_length, config.block_length)
+    if per_block < 1:
+        raise ValueError(f"LaViDa's step_ratio {opts.step_ratio} leaves no step in a block of {config.block_length}")
     if config.steps != config.gen_length:
         warnings.warn(f"LaViDa ignores steps={config.steps}, as its generate does: each block runs "
-                      f"{opts.steps_per_block(config.gen_length, config.block_length)} steps (set step_ratio or "
-                      "step_per_block)", stacklevel=2)
+                      f"{per_block} steps (set step_ratio or step_per_block)", stacklevel=2)
     tok = model.tokenizer
     P = prompt.embeds.shape[1]
     G, dev = config.gen_length, prompt.embeds.device
@@ -112,7 +114,7 @@ def generate(
 
     cols = torch.arange(G, device=dev)
     steps_run = 0
-    schedule = transfer_schedule(config.block_length, opts.steps_per_block(G, config.block_length), opts)
+    schedule = transfer_schedule(config.block_length, per_block, opts)
     for b in range(G // config.block_length):
         in_block = (cols >= b * config.block_length) & (cols < (b + 1) * config.block_length)
         for k in schedule:

@@ -203,8 +203,12 @@ def test_step_count_is_lavidas():
         LaViDaSampling(schedule="cosine")
     with pytest.raises(ValueError, match="step_per_block 4 and step_ratio 0.5"):
         LaViDaSampling(step_per_block=4)
-    with pytest.raises(ValueError, match="no step per block"):
-        SamplerConfig(8, 2, 8, lavida=LaViDaSampling(step_ratio=0.4))
+
+
+def test_a_step_ratio_that_leaves_no_step_is_named(lavida, images):
+    cfg = SamplerConfig(8, 2, 8, lavida=LaViDaSampling(step_ratio=0.4))  # int(2 * 0.4) = 0; fine for LLaDA-V
+    with pytest.raises(ValueError, match="step_ratio 0.4 leaves no step in a block of 2"):
+        generate(lavida, lavida.prompt_batch(["Hi"], images[:1]), cfg)
 
 
 def test_lavida_defaults_are_its_captioning_eval():
