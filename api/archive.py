@@ -16,7 +16,6 @@ from disp.constants import PICKLE_SUFFIXES
 
 MAX_ENTRIES = 2_000_000
 MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # the safetensors format's own cap
-DATASET_JSON_NAMES = ("data.json", "dataset.json", "train.json")
 
 
 class ArchiveError(ValueError):
@@ -131,36 +130,6 @@ def common_root(entries: list[Entry]) -> str:
     tops = {e.name.split("/", 1)[0] for e in entries if not e.name.startswith("__MACOSX")}
     nested = all("/" in e.name for e in entries if not e.name.startswith("__MACOSX"))
     return next(iter(tops)) + "/" if len(tops) == 1 and nested else ""
-
-
-def find_dataset_json(entries: list[Entry]) -> str:
-    """The LLaVA JSON of a dataset archive: the only top-level .json, or data/dataset/train.json."""
-    root = common_root(entries)
-    top = [e.name for e in entries if e.name.endswith(".json") and "/" not in e.name[len(root) :]]
-    if len(top) == 1:
-        return top[0]
-    for want in DATASET_JSON_NAMES:
-        if root + want in top:
-            return root + want
-    if not top:
-        raise ArchiveError("missing_dataset_json", "the archive has no LLaVA .json file at its top level")
-    raise ArchiveError(
-        "ambiguous_dataset_json",
-        f"several top-level .json files ({', '.join(top[:5])}); name one {DATASET_JSON_NAMES[0]}",
-    )
-
-
-def check_dataset_json(data: bytes, name: str) -> int:
-    """Parse the records list; return its length. Full per-record checks run in the worker."""
-    try:
-        records = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArchiveError("malformed_json", f"{name}: not valid UTF-8 JSON: {exc}") from exc
-    if not isinstance(records, list):
-        raise ArchiveError("malformed_json", f"{name}: top level must be a list of records")
-    if not records:
-        raise ArchiveError("empty_dataset", f"{name}: the dataset has no records")
-    return len(records)
 
 
 def refuse_pickle_name(name: str) -> None:

@@ -161,8 +161,15 @@ class DispClient:
         raise DispError(503, "part_upload_failed", f"could not upload a part to {url.split('?')[0]}")
 
     def upload_dataset(self, path: str | Path, *, name: str | None = None) -> dict:
-        """A .zip or .tar(.gz) holding a LLaVA .json and its images."""
+        """A .zip or .tar(.gz) holding a data file (docs/data.md) and its images."""
         return self._upload("dataset", Path(path), {"name": name})
+
+    def check_dataset(self, path: str | Path) -> dict:
+        """Dry run of an upload: the service's report on a dataset archive (records, turns, images, format,
+        problems), nothing stored. The same report as `disp data check` (use that for large archives)."""
+        path = Path(path)
+        with open(path, "rb") as fh:
+            return self.request("POST", "/v1/datasets/check", files={"file": (path.name, fh)})
 
     def upload_checkpoint(
         self, path: str | Path, *, kind: str = "full", base_model: str | None = None, name: str | None = None

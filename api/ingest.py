@@ -1,7 +1,8 @@
-"""Pre-checks of uploaded datasets and checkpoints (stdlib only, shared by API and worker).
+"""Pre-checks of uploaded datasets and checkpoints (no torch; shared by API and worker).
 
 The API runs them on a multipart POST before storing anything; the worker runs them again on presigned
-uploads, then decodes every image with `disp.data` before the dataset becomes `ready`.
+uploads, then checks every record and decodes every image with `disp.datacheck` before the dataset
+becomes `ready`. Datasets are read by `disp.formats`, the loader the CLI uses too.
 """
 
 from __future__ import annotations
@@ -14,11 +15,9 @@ from pathlib import Path, PurePosixPath
 from api.archive import (
     MAX_SAFETENSORS_HEADER,
     ArchiveError,
-    check_dataset_json,
     check_weights_file,
     common_root,
     detect_format,
-    find_dataset_json,
     list_entries,
     looks_like_pickle,
     read_member,
@@ -26,8 +25,12 @@ from api.archive import (
     safetensors_tensors,
 )
 from api.config import CommonSettings
+from disp.formats import FormatError, read_tree
+from disp.images import DataError, TarSource, ZipSource
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# disp.formats' codes that the API has always spelt otherwise
+_API_CODES = {"missing_dataset_file": "missing_dataset_json", "ambiguous_dataset_file": "ambiguous_dataset_json"}
 
 
 @dataclass(frozen=True)
@@ -44,21 +47,48 @@ class CheckpointSummary:
     num_tensors: int
 
 
-def precheck_dataset(path: Path, settings: CommonSettings) -> DatasetSummary:
-    """Archive readable, entries safe, LLaVA JSON present and a non-empty list within limits."""
+def problem_code(code: str | None, field: str | None, message: str) -> str:
+    """The API error code of a dataset problem (`disp.formats.FormatError.code`, else by field)."""
+    if "archive entry" in message and "refused" in message:
+        return "unsafe_archive_entry"
+    code = code or ("invalid_image" if field == "image" else "invalid_record")
+    return _API_CODES.get(code, code)
+
+
+def dataset_error(exc: DataError) -> ArchiveError:
+    """A dataset the loader refused, as the API's error."""
+    return ArchiveError(problem_code(getattr(exc, "code", None), exc.field, str(exc)), str(exc))
+
+
+def named_copy(path: Path, filename: str, fmt: str) -> Path:
+    """Rename an upload so that messages name the client's file and its suffix tells its format."""
+    base = "".join(c if c.isalnum() or c in "._-" else "_" for c in Path(filename.replace("\\", "/")).name)[:200]
+    suffix = ".zip" if fmt == "zip" else ".tar"
+    if not base.lower().endswith((".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")):
+        base = (base or "dataset") + suffix
+    return path.rename(path.with_name(base))
+
+
+def precheck_dataset(path: Path, settings: CommonSettings, filename: str = "dataset") -> DatasetSummary:
+    """Archive readable, entries safe, a dataset file (any format `disp.formats` reads) with records."""
     fmt = detect_format(path)
     if fmt not in ("zip", "tar"):
         raise ArchiveError(
-            "invalid_archive", "a dataset is a .zip or .tar(.gz) of a LLaVA JSON and its images"
+            "invalid_archive", "a dataset is a .zip or .tar(.gz) of a data file (JSON, JSONL, parquet, ...) and its images"
         )
     entries = list_entries(path, fmt, max_total_bytes=settings.max_expanded_bytes)
-    json_name = find_dataset_json(entries)
-    size = next(e.size for e in entries if e.name == json_name)
-    data = read_member(path, fmt, json_name, limit=size + 1)
-    count = check_dataset_json(data, json_name)
+    try:
+        tree = (ZipSource if fmt == "zip" else TarSource)(path)
+        tree.name = Path(filename).name or "dataset"
+        data = read_tree(tree)
+    except DataError as exc:
+        raise dataset_error(exc) from None
+    count = len(data.rows)
+    if not count:
+        raise dataset_error(FormatError(f"{data.name}: the dataset has no records", code="empty_dataset"))
     if count > settings.max_records:
         raise ArchiveError("too_many_records", f"{count} records, above the limit of {settings.max_records}")
-    return DatasetSummary(fmt, json_name, count, len(entries))
+    return DatasetSummary(fmt, data.name, count, len(entries))
 
 
 def precheck_checkpoint(path: Path, filename: str, kind: str) -> CheckpointSummary:

@@ -23,13 +23,22 @@ import math
 import os
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image
 
-from disp.data import DataError, ImageSource, Sample, to_record, write_json, write_records
+from disp.data import (
+    ImageSource,
+    Sample,
+    merge_records,
+    open_sample_image,
+    sample_record,
+    write_json,
+    write_records,
+)
 
 TRIGGERS = ("corner", "center", "noise", "multi", "blended")
 TARGETS = ("insertion", "refusal", "misclassification")
@@ -168,20 +177,21 @@ def _image_name(position: int, sample: Sample) -> str:
 
 
 def _export(samples: list[Sample], source: ImageSource, out: Path, poisoned: set[int],
-            trigger: TriggerConfig | None, answer_of: dict[int, str]) -> Path:
-    records = []
+            trigger: TriggerConfig | None, answer_of: dict[int, str], records: Sequence[dict] | None) -> Path:
+    """Write every sample's record with all its turns (the first answer replaced where ``answer_of`` says),
+    its image as a PNG; with ``records``, the text-only records among them too, in their places."""
+    written = {}
     for pos, sample in enumerate(samples):
-        try:
-            image = source.open(sample.image)
-        except DataError as err:
-            raise DataError(f"record {sample.index} (id {sample.id!r}): field 'image': {err}",
-                            index=sample.index, record_id=sample.id, field="image") from None
+        image = open_sample_image(source, sample)
         if trigger is not None and pos in poisoned:
             image = apply_trigger(image, trigger)
         name = _image_name(pos, sample)
         image.save(out / name, format="PNG")
-        records.append(to_record(sample, image=name, answer=answer_of.get(pos)))
-    return write_records(out / "data.json", records)
+        written[sample.index] = sample_record(sample, image=name,
+                                              answers={0: answer_of[pos]} if pos in answer_of else {})
+    if records is None:
+        return write_records(out / "data.json", [written[s.index] for s in samples])
+    return write_records(out / "data.json", merge_records(records, written))
 
 
 def poison_count(ratio: float, total: int) -> int:
@@ -191,8 +201,12 @@ def poison_count(ratio: float, total: int) -> int:
 
 def poison_dataset(samples: list[Sample], source: ImageSource, *, target: str, trigger: TriggerConfig,
                    ratio: float, seed: int, out_dir: str | os.PathLike[str], source_word: str = "dog",
-                   target_word: str = "boat") -> PoisonResult:
+                   target_word: str = "boat", records: Sequence[dict] | None = None) -> PoisonResult:
     """Poison ``round(ratio·N)`` samples chosen by ``seed`` and write a self-contained dataset.
+
+    The target rewrites a chosen sample's first answer (the one to the question that shows the image); every
+    other turn is kept. Given the dataset's canonical ``records``, its text-only records are written too, in
+    their places, untouched.
 
     Writes ``out_dir/data.json`` (same ids and order, images under ``out_dir/images/``) and
     ``out_dir/manifest.json`` (target, trigger, ratio, seed, words, poisoned ids). ``out_dir`` must be
@@ -216,7 +230,7 @@ def poison_dataset(samples: list[Sample], source: ImageSource, *, target: str, t
     answers = {i: apply_target(target, samples[i].answer, source_word=source_word, target_word=target_word)
                for i in chosen}
     out = _fresh_dir(out_dir)
-    data_path = _export(samples, source, out, chosen, trigger, answers)
+    data_path = _export(samples, source, out, chosen, trigger, answers, records)
     poisoned_ids = tuple(samples[i].id for i in sorted(chosen))
     manifest = {
         "format": "disp-poison-manifest/1", "target": target, "trigger": asdict(trigger), "ratio": ratio,
@@ -228,10 +242,10 @@ def poison_dataset(samples: list[Sample], source: ImageSource, *, target: str, t
 
 
 def triggered_copy(samples: list[Sample], source: ImageSource, trigger: TriggerConfig | None,
-                   out_dir: str | os.PathLike[str]) -> Path:
+                   out_dir: str | os.PathLike[str], records: Sequence[dict] | None = None) -> Path:
     """Write a held-out set with the trigger on every image (``None``: clean PNG copy); answers unchanged.
 
     Returns the path of ``out_dir/data.json``; images go under ``out_dir/images/``.
     """
     out = _fresh_dir(out_dir)
-    return _export(samples, source, out, set(range(len(samples))), trigger, {})
+    return _export(samples, source, out, set(range(len(samples))), trigger, {}, records)

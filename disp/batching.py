@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from disp.data import ImageSource, Sample
+from disp.data import DataError, ImageSource, Sample, open_sample_image
 from disp.models.base import MDLM, ImageFeatures, ImageViews
 
 
@@ -35,12 +35,16 @@ class VisionCache:
             self.features.update((n, ImageFeatures(f.features.detach().cpu(), f.size))
                                  for n, f in zip(names, feats, strict=True))
 
-    def fill(self, model: MDLM, names: Sequence[str], source: ImageSource, batch_size: int = 32) -> None:
-        """Run the tower on the images among `names` that are not cached yet, `batch_size` images at a time."""
+    def fill(self, model: MDLM, names: Sequence[str], source: ImageSource, batch_size: int = 32, *,
+             samples: Sequence[Sample] = ()) -> None:
+        """Run the tower on the images among `names` that are not cached yet, `batch_size` images at a time.
+        An unusable image's error names the first of `samples` that uses it."""
+        owner = {s.image: s for s in reversed(samples)}
         todo = list(dict.fromkeys(n for n in names if n not in self))
         for i in range(0, len(todo), batch_size):
             chunk = todo[i : i + batch_size]
-            self.add(model, chunk, model.image_views([source.open(n) for n in chunk]))
+            self.add(model, chunk, model.image_views([open_sample_image(source, owner[n]) if n in owner
+                                                      else source.open(n) for n in chunk]))
 
     def lookup(self, names: Sequence[str]) -> list[ImageFeatures]:
         """Tower outputs of cached images, on the CPU."""
@@ -67,7 +71,12 @@ def visual_counts(model: MDLM, samples: Sequence[Sample], source: ImageSource) -
     sizes: dict[str, int] = {}
     for s in samples:
         if s.image not in sizes:
-            sizes[s.image] = model.visual_token_count(source.image_size(s.image))
+            try:
+                size = source.image_size(s.image)
+            except DataError:
+                open_sample_image(source, s)  # raises the error naming the record
+                raise
+            sizes[s.image] = model.visual_token_count(size)
     return [sizes[s.image] for s in samples]
 
 
@@ -77,8 +86,9 @@ def loaded_batches(model: MDLM, samples: list[Sample], source: ImageSource, batc
     decoded and preprocessed on a background thread while the caller works on the current batch."""
 
     def load(batch: list[int]) -> tuple[list[str], list[ImageViews]]:
-        names = list(dict.fromkeys(samples[i].image for i in batch if samples[i].image not in cache))
-        return names, model.image_views([source.open(n) for n in names])
+        first = {samples[i].image: samples[i] for i in reversed(batch) if samples[i].image not in cache}
+        names = list(dict.fromkeys(samples[i].image for i in batch if samples[i].image in first))
+        return names, model.image_views([open_sample_image(source, first[n]) for n in names])
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="disp-images") as pool:
         pending = pool.submit(load, batches[0]) if batches else None

@@ -16,6 +16,9 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 COMMAND_GROUP, DEMO_GROUP = "disp.commands", "disp.demo"
 TARGETS = ["insertion", "refusal", "misclassification"]
 TRIGGERS = ["corner", "center", "noise", "multi", "blended"]
+DATA_HELP = ("dataset: a .json/.jsonl/.parquet file, a folder or a .zip/.tar holding one, CC-SBU-Align or a Hugging "
+             "Face datasets folder (docs/data.md)")
+IMAGES_HELP = "images: folder, .zip, .tar or parquet (default: beside or inside --data)"
 
 
 def command(name: str):
@@ -79,19 +82,20 @@ def cmd_score(args: argparse.Namespace) -> int:
 @command("poison")
 def cmd_poison(args: argparse.Namespace) -> int:
     from disp.attacks import TriggerConfig, poison_dataset, triggered_copy
-    from disp.pipeline import load_dataset
+    from disp.formats import open_dataset
 
     trigger = TriggerConfig(kind=args.trigger, size_frac=args.size_frac, blend_ratio=args.blend_ratio,
                             seed=args.seed)
-    samples, source = load_dataset(args.data, args.images)
-    res = poison_dataset(samples, source, target=args.target, trigger=trigger, ratio=args.ratio, seed=args.seed,
-                         out_dir=args.out, source_word=args.source_word, target_word=args.target_word)
+    ds = open_dataset(args.data, args.images)
+    res = poison_dataset(ds.samples, ds.source, target=args.target, trigger=trigger, ratio=args.ratio, seed=args.seed,
+                         out_dir=args.out, source_word=args.source_word, target_word=args.target_word,
+                         records=ds.records)
     result = {"data": str(res.data_path), "manifest": str(res.manifest_path), "poisoned": len(res.poisoned_ids),
               "samples": res.num_samples}
     if args.test_data:
-        test, test_source = load_dataset(args.test_data, args.test_images or args.images)
-        result["test_clean"] = str(triggered_copy(test, test_source, None, args.out / "test_clean"))
-        result["test_triggered"] = str(triggered_copy(test, test_source, trigger, args.out / "test_triggered"))
+        test = open_dataset(args.test_data, args.test_images or args.images)
+        for name, trig in (("test_clean", None), ("test_triggered", trigger)):
+            result[name] = str(triggered_copy(test.samples, test.source, trig, args.out / name, test.records))
     _print(result, args.json, f"poisoned {len(res.poisoned_ids)} of {res.num_samples} samples -> {args.out}")
     return 0
 
@@ -133,6 +137,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                   target_word=args.target_word)
     _print(ev.to_dict(), args.json, f"CP {_pct(ev.cp)}  ASR w/o {_pct(ev.asr_wo)}  ASR w/t {_pct(ev.asr_wt)}")
     return 0
+
+
+@command("data")
+def cmd_data(args: argparse.Namespace) -> int:
+    from disp.datacheck import check_dataset, format_report
+
+    report = check_dataset(args.path, args.images, decode=not args.no_decode)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
+    return 0 if report.ok else 1
 
 
 @command("demo")
@@ -178,8 +191,8 @@ def _common(p: argparse.ArgumentParser, *, data: bool = True) -> None:
     p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint directory (LLaDA-V or LaViDa layout)")
     p.add_argument("--projector", type=Path, default=None, help="projector-only safetensors laid over --checkpoint")
     if data:
-        p.add_argument("--data", required=True, type=Path, help="LLaVA-format JSON")
-        p.add_argument("--images", required=True, type=Path, help="image folder, .zip or .tar")
+        p.add_argument("--data", required=True, type=Path, help=DATA_HELP)
+        p.add_argument("--images", type=Path, default=None, help=IMAGES_HELP)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
@@ -221,8 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_defense_flags(p, sections=("sampler", "saliency"), defense=False)
 
     p = sub.add_parser("poison", help="write a poisoned copy of a dataset and its ground-truth manifest")
-    p.add_argument("--data", required=True, type=Path)
-    p.add_argument("--images", required=True, type=Path)
+    p.add_argument("--data", required=True, type=Path, help=DATA_HELP)
+    p.add_argument("--images", type=Path, default=None, help=IMAGES_HELP)
     p.add_argument("--target", required=True, choices=TARGETS)
     p.add_argument("--trigger", required=True, choices=TRIGGERS)
     p.add_argument("--ratio", type=float, default=0.2, help="fraction of samples poisoned (default: 0.2)")
@@ -252,6 +265,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--triggered", type=Path, default=None, help="triggered held-out LLaVA JSON")
     p.add_argument("--triggered-images", type=Path, default=None, help="(default: the JSON's folder)")
     add_defense_flags(p, sections=("sampler",), defense=False)
+
+    p = sub.add_parser("data", help="inspect a dataset without a model")
+    data = p.add_subparsers(dest="data_command", required=True)
+    c = data.add_parser("check", help="read a dataset and report records, turns, images, format and problems "
+                                      "(exit 1 if any)")
+    c.add_argument("path", type=Path, help=DATA_HELP)
+    c.add_argument("--images", type=Path, default=None, help=IMAGES_HELP)
+    c.add_argument("--no-decode", action="store_true", help="check that images exist without decoding them")
+    c.add_argument("--json", action="store_true", help="print the report as JSON")
 
     p = sub.add_parser("demo", help="poison a small dataset, defend it, and show ASR before and after")
     p.add_argument("--workdir", type=Path, default=Path("runs/demo"), help="working directory (cached stages)")

@@ -24,15 +24,24 @@ from typing import Any
 from disp.baselines import magnitude_prune, oracle_filter, random_drop, read_manifest
 from disp.batching import VisionCache
 from disp.config import DefenseConfig
-from disp.data import ImageSource, Sample, load_records, parse_samples, to_record, write_json
+from disp.data import (
+    ImageSource,
+    Sample,
+    answers_kept,
+    is_text_only,
+    load_records,
+    merge_records,
+    parse_samples,
+    write_json,
+)
+from disp.formats import open_dataset
 from disp.models.base import MDLM
 from disp.pipeline import (
     Progress,
     StopCheck,
     file_hash,
     finetune_samples,
-    kept_answers,
-    load_dataset,
+    images_hash,
     load_model,
     purify_samples,
     read_saliency,
@@ -56,13 +65,14 @@ class StageRun:
     """What a stage body reads: settings, data, model, earlier files and metrics, callbacks."""
 
     config: DefenseConfig
-    samples: list[Sample]  # the whole dataset
+    samples: list[Sample]  # the whole dataset's records with an image
     source: ImageSource
     open_model: Callable[[], MDLM]
     work_dir: Path  # resumable state (fine-tuning) lives here
     files: dict[str, Path] = field(default_factory=dict)  # earlier stages' outputs, by file name
     metrics: dict[str, dict] = field(default_factory=dict)  # earlier stages' metrics, by stage name
-    indices: Sequence[int] | None = None  # a sharded stage's samples (None: all)
+    indices: Sequence[int] | None = None  # a sharded stage's records, by position in the file (None: all)
+    records: list[dict] = field(default_factory=list)  # every record, text-only ones included
     manifest: Path | None = None
     run_key: str = ""  # the stage's fingerprint: names its resumable state
     workers: int | None = 1
@@ -76,12 +86,22 @@ class StageRun:
 
     @property
     def selected(self) -> list[Sample]:
+        """The samples among the records at `indices` (a shard counts text-only records too)."""
         if self.indices is None:
             return self.samples
-        bad = [i for i in self.indices if not 0 <= i < len(self.samples)]
+        n = len(self.records) or len(self.samples)
+        bad = [i for i in self.indices if not 0 <= i < n]
         if bad:
-            raise ValueError(f"shard indices out of range 0..{len(self.samples) - 1}: {bad[:5]}")
-        return [self.samples[i] for i in self.indices]
+            raise ValueError(f"shard indices out of range 0..{n - 1}: {bad[:5]}")
+        wanted = set(self.indices)
+        return [s for s in self.samples if s.index in wanted]
+
+    def with_records(self, purified: Sequence[dict], samples: Sequence[Sample]) -> list[dict]:
+        """The selected records in order: the samples' as given in `purified`, text-only ones as they are."""
+        if not self.records:
+            return list(purified)
+        return merge_records(self.records, {s.index: r for s, r in zip(samples, purified, strict=True)},
+                             self.indices)
 
 
 def _scoring(run: StageRun, out: Path) -> dict:
@@ -96,11 +116,12 @@ def _scoring(run: StageRun, out: Path) -> dict:
 def _purifying(run: StageRun, out: Path) -> dict:
     masking = DEFENSES[run.config.defense].masking
     saliency = read_saliency(run.files[SALIENCY_FILE], run.selected) if masking == "saliency" else None
-    records = purify_samples(run.model, run.selected, run.source, run.config.purify, saliency, masking=masking,
+    samples = run.selected
+    records = purify_samples(run.model, samples, run.source, run.config.purify, saliency, masking=masking,
                              on_progress=run.on_progress, should_stop=run.should_stop, cache=run.cache,
                              workers=run.workers)
-    write_json(out, records)
-    return {"answers_changed": len(records) - sum(kept_answers(records))}
+    write_json(out, run.with_records(records, samples))
+    return {"answers_changed": sum(not answers_kept(r) for r in records)}
 
 
 def _filtering(run: StageRun, out: Path) -> dict:
@@ -111,15 +132,15 @@ def _filtering(run: StageRun, out: Path) -> dict:
         kept = oracle_filter(run.samples, read_manifest(run.manifest)["poisoned_ids"])
     else:
         kept = random_drop(run.samples, cfg.drop_ratio, cfg.finetune.seed)
-    write_json(out, [to_record(s) for s in kept])
+    kept_at = {s.index for s in kept}
+    write_json(out, [r for i, r in enumerate(run.records) if i in kept_at or is_text_only(r)])
     return {"num_train": len(kept)}
 
 
 def _finetuning(run: StageRun, out: Path) -> dict:
-    records = load_records(run.files[PURIFIED_FILE])
-    train = parse_samples(records, PURIFIED_FILE)
+    train = parse_samples(load_records(run.files[PURIFIED_FILE]), PURIFIED_FILE)
     metrics = finetune_samples(run.model, train, run.source, run.config.finetune, out.parent, run_key=run.run_key,
-                               anchor=kept_answers(records), on_progress=run.on_progress,
+                               anchor=[answers_kept(s.record) for s in train], on_progress=run.on_progress,
                                should_stop=run.should_stop, cache=run.cache)
     return {"num_train": len(train), **metrics}
 
@@ -140,11 +161,12 @@ def _evaluating(run: StageRun, out: Path) -> dict:
     if run.on_progress:
         run.on_progress(0, 1)
     records = load_records(run.files[PURIFIED_FILE]) if PURIFIED_FILE in run.files else []
-    changed = [r["id"] for r, kept in zip(records, kept_answers(records), strict=True) if not kept]
+    changed = [r["id"] for r in records if not answers_kept(r)]  # any of a record's answers changed
     n = len(run.samples)
     finetune = run.metrics.get("finetuning", {})
     losses = finetune.get("epoch_losses") or []
-    summary = {"num_samples": n, "num_train": len(records) if PURIFIED_FILE in run.files else None,
+    summary = {"num_samples": n, "num_text_only": len(run.records) - n if run.records else 0,
+               "num_train": sum(not is_text_only(r) for r in records) if PURIFIED_FILE in run.files else None,
                "answers_changed": len(changed), "answers_changed_fraction": round(len(changed) / n, 6) if n else 0.0,
                "final_loss": losses[-1] if losses else None, "finetune_steps": finetune.get("steps")}
     report = {"defense": run.config.defense, "config": run.config.to_dict(), "summary": summary,
@@ -177,18 +199,19 @@ def fingerprint(stage: Stage, config: DefenseConfig, inputs: dict, files: dict[s
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def run_stage(stage: str, *, model_dir, data_json, images, out: str | Path, config: DefenseConfig,
+def run_stage(stage: str, *, model_dir, data_json, images=None, out: str | Path, config: DefenseConfig,
               files: dict[str, Path] | None = None, metrics: dict[str, dict] | None = None, projector=None,
               manifest=None, indices: Sequence[int] | None = None, run_key: str = "", device=None,
               workers: int | None = 1, on_progress: Progress | None = None,
               should_stop: StopCheck | None = None) -> dict:
     """Run one stage alone (sharded stages on `indices`); write `out`; return the stage's metrics.
     `files` holds the outputs of the stages before it (see `disp.stages.inputs_of`)."""
-    samples, source = load_dataset(data_json, images)
+    ds = open_dataset(data_json, images)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    run = StageRun(config, samples, source, lambda: load_model(model_dir, projector, device), out.parent,
-                   files=dict(files or {}), metrics=dict(metrics or {}), indices=indices, manifest=manifest,
+    run = StageRun(config, ds.samples, ds.source, lambda: load_model(model_dir, projector, device), out.parent,
+                   files=dict(files or {}), metrics=dict(metrics or {}), indices=indices, records=ds.records,
+                   manifest=manifest,
                    run_key=run_key, workers=workers, on_progress=on_progress, should_stop=should_stop)
     if indices is not None and not STAGES[stage].sharded:
         raise ValueError(f"stage {stage!r} is not sharded")
@@ -210,7 +233,7 @@ class _Record:
         write_json(self.path, self.done)
 
 
-def defend(*, model_dir, data_json, images, out_dir, config: DefenseConfig | None = None, projector=None,
+def defend(*, model_dir, data_json, images=None, out_dir, config: DefenseConfig | None = None, projector=None,
            manifest=None, device=None, on_progress: Callable[[str, int, int], None] | None = None,
            should_stop: StopCheck | None = None, workers: int | None = 1) -> dict:
     """Run one defense end to end; writes every stage's output under out_dir and returns the report.
@@ -222,12 +245,13 @@ def defend(*, model_dir, data_json, images, out_dir, config: DefenseConfig | Non
     config = config or DefenseConfig()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    samples, source = load_dataset(data_json, images)
-    inputs = {"model": file_hash(model_dir), "data": file_hash(data_json), "images": file_hash(images),
+    ds = open_dataset(data_json, images)
+    inputs = {"model": file_hash(model_dir), "data": file_hash(data_json),
+              "images": file_hash(images) if images is not None else images_hash(ds),
               "projector": file_hash(projector) if projector else None}
     record = _Record(out_dir)
-    run = StageRun(config, samples, source, lambda: load_model(model_dir, projector, device), out_dir,
-                   manifest=manifest, workers=workers, should_stop=should_stop)
+    run = StageRun(config, ds.samples, ds.source, lambda: load_model(model_dir, projector, device), out_dir,
+                   records=ds.records, manifest=manifest, workers=workers, should_stop=should_stop)
     before: list[str] = []
     for stage in plan(config.defense):
         out = out_dir / stage.writes

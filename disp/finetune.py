@@ -104,11 +104,15 @@ def anchor_penalty(embeds: Sequence[torch.Tensor], reference: Sequence[torch.Ten
     return total
 
 
-def finetune_projector(model: MDLM, questions: Sequence[str], answers: Sequence[str],
+def finetune_projector(model: MDLM, questions: Sequence[str | Sequence[str]], answers: Sequence[str | Sequence[str]],
                        features: Sequence[ImageFeatures], config: FinetuneConfig, *,
-                       anchor: Sequence[bool] | None = None, state_dir: Path | None = None,
-                       on_progress: Progress | None = None, should_stop: StopCheck | None = None) -> FinetuneResult:
+                       anchor: Sequence[bool] | None = None, systems: Sequence[str | None] | None = None,
+                       state_dir: Path | None = None, on_progress: Progress | None = None,
+                       should_stop: StopCheck | None = None) -> FinetuneResult:
     """Train the projector on (question, answer, cached tower outputs of the image) triples.
+
+    A sample's question and answer may be tuples of all its user and assistant turns: every answer is then
+    trained on (`disp.losses.training_batch`); `systems` gives samples their own system prompt.
 
     With `config.anchor_weight` > 0 the loss adds anchor_weight × the mean over the batch of
     `anchor_penalty` on the samples where `anchor` is True (default: every sample), measured against the
@@ -147,7 +151,8 @@ def finetune_projector(model: MDLM, questions: Sequence[str], answers: Sequence[
                 feats = [features[i] for i in idx]
                 embeds = model.visual_tokens(feats)
                 batch = training_batch(model, [questions[i] for i in idx], [answers[i] for i in idx],
-                                       image_embeds=embeds)
+                                       image_embeds=embeds,
+                                       systems=None if systems is None else [systems[i] for i in idx])
                 loss = model.training_loss(batch, generator=noise)
                 if start is not None:
                     with torch.no_grad():

@@ -25,6 +25,7 @@ DEFAULT_MAX_IMAGE_BYTES = 256 * 1024 * 1024
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 _IGNORED_TOP = ("__MACOSX",)
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
 class DataError(ValueError):
@@ -100,12 +101,38 @@ class ImageSource:
         if self._has(key):
             return key
         top = self._top_folder()
-        return f"{top}/{key}" if top and self._has(f"{top}/{key}") else None
+        if top and self._has(f"{top}/{key}"):
+            return f"{top}/{key}"
+        found = self._by_suffix().get(key.rsplit("/", 1)[-1], [])
+        found = [n for n in found if n.endswith(f"/{key}")]
+        return found[0] if len(found) == 1 else None
+
+    def _by_suffix(self) -> dict[str, list[str]]:
+        """File names by base name, built once: a record's ``0.png`` finds the source's only ``.../0.png``."""
+        if getattr(self, "_suffix_index", None) is None:
+            index: dict[str, list[str]] = {}
+            for n in self.names():
+                index.setdefault(n.rsplit("/", 1)[-1], []).append(n)
+            self._suffix_index = index
+        return self._suffix_index
+
+    def where_hint(self) -> str:
+        """Where the source's images are, for a not-found message: ``; its images are under 'images/' ...``."""
+        images = [n for n in self.names() if n.lower().endswith(_IMAGE_SUFFIXES)]
+        if not images:
+            return f"; {self.name} holds no image files"
+        folders: dict[str, int] = {}
+        for n in images:
+            folder = n.rsplit("/", 1)[0] + "/" if "/" in n else ""
+            folders[folder] = folders.get(folder, 0) + 1
+        where = sorted(folders, key=lambda f: (-folders[f], f))[:3]
+        listed = ", ".join(repr(f) if f else "the top level" for f in where)
+        return f"; its {len(images)} image file(s) are under {listed} (e.g. {images[0]!r})"
 
     def _key(self, name: str) -> str:
         key = self._locate(name)
         if key is None:
-            raise DataError(f"{self.name}: image {name!r} not found", source=self.name)
+            raise DataError(f"{self.name}: image {name!r} not found{self.where_hint()}", source=self.name)
         return key
 
     def exists(self, name: str) -> bool:
@@ -136,10 +163,14 @@ class ImageSource:
                     raise DataError(f"{self.name}: image {name!r} is {img.width}x{img.height} pixels, above "
                                     f"the limit of {self.max_pixels}", source=self.name)
                 return img.convert("RGB")
+        except Image.UnidentifiedImageError:
+            raise DataError(f"{self.name}: image {name!r} cannot be decoded: not a "
+                            f"{'/'.join(IMAGE_FORMATS)} image", source=self.name) from None
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
             if isinstance(err, DataError):
                 raise
-            raise DataError(f"{self.name}: image {name!r} cannot be decoded: {err}", source=self.name) from None
+            reason = re.sub(r"<_io\.\w+ object at 0x[0-9a-f]+>", "the image", str(err))
+            raise DataError(f"{self.name}: image {name!r} cannot be decoded: {reason}", source=self.name) from None
 
     def image_size(self, name: str) -> tuple[int, int]:
         """(width, height) of ``name`` from its header, without decoding the pixels."""

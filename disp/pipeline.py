@@ -26,8 +26,9 @@ from disp import models
 from disp.batching import VisionCache, length_buckets, loaded_batches, visual_counts
 from disp.config import DESCRIBE_QUESTION, FinetuneConfig, PurifyConfig, SaliencyConfig, SamplerConfig
 from disp.constants import IMAGE_PLACEHOLDER
-from disp.data import ImageSource, Sample, load_records, open_image_source, parse_samples, write_json
+from disp.data import ImageSource, Sample, answers_kept, is_text_only, purified_record, write_json
 from disp.finetune import Cancelled, finetune_projector, result_dict
+from disp.formats import Dataset, open_dataset
 from disp.models.base import MDLM
 from disp.models.checkpoint import write_state_dict
 from disp.parallel import map_ordered, resolve_workers
@@ -56,8 +57,19 @@ def file_hash(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def load_dataset(data_json: str | Path, images: str | Path) -> tuple[list[Sample], ImageSource]:
-    return parse_samples(load_records(data_json), Path(data_json).name), open_image_source(images)
+def images_hash(ds: Dataset) -> str:
+    """sha256 of the images the samples name (names and bytes), for images found beside or inside the data."""
+    h = hashlib.sha256()
+    for name in sorted({s.image for s in ds.samples}):
+        h.update(name.encode())
+        h.update(ds.source.read_bytes(name))
+    return h.hexdigest()
+
+
+def load_dataset(data_json: str | Path, images: str | Path | None = None) -> tuple[list[Sample], ImageSource]:
+    """Samples (records with an image) and their image source, of any format `disp.formats` reads."""
+    ds = open_dataset(data_json, images)
+    return ds.samples, ds.source
 
 
 def _tick(should_stop: StopCheck | None, on_progress: Progress | None, done: int, total: int) -> None:
@@ -80,7 +92,7 @@ def load_model(model_dir, projector=None, device=None, dtype: torch.dtype | None
 
 # -- stages ---------------------------------------------------------------------------------------
 def question_of(sample: Sample, question: str) -> str:
-    """The prompt a stage poses for `sample`: its own question ("sample") or the official re-captioning
+    """The first prompt a stage poses for `sample`: its own question ("sample") or the official re-captioning
     prompt ("describe", `PurifyConfig.question`)."""
     return sample.question if question == "sample" else f"{IMAGE_PLACEHOLDER}\n{DESCRIBE_QUESTION}"
 
@@ -94,10 +106,10 @@ def score_samples(model: MDLM, samples: list[Sample], source: ImageSource, confi
 
     A sample's scores do not depend on the batch it is scored in (the probe noise is seeded per batch).
     `workers` batches run at once on CPU threads (`disp.parallel`; None or 0: one per core on a CPU).
-    `question`: "sample" scores each sample's own question, "describe" the official re-captioning prompt.
+    `question`: "sample" scores each sample's own first question, "describe" the official re-captioning prompt.
     """
     cache = cache if cache is not None else VisionCache()
-    ids = [model.tokenizer.encode_prompt(question_of(s, question)) for s in samples]
+    ids = [model.tokenizer.encode_prompt(question_of(s, question), system=s.system) for s in samples]
     counts = visual_counts(model, samples, source)
     # the exact form switches SDPA kernels process-wide, so it runs on one thread
     workers = 1 if config.exact else resolve_workers(workers, model.device)
@@ -140,13 +152,16 @@ def purify_samples(model: MDLM, samples: list[Sample], source: ImageSource, conf
                    scores: dict[str, list[float]] | None, *, masking: str = "saliency",
                    on_progress: Progress | None = None, should_stop: StopCheck | None = None,
                    cache: VisionCache | None = None, workers: int | None = 1) -> list[dict]:
-    """Purified LLaVA records (answer rewritten) with a `disp` field recording what was done, in input order.
+    """Purified LLaVA records with a `disp` field recording what was done, in input order.
 
-    Each sample's scores must cover exactly the visual tokens its image gives the model. With
-    `config.question` "describe" every sample is re-captioned and the caption becomes its answer (the
-    record keeps the sample's question). `workers` batches run at once on CPU threads (`disp.parallel`;
-    None or 0: one per core on a CPU). Each batch samples from its own generator, seeded with
-    `config.seed` and its place in the batch order.
+    Every answer of a sample is rewritten with the same visual tokens held masked: the first (the image
+    question's, whose prompt was scored) from the prompt alone, each later one on the purified turns before
+    it; user turns and the system prompt are kept (`disp.data.purified_record`). With `config.question`
+    "describe" (the official code) only the first answer is rewritten, as the re-captioning of the image, and
+    the later turns are kept. Each sample's scores must cover exactly the visual tokens its image gives.
+
+    `workers` batches run at once on CPU threads (`disp.parallel`; None or 0: one per core on a CPU). Each
+    batch samples from its own generator, seeded with `config.seed` and its place in the batch order.
     """
     cache = cache if cache is not None else VisionCache()
     workers = resolve_workers(workers, model.device)
@@ -160,31 +175,41 @@ def purify_samples(model: MDLM, samples: list[Sample], source: ImageSource, conf
         s = _score_rows([scores[x.id] for x in chunk], [x.id for x in chunk], n) if masking == "saliency" else None
         held += list(choose_masked(s, n, len(chunk), config.mask_ratio, masking, mask_gen, min_score=config.min_score))
         sal += [row[:c] for row, c in zip(s, n, strict=True)] if s is not None else [None] * len(chunk)
-    questions = [question_of(x, config.question) for x in samples]
-    ids = [model.tokenizer.encode_prompt(q) for q in questions]
+    # every answer is rewritten under the sample's held tokens, turn by turn, each on the purified turns before it
+    turns = [1 if config.question == "describe" else len(x.answers) for x in samples]
+    tok, answers, masked_of = model.tokenizer, [[] for _ in samples], {}
+    for turn in range(max(turns, default=0)):
+        active = [i for i, t in enumerate(turns) if t > turn]
+        prompts = {i: tok.encode_prompt(samples[i].questions[turn] if turn else question_of(samples[i], config.question),
+                                        system=samples[i].system,
+                                        history=list(zip(samples[i].questions[:turn], answers[i], strict=True)))
+                   for i in active}
 
-    def run(item: tuple[int, list[int]]) -> PurifiedBatch:
-        k, batch = item
-        gen = torch.Generator(device=model.device).manual_seed(config.seed + k)
-        return purify_batch(model, [questions[i] for i in batch], None, _stack_padded([held[i] for i in batch]),
-                            config, generator=gen, image_embeds=cache.embeds(model, [samples[i].image for i in batch]))
+        def run(item: tuple[int, list[int]], turn: int = turn, prompts: dict = prompts) -> PurifiedBatch:
+            k, batch = item
+            gen = torch.Generator(device=model.device).manual_seed(config.seed + k + 1_000_003 * turn)
+            return purify_batch(model, [prompts[i] for i in batch], None, _stack_padded([held[i] for i in batch]),
+                                config, generator=gen,
+                                image_embeds=cache.embeds(model, [samples[i].image for i in batch]))
 
-    out: dict[int, dict] = {}
-    lengths = [len(x) - 1 + n for x, n in zip(ids, counts, strict=True)]
-    batches = enumerate(loaded_batches(model, samples, source, length_buckets(lengths, config.batch_size), cache))
-    for (_, batch), res in map_ordered(run, batches, workers):
-        for i, ans, masked in zip(batch, res.answers, res.masked, strict=True):
-            x, s_i = samples[i], sal[i]
-            info: dict[str, Any] = {"original_answer": x.answer, "purified_answer": ans,
-                                    "masked_visual_tokens": masked, "masking": masking,
-                                    "visual_tokens": counts[i], "question": config.question}
-            if s_i is not None:
-                info["saliency"] = {"max": float(s_i.max()), "mean": float(s_i.mean()),
-                                    "top": s_i.topk(min(5, s_i.shape[0])).indices.tolist()}
-            out[i] = {"id": x.id, "image": x.image, "conversations": [
-                {"from": "human", "value": x.question}, {"from": "gpt", "value": ans}], "disp": info}
-        _tick(should_stop, on_progress, len(out), len(samples))
-    return [out[i] for i in range(len(samples))]
+        lengths = [len(prompts[i]) - 1 + counts[i] for i in active]
+        buckets = [[active[j] for j in b] for b in length_buckets(lengths, config.batch_size)]
+        for (_, batch), res in map_ordered(run, enumerate(loaded_batches(model, samples, source, buckets, cache)),
+                                           workers):
+            for i, ans, masked in zip(batch, res.answers, res.masked, strict=True):
+                answers[i].append(ans)
+                masked_of[i] = masked
+            _tick(should_stop, on_progress, sum(map(len, answers)), sum(turns))
+    out = []
+    for i, x in enumerate(samples):
+        info: dict[str, Any] = {"masked_visual_tokens": masked_of[i], "masking": masking,
+                                "visual_tokens": counts[i], "question": config.question}
+        if sal[i] is not None:
+            s_i = sal[i]
+            info["saliency"] = {"max": float(s_i.max()), "mean": float(s_i.mean()),
+                                "top": s_i.topk(min(5, s_i.shape[0])).indices.tolist()}
+        out.append(purified_record(x, answers[i] + list(x.answers[len(answers[i]):]), info))
+    return out
 
 
 def _score_rows(rows: list[list[float]], ids: list[str], counts: list[int]) -> torch.Tensor:
@@ -226,9 +251,10 @@ def save_projector(model: MDLM, path: Path) -> Path:
 
 
 def kept_answers(records: list[dict]) -> list[bool]:
-    """Per purified record: True where the defense kept the original answer (records without a `disp`
-    entry, such as a filtered or plain data set, count as kept). The feature anchor's samples."""
-    return [r.get("disp", {}).get("purified_answer") == r.get("disp", {}).get("original_answer") for r in records]
+    """Per purified image record (text-only ones are skipped, as they are no samples): True where the defense
+    kept every original answer (records without a `disp` entry, such as a filtered or plain data set, count as
+    kept). The feature anchor's samples."""
+    return [answers_kept(r) for r in records if not is_text_only(r)]
 
 
 def finetune_samples(model: MDLM, samples: list[Sample], source: ImageSource, config: FinetuneConfig,
@@ -242,10 +268,10 @@ def finetune_samples(model: MDLM, samples: list[Sample], source: ImageSource, co
     Tower outputs come from `cache` where it has them (scoring and purification fill it in `defend`).
     """
     cache = cache if cache is not None else VisionCache()
-    cache.fill(model, [s.image for s in samples], source)
+    cache.fill(model, [s.image for s in samples], source, samples=samples)
     feats = cache.lookup([s.image for s in samples])
-    result = finetune_projector(model, [s.question for s in samples], [s.answer for s in samples], feats, config,
-                                anchor=anchor, state_dir=out_dir / f"finetune_state-{run_key[:16]}",
+    result = finetune_projector(model, [s.questions for s in samples], [s.answers for s in samples], feats, config,
+                                anchor=anchor, systems=[s.system for s in samples], state_dir=out_dir / f"finetune_state-{run_key[:16]}",
                                 on_progress=on_progress, should_stop=should_stop)
     save_projector(model, out_dir / PROJECTOR_FILE)
     metrics = result_dict(result)

@@ -70,17 +70,19 @@ def held_positions(prompt: PromptBatch, visual_idx: torch.Tensor) -> torch.Tenso
 
 
 @torch.no_grad()
-def purify_batch(model: MDLM, questions: Sequence[str], images: Sequence[Image.Image] | None,
+def purify_batch(model: MDLM, questions: Sequence[str | Sequence[int]], images: Sequence[Image.Image] | None,
                  visual_idx: torch.Tensor, config: PurifyConfig, *,
                  image_embeds: torch.Tensor | Sequence[torch.Tensor] | None = None,
                  generator: torch.Generator | None = None) -> PurifiedBatch:
     """Re-answer each (question, image) with the given visual tokens held masked (Eq. 10–11).
 
+    A question may be given as prompt ids already (`ChatTokenizer.encode_prompt`, e.g. with earlier turns).
     `image_embeds`: each sample's visual tokens ([B, N, D] or B tensors [N_b, D]) instead of `images`.
     """
     if image_embeds is None:
         image_embeds = model.image_tokens(images)
-    prompt = model.build_prompts([model.tokenizer.encode_prompt(q) for q in questions], image_embeds)
+    prompt = model.build_prompts([model.tokenizer.encode_prompt(q) if isinstance(q, str) else list(q)
+                                  for q in questions], image_embeds)
     gen = model.generate(prompt, config.sampler, held=held_positions(prompt, visual_idx), generator=generator)
     answers = [model.tokenizer.decode(a).strip() for a in gen.answers()]
     return PurifiedBatch(answers=answers, masked=[row[row >= 0].tolist() for row in visual_idx])

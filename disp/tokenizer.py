@@ -8,6 +8,7 @@ template and the BOS token name, as in LLaDA's published tokenizer. Special toke
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,21 +115,60 @@ class ChatTokenizer:
         """Plain text to ids; special tokens written in the text are recognised, none are added."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
-    def render_prompt(self, question: str) -> str:
-        """The full prompt text: system turn, user turn with `<image>`, assistant header."""
+    def render_prompt(self, question: str, *, history: Sequence[tuple[str, str]] = (),
+                      system: str | None = None) -> str:
+        """The full prompt text: system turn, earlier (user, assistant) turns, the user turn, assistant header.
+
+        The first user turn carries `<image>`; `system` replaces the template's system prompt ("" for none).
+        """
         messages = []
-        if self.template.system:
-            messages.append({"role": "system", "content": self.template.system})
-        messages.append({"role": "user", "content": self.template.user_text(question)})
+        system = self.template.system if system is None else system
+        if system:
+            messages.append({"role": "system", "content": system})
+        turns = [*history, (question, None)]
+        for k, (q, a) in enumerate(turns):
+            messages.append({"role": "user", "content": self.template.user_text(q) if k == 0 else q})
+            if a is not None:
+                messages.append({"role": "assistant", "content": a})
         return self._chat.render(messages=messages, bos_token=self.bos_token, add_generation_prompt=True)
 
-    def encode_prompt(self, question: str) -> list[int]:
-        """Prompt ids with one IMAGE_TOKEN_INDEX where the visual embeddings go."""
-        text = self.render_prompt(question)
+    def encode_prompt(self, question: str, *, history: Sequence[tuple[str, str]] = (),
+                      system: str | None = None) -> list[int]:
+        """Prompt ids with one IMAGE_TOKEN_INDEX where the visual embeddings go (see `render_prompt`)."""
+        text = self.render_prompt(question, history=history, system=system)
         pieces = text.split(IMAGE_PLACEHOLDER)
         if len(pieces) != 2:
             raise ValueError(f"a prompt must hold exactly one {IMAGE_PLACEHOLDER!r}, got {len(pieces) - 1}: {question!r}")
         return self.encode_text(pieces[0]) + [IMAGE_TOKEN_INDEX] + self.encode_text(pieces[1])
+
+    def encode_dialogue(self, questions: Sequence[str], answers: Sequence[str], *,
+                        system: str | None = None) -> tuple[list[int], list[int], list[bool]]:
+        """A whole conversation for training: (prompt ids up to the first answer, the rest's ids, and per id of
+        the rest whether it is a target). Targets are each answer and its <|eot_id|>; the user turns between
+        answers are context. The rest is the chat template's own rendering of the later turns."""
+        if len(questions) != len(answers) or not questions:
+            raise ValueError(f"a dialogue needs one answer per question, got {len(questions)} and {len(answers)}")
+        prompt = self.encode_prompt(questions[0], system=system)
+        rest: list[int] = []
+        targets: list[bool] = []
+        before = self.render_prompt(questions[0], system=system)
+        for k, answer in enumerate(answers):
+            ids = self.encode_answer(answer)
+            rest += ids
+            targets += [True] * len(ids)
+            if k + 1 == len(answers):
+                break
+            history = list(zip(questions[: k + 1], answers[: k + 1], strict=True))
+            after = self.render_prompt(questions[k + 1], history=history, system=system)
+            done = before + answer.strip() + EOT_TOKEN
+            if not after.startswith(done):
+                raise TokenizerError("the chat template does not render a conversation as its turns in order; "
+                                     "multi-turn training needs one that does")
+            ids = self.encode_text(after[len(done):])
+            rest += ids
+            targets += [False] * len(ids)
+            before = after
+        return prompt, rest, targets
 
     def encode_answer(self, answer: str) -> list[int]:
         """Answer ids ending with <|eot_id|>, as the assistant turn is trained."""

@@ -12,9 +12,6 @@ from pathlib import Path
 from api.archive import (
     check_weights_file,
     common_root,
-    find_dataset_json,
-    list_entries,
-    read_member,
     safe_extract,
 )
 from api.db.models import BaseModelEntry, Checkpoint, Dataset
@@ -25,7 +22,7 @@ from worker.config import WorkerSettings
 @dataclass(frozen=True)
 class DatasetFiles:
     data_json: Path
-    images: Path  # the archive itself; disp.data reads images from it without extracting
+    images: Path  # the archive itself; disp.formats reads images from it without extracting
 
 
 @dataclass(frozen=True)
@@ -55,6 +52,10 @@ def archive_suffix(fmt: str) -> str:
 
 
 def dataset_files(dataset: Dataset, storage: Storage, settings: WorkerSettings) -> DatasetFiles:
+    """The archive and its records in canonical LLaVA form (`disp.formats` reads every supported format)."""
+    from disp.data import write_json
+    from disp.formats import read_dataset
+
     base = settings.work_dir / "cache" / "datasets"
     final = base / dataset.id
     if not (final / "data.json").is_file():
@@ -63,10 +64,7 @@ def dataset_files(dataset: Dataset, storage: Storage, settings: WorkerSettings) 
         archive = storage.download(
             dataset.storage_key, tmp / f"archive{archive_suffix(dataset.archive_format)}"
         )
-        entries = list_entries(archive, dataset.archive_format, max_total_bytes=settings.max_expanded_bytes)
-        name = find_dataset_json(entries)
-        size = next(e.size for e in entries if e.name == name)
-        (tmp / "data.json").write_bytes(read_member(archive, dataset.archive_format, name, limit=size + 1))
+        write_json(tmp / "data.json", read_dataset(archive).records)
         _publish(tmp, final)
     return DatasetFiles(final / "data.json", final / f"archive{archive_suffix(dataset.archive_format)}")
 

@@ -1,5 +1,5 @@
 """Full validation of uploads before any GPU time is spent: checksum, archive safety, every record and
-every image (decoded with `disp.data`), checkpoint layout and safetensors headers."""
+every image (read with `disp.formats`, decoded by `disp.datacheck`), checkpoint layout and safetensors headers."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from api.archive import ArchiveError
 from api.db.models import Checkpoint, Dataset, UploadStatus
-from api.ingest import precheck_checkpoint, precheck_dataset
+from api.ingest import named_copy, precheck_checkpoint, precheck_dataset, problem_code
 from api.storage import Storage, file_sha256
 from worker.config import WorkerSettings
 
@@ -39,7 +39,8 @@ def _download_checked(row, storage: Storage, dest: Path) -> bool:
 def validate_dataset(
     *, session: Session, storage: Storage, settings: WorkerSettings, dataset_id: str
 ) -> None:
-    from disp.data import DataError, open_image_source, parse_samples, validate_dataset
+    """Every record and every image, with `disp.datacheck` (the report `disp data check` prints)."""
+    from disp.datacheck import check_dataset
 
     dataset = session.get(Dataset, dataset_id)
     if dataset is None or dataset.status != UploadStatus.validating:
@@ -48,37 +49,28 @@ def validate_dataset(
         raw = Path(tmp) / "upload"
         if not _download_checked(dataset, storage, raw):
             return
+        filename = Path(dataset.storage_key).name
         try:
-            summary = precheck_dataset(raw, settings)
+            summary = precheck_dataset(raw, settings, filename)
         except ArchiveError as exc:
             _fail(dataset, exc.code, str(exc))
             return
-        from api.archive import find_dataset_json, list_entries, read_member
-
-        archive = raw.rename(
-            Path(tmp) / ("archive.zip" if summary.archive_format == "zip" else "archive.tar")
+        report = check_dataset(
+            named_copy(raw, filename, summary.archive_format),
+            max_pixels=settings.max_image_pixels,
+            max_bytes=settings.max_image_bytes,
         )
-        entries = list_entries(archive, summary.archive_format, max_total_bytes=settings.max_expanded_bytes)
-        name = find_dataset_json(entries)
-        size = next(e.size for e in entries if e.name == name)
-        records = json.loads(read_member(archive, summary.archive_format, name, limit=size + 1))
-        try:
-            samples = parse_samples(records, name)
-            with open_image_source(
-                archive, max_pixels=settings.max_image_pixels, max_bytes=settings.max_image_bytes
-            ) as source:
-                validate_dataset(
-                    samples, source, check_images=True, max_bytes=settings.max_image_bytes, source_name=name
-                )
-        except DataError as exc:
-            code = "invalid_image" if getattr(exc, "field", None) == "image" else "invalid_record"
-            if "refused" in str(exc) and "archive entry" in str(exc):
-                code = "unsafe_archive_entry"
-            _fail(dataset, code, str(exc))
-            return
+    if not report.ok:
+        first = report.problems[0]
+        lines = [p.message for p in report.problems[:10]]
+        if report.problems_total > len(lines):
+            lines.append(f"... and {report.problems_total - len(lines)} more")
+        message = first.message if report.problems_total == 1 else f"{report.problems_total} problems:\n" + "\n".join(lines)
+        _fail(dataset, problem_code(first.code, first.field, first.message), message)
+        return
     dataset.archive_format = summary.archive_format
-    dataset.num_records = len(samples)
-    dataset.num_images = len({s.image for s in samples})
+    dataset.num_records = report.records
+    dataset.num_images = report.images
     dataset.status, dataset.error = UploadStatus.ready, None
 
 

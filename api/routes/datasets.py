@@ -1,4 +1,5 @@
-"""Datasets: a LLaVA JSON plus its images as one zip or tar archive."""
+"""Datasets: a data file (LLaVA/ShareGPT/OpenAI JSON, JSONL, CC-SBU-Align, parquet, Hugging Face) plus its
+images as one zip or tar archive; `POST /datasets/check` reports on one without storing it."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, UploadFile
 from sqlalchemy import select
 
+from api.archive import ArchiveError
 from api.db.models import Dataset
 from api.deps import CurrentDataset, SessionDep, SettingsDep, StorageDep, TenantDep
+from api.ingest import named_copy, precheck_dataset, problem_code
 from api.queue import VALIDATE_DATASET
 from api.routes.common import After, Limit, TempDir, send, spool
 from api.schemas import DatasetList, DatasetOut
 from api.services import files
+from disp.datacheck import DatasetReport, Problem, check_dataset
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
@@ -23,7 +27,7 @@ def create_dataset(
     settings: SettingsDep,
     storage: StorageDep,
     tenant: TenantDep,
-    file: Annotated[UploadFile, File(description="zip or tar(.gz) of a LLaVA .json and its images")],
+    file: Annotated[UploadFile, File(description="zip or tar(.gz) of a data file and its images")],
     name: Annotated[str | None, Form()] = None,
 ) -> Dataset:
     """Upload a small dataset in the request body; large ones go through `/v1/uploads`."""
@@ -42,6 +46,34 @@ def create_dataset(
         session.commit()
     send(settings, VALIDATE_DATASET, dataset_id=row.id)
     return row
+
+
+@router.post("/check", response_model=DatasetReport)
+def check_dataset_archive(
+    settings: SettingsDep,
+    tenant: TenantDep,
+    file: Annotated[UploadFile, File(description="zip or tar(.gz) of a data file and its images")],
+) -> DatasetReport:
+    """Dry run: read and check an archive as an upload's validation would (every record and image), and
+    return the report `disp data check` prints. Nothing is stored. For archives above the request size
+    limit, run `disp data check` locally."""
+    del tenant  # authenticated like every route; the check touches no tenant data
+    name = file.filename or "dataset"
+    with TempDir() as tmp:
+        path, _ = spool(file, tmp)
+        try:
+            summary = precheck_dataset(path, settings, name)
+        except ArchiveError as exc:
+            return DatasetReport(path=name, problems=[Problem(str(exc), code=exc.code)], problems_total=1)
+        report = check_dataset(
+            named_copy(path, name, summary.archive_format),
+            max_pixels=settings.max_image_pixels,
+            max_bytes=settings.max_image_bytes,
+            name=name,
+        )
+    for problem in report.problems:
+        problem.code = problem_code(problem.code, problem.field, problem.message)
+    return report
 
 
 @router.get("", response_model=DatasetList)

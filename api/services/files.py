@@ -52,7 +52,7 @@ def create_dataset(
 ) -> Dataset:
     """Pre-check an uploaded archive, store it, and add a `validating` dataset row."""
     try:
-        summary = precheck_dataset(path, settings)
+        summary = precheck_dataset(path, settings, filename)
     except ArchiveError as exc:
         raise archive_error(exc) from None
     dataset_id = new_id("ds")

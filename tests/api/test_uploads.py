@@ -138,3 +138,53 @@ def test_oversize_chunked_upload_is_413(client, auth, api_settings, idempotency_
     response = client.post("/v1/datasets", headers=headers, content=body())
     assert response.status_code == 413, response.text
     assert response.json()["error"]["code"] == "payload_too_large"
+
+
+MIXED = [
+    {"id": "multi", "image": "img0.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A dog."},
+        {"from": "human", "value": "Colour?"}, {"from": "gpt", "value": "Brown."}]},
+    {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+    {"id": "broken", "messages": [
+        {"role": "user", "content": [{"type": "image", "image": "images/img1.png"}, {"type": "text", "text": "Q"}]},
+        {"role": "assistant", "content": "A"}]},
+]
+
+
+def test_dry_run_reports_and_stores_nothing(client, auth, tmp_path):
+    import json
+
+    files = {"data.jsonl": "\n".join(json.dumps(r) for r in MIXED).encode(), "images/img0.png": png_bytes(0),
+             "images/img1.png": b"not an image"}
+    archive = write_archive(tmp_path / "mixed.zip", files)
+    before = client.get("/v1/datasets", headers=auth).json()["data"]
+    response = client.post("/v1/datasets/check", headers=auth,
+                           files={"file": ("my data.zip", archive.read_bytes())})
+    assert response.status_code == 200, response.text
+    report = response.json()
+    assert (report["path"], report["format"], report["data_file"]) == ("my data.zip", "jsonl", "data.jsonl")
+    assert (report["records"], report["samples"], report["text_only"], report["turns"]) == (3, 2, 1, 8)
+    assert report["record_formats"] == {"llava": 1, "openai-messages": 2} and not report["ok"]
+    (problem,) = report["problems"]
+    assert (problem["index"], problem["id"], problem["field"], problem["code"]) == (2, "broken", "image", "invalid_image")
+    assert "not a PNG/JPEG/WEBP/GIF/BMP/TIFF image" in problem["message"]
+    assert "BytesIO" not in problem["message"] and " at 0x" not in problem["message"]
+    assert "/tmp" not in response.text and "disp-upload" not in response.text  # no server paths
+    assert client.get("/v1/datasets", headers=auth).json()["data"] == before  # nothing stored
+    refused = client.post("/v1/datasets/check", headers=auth,
+                          files={"file": ("x.zip", write_archive(tmp_path / "x.zip", {"a.png": b"x"}).read_bytes())})
+    assert refused.status_code == 200 and refused.json()["problems"][0]["code"] == "missing_dataset_json"
+    assert client.post("/v1/datasets/check", files={"file": ("x.zip", b"x")}).status_code == 401
+
+
+def test_every_format_is_accepted_at_upload(client, auth, tmp_path):
+    import json
+
+    caps = {"annotations": [{"image_id": i, "caption": f"Caption {i}."} for i in range(3)]}
+    cc = write_archive(tmp_path / "cc.tar", {"cc_sbu_align/filter_cap.json": json.dumps(caps).encode(),
+                                             **{f"cc_sbu_align/image/{i}.jpg": png_bytes(i) for i in range(3)}})
+    jsonl = write_archive(tmp_path / "l.zip", {"train.jsonl": "\n".join(json.dumps(r) for r in MIXED).encode()})
+    for archive, count in ((cc, 3), (jsonl, 3)):
+        response = post_dataset(client, auth, archive)
+        assert response.status_code == 201, response.text
+        assert response.json()["num_records"] == count

@@ -25,8 +25,9 @@ from disp.data import (
     load_samples,
     open_image_source,
     parse_samples,
-    replace_answers,
+    sample_record,
     validate_dataset,
+    with_answers,
     write_records,
 )
 
@@ -54,7 +55,9 @@ def test_parse_samples_rules() -> None:
     first, second = parse_samples(records, "r.json")
     assert first == Sample(index=0, id="7", image="dir/a.png", question="<image>\nWhat is this?", answer="A.")
     assert second.question == "Look: <image> what?"  # placeholder left where it is written
-    assert second.answer == "It is a cat."  # extra turns ignored
+    assert second.answer == "It is a cat." and second.later == (("More?", "No."),)  # every turn kept
+    assert second.questions == ("Look: <image> what?", "More?") and second.answers == ("It is a cat.", "No.")
+    assert second.record is records[1] and second.system is None
 
 
 def _mutate(path: tuple, value: object):
@@ -69,9 +72,17 @@ def _mutate(path: tuple, value: object):
     return apply
 
 
+def _append(*turns: dict):
+    return lambda rec: rec["conversations"].extend(turns)
+
+
 BAD_RECORDS = [
-    (_mutate(("conversations", 1, "from"), "human"), "conversations[1].from", "must be 'gpt', got 'human'"),
-    (_mutate(("conversations", 0, "from"), "gpt"), "conversations[0].from", "must be 'human'"),
+    (_mutate(("conversations", 1, "from"), "human"), "conversations[1].from", "must be 'gpt' or 'assistant', got 'human'"),
+    (_mutate(("conversations", 0, "from"), "gpt"), "conversations[0].from", "must be 'human' or 'user'"),
+    (_append({"from": "human", "value": "and?"}), "conversations[2]",
+     "is a user turn with no assistant answer after it"),
+    (_append({"from": "human", "value": "<image> again"}, {"from": "gpt", "value": "x"}), "conversations[2].value",
+     "holds a second '<image>'"),
     (_mutate(("conversations", 1, "value"), 3), "conversations[1].value", "must be a string, got int"),
     (_mutate(("conversations", 1, "value"), "x <|eot_id|>"), "conversations[1].value", "special token"),
     (_mutate(("conversations", 1, "value"), "<image> x"), "conversations[1].value", "must not contain"),
@@ -79,13 +90,13 @@ BAD_RECORDS = [
     (_mutate(("conversations",), "hi"), "conversations", "must be a list"),
     (_mutate(("conversations",), []), "conversations", "got 0 turn(s)"),
     (_mutate(("conversations", 1), "x"), "conversations[1]", "must be an object"),
-    (_mutate(("image",), KeyError), "image", "is missing"),
+    (_mutate(("image",), 3), "image", "must be one relative path string, got int"),
     (_mutate(("image",), ""), "image", "non-empty"),
     (_mutate(("image",), "/etc/passwd"), "image", "absolute"),
     (_mutate(("image",), "C:/x.png"), "image", "absolute"),
     (_mutate(("image",), "a/../../x.png"), "image", "'..'"),
     (_mutate(("image",), "a\\b.png"), "image", "'/' separators"),
-    (_mutate(("image",), ["a.png", "b.png"]), "image", "got list"),
+    (_mutate(("image",), ["a.png", "b.png"]), "image", "lists 2 images; multi-image records are not supported"),
 ]
 
 
@@ -108,6 +119,7 @@ def test_parse_errors_name_record_and_field(mutate, field: str, problem: str) ->
     ([_record(rid="  ")], "record 0: field 'id' must be a non-empty"),
     ([_record(), ["x"]], "record 1: must be an object, got list"),
     ({"a": 1}, "top level must be a list"),
+    ([_record(), {"image": "x.png"}], "record 1: field 'conversations' is missing"),
 ])
 def test_parse_errors_other(records: object, expected: str) -> None:
     with pytest.raises(DataError) as info:
@@ -116,6 +128,36 @@ def test_parse_errors_other(records: object, expected: str) -> None:
     assert expected in str(info.value)
 
 
+def test_every_bad_record_is_listed_at_once() -> None:
+    records = [_record(rid="a", image=""), _record(rid="b"), _record(rid="c", answer=3)]
+    with pytest.raises(DataError) as info:
+        parse_samples(records, "r.json")
+    lines = str(info.value).splitlines()
+    assert lines[0] == "2 of 3 records of r.json are invalid:"
+    assert lines[1].startswith("r.json: record 0 (id 'a'): field 'image'")
+    assert lines[2].startswith("r.json: record 2 (id 'c'): field 'conversations[1].value'")
+    assert (info.value.index, info.value.record_id, info.value.field) == (0, "a", "image")
+
+
+def test_text_only_records_are_checked_but_are_no_samples() -> None:
+    text = {"id": "t", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
+    samples = parse_samples([_record(rid="a"), text, _record(rid="b")], "r.json")
+    assert [(s.index, s.id) for s in samples] == [(1 - 1, "a"), (2, "b")]
+    with pytest.raises(DataError, match=r"record 0 \(id 't'\): field 'conversations\[0\].value' holds '<image>' but"):
+        parse_samples([dict(text, conversations=[{"from": "human", "value": "<image> hi"}, text["conversations"][1]])],
+                      "r.json")
+
+
+def test_system_prompt_from_a_turn_or_the_record() -> None:
+    turn = _record(rid="a")
+    turn["conversations"].insert(0, {"from": "system", "value": "Be brief."})
+    top = dict(_record(rid="b"), system="Be kind.")
+    a, b = parse_samples([turn, top], "r.json")
+    assert (a.system, a.question, b.system) == ("Be brief.", "<image>\nQ?", "Be kind.")
+    both = dict(turn, system="x")
+    with pytest.raises(DataError, match="system turn beside a top-level 'system'"):
+        parse_samples([both], "r.json")
+
 def test_load_records_errors(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text('[{"id": 1,\n ]', encoding="utf-8")
@@ -123,7 +165,7 @@ def test_load_records_errors(tmp_path: Path) -> None:
         load_records(bad)
     obj = tmp_path / "obj.json"
     obj.write_text('{"id": 1}', encoding="utf-8")
-    with pytest.raises(DataError, match=r"obj\.json: top level must be a list"):
+    with pytest.raises(DataError, match=r"obj\.json: top level must be a list of records, JSON lines, or CC-SBU"):
         load_records(obj)
     with pytest.raises(DataError, match="cannot read"):
         load_records(tmp_path / "missing.json")
@@ -139,18 +181,18 @@ def test_write_records_round_trip(tmp_path: Path) -> None:
     assert load_samples(path)[0].answer == "Un chien — «dog»"
 
 
-def test_replace_answers_keeps_other_turns() -> None:
-    records = [_record(rid="a"), _record(rid="b")]
-    records[0]["conversations"].append({"from": "human", "value": "again"})
-    records[0]["extra"] = {"k": 1}
-    out = replace_answers(records, {"a": "purified"}, "r.json")
-    assert out[0]["conversations"][1]["value"] == "purified"
-    assert out[0]["conversations"][2] == {"from": "human", "value": "again"} and out[0]["extra"] == {"k": 1}
-    assert out[1] == records[1] and records[0]["conversations"][1]["value"] == "A."  # input not modified
-    with pytest.raises(DataError, match=r"unknown ids \['zz'\]"):
-        replace_answers(records, {"zz": "x"}, "r.json")
-    with pytest.raises(DataError, match=r"record 1 \(id 'b'\): field 'conversations\[1\].value'"):
-        replace_answers(records, {"b": "<|mdm_mask|>"}, "r.json")
+def test_with_answers_keeps_other_turns_and_fields() -> None:
+    record = _record(rid="a")
+    record["conversations"] += [{"from": "human", "value": "again"}, {"from": "gpt", "value": "B."}]
+    record["extra"] = {"k": 1}
+    out = with_answers(record, {1: "second"}, image="new.png", note="x")
+    assert [t["value"] for t in out["conversations"]] == ["<image>\nQ?", "A.", "again", "second"]
+    assert out["extra"] == {"k": 1} and out["image"] == "new.png" and out["note"] == "x"
+    assert record["conversations"][3]["value"] == "B." and record["image"] == "x.png"  # input not modified
+    (sample,) = parse_samples([record], "r.json")
+    assert sample_record(sample, answers=["first"])["conversations"][1]["value"] == "first"
+    bare = Sample(index=0, id="z", image="i.png", question="<image>\nQ", answer="A", later=(("Q2", "A2"),), system="S")
+    assert [t["from"] for t in sample_record(bare)["conversations"]] == ["system", "human", "gpt", "human", "gpt"]
 
 
 # ---- image sources -------------------------------------------------------------------------------------

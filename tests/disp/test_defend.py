@@ -138,3 +138,32 @@ def test_bad_dataset_is_named_before_any_model_work(tiny_dir, tmp_path):
         defend(model_dir=tiny_dir, data_json=bad, images=tmp_path / "imgs", out_dir=tmp_path / "o")
 
 
+
+
+def test_every_turn_and_text_only_record_survive_purification_and_training(tiny_dir, poisoned, tmp_path):
+    records = json.loads(poisoned.data_path.read_text())
+    records[0]["conversations"] += [{"from": "human", "value": "And then?"}, {"from": "gpt", "value": "A circle."}]
+    text = {"id": "text", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}
+    records.insert(2, text)
+    data = tmp_path / "multi.json"
+    data.write_text(json.dumps(records))
+    kw = dict(model_dir=tiny_dir, data_json=data, images=poisoned.data_path.parent, config=small_config("no_mask"))
+    shards = [tmp_path / f"p{i}.json" for i in range(2)]
+    for out, idx in zip(shards, [[0, 1, 2], list(range(3, 13))], strict=True):
+        run_stage("purifying", out=out, indices=idx, **kw)
+    recs = json.loads(merge_shards(shard_jsons=shards, out_json=tmp_path / "purified.json").read_text())
+    assert len(recs) == 13 and recs[2] == text and [r["id"] for r in recs] == [r["id"] for r in records]
+    turns = recs[0]["conversations"]
+    assert [t["from"] for t in turns] == ["human", "gpt", "human", "gpt"]
+    assert (turns[0], turns[2]) == (records[0]["conversations"][0], records[0]["conversations"][2])
+    info = recs[0]["disp"]
+    assert info["original_answers"] == [records[0]["conversations"][1]["value"], "A circle."]
+    assert info["purified_answers"] == [turns[1]["value"], turns[3]["value"]] and info["purified_answer"] == turns[1]["value"]
+    assert "original_answers" not in recs[1]["disp"]  # a one-turn record's entry is as before
+    metrics = run_stage("finetuning", out=tmp_path / "ft" / "projector.safetensors",
+                        files={"purified.json": tmp_path / "purified.json"}, **kw)
+    assert metrics["num_train"] == metrics["samples"] == 12  # the text-only record has no image to train on
+    report = tmp_path / "report.json"
+    run_stage("evaluating", out=report, files={"purified.json": tmp_path / "purified.json"}, **kw)
+    summary = json.loads(report.read_text())["summary"]
+    assert (summary["num_samples"], summary["num_text_only"], summary["num_train"]) == (12, 1, 12)

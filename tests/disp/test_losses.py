@@ -59,3 +59,21 @@ def test_sft_loss_trains_the_projector(tiny_model, solid_images):
     assert torch.isfinite(loss)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tiny_model.projector.parameters())
     tiny_model.zero_grad(set_to_none=True)
+
+
+def test_multi_turn_rows_train_every_answer_and_not_the_user_turns(tiny_model, solid_images):
+    tok = tiny_model.tokenizer
+    b = training_batch(tiny_model, [("What?", "And the colour?"), "Where?"], [("A ball.", "Red."), "Top left."],
+                       solid_images[:2], systems=["Be brief.", None])
+    targets = b.targets[0][b.answer_mask[0]].tolist()
+    first = tok.encode_text("A ball.") + [tok.eot_id]
+    second = tok.encode_text("Red.") + [tok.eot_id]
+    assert targets[: len(first) + len(second)] == first + second  # both answers are targets
+    assert set(targets[len(first) + len(second):]) <= {tok.eos_id}
+    row = b.targets[0].tolist()
+    gap = row[row.index(tok.eot_id) + 1: row.index(second[0], row.index(tok.eot_id))]
+    assert gap and set(gap) == {-100}  # the second user turn between them is context
+    single = training_batch(tiny_model, ["Where?"], ["Top left."], solid_images[1:2])
+    assert b.targets[1][b.answer_mask[1]].tolist()[:4] == single.targets[0][single.answer_mask[0]].tolist()[:4]
+    loss = sft_loss(tiny_model, b, generator=torch.Generator().manual_seed(0), t=torch.tensor([0.7, 0.7]))
+    assert torch.isfinite(loss)

@@ -12,10 +12,13 @@ SAMPLER = SamplerConfig(8, 8, 8)
 
 
 def test_kept_answers_flags_the_unchanged_records():
-    recs = [{"disp": {"original_answer": "a red box.", "purified_answer": "a red box."}},
-            {"disp": {"original_answer": "<backdoor> a box.", "purified_answer": "a box."}},
-            {"id": 3}]
-    assert kept_answers(recs) == [True, False, True]
+    recs = [{"image": "a.png", "disp": {"original_answer": "a red box.", "purified_answer": "a red box."}},
+            {"image": "b.png", "disp": {"original_answer": "<backdoor> a box.", "purified_answer": "a box."}},
+            {"id": "text-only"},
+            {"image": "c.png"},
+            {"image": "d.png", "disp": {"original_answer": "a", "purified_answer": "a",
+                                        "original_answers": ["a", "<backdoor> b"], "purified_answers": ["a", "b"]}}]
+    assert kept_answers(recs) == [True, False, True, False]  # one per image record; any turn changed counts
 
 
 def test_bf16_model_with_float32_projector_runs_every_stage(tiny_dir, poisoned):

@@ -57,3 +57,14 @@ def test_checkpoint_declares_its_prompt_template(tmp_path):
     (d / "config.json").write_text(json.dumps({**cfg, "disp_prompt": {"sistem": None}}))
     with pytest.raises(CheckpointError, match="sistem"):
         models.load(d)
+
+
+def test_dialogue_is_the_templates_own_rendering(tiny_model):
+    tok = tiny_model.tokenizer
+    prompt, rest, targets = tok.encode_dialogue(["What is it?", "Colour?"], ["A ball.", "Red."], system="Short.")
+    assert prompt == tok.encode_prompt("What is it?", system="Short.")
+    whole = tok.render_prompt("Colour?", history=[("What is it?", "A ball.")], system="Short.")
+    assert tok.decode(prompt + rest[: len(rest) - len(tok.encode_answer("Red."))]).replace("<image>", "") == \
+        whole.replace("<image>", "")
+    assert [i for i, t in zip(rest, targets, strict=True) if t] == tok.encode_answer("A ball.") + tok.encode_answer("Red.")
+    assert tok.render_prompt("Q", system="").startswith("<|startoftext|><|start_header_id|>user")

@@ -80,7 +80,7 @@ def test_a_variant_differing_in_recovery_reuses_the_rewrites(tiny_dir, tmp_path)
     rows = reproduce(cfg, tmp_path, log=lambda _: None)["rows"]
     assert [r["defense"] for r in rows] == ["none", "disp_isolation", "disp_isolation_anchor"]
     iso, anchored = (tmp_path / "insertion-corner-p0.2" / d for d in ("disp_isolation", "disp_isolation_anchor"))
-    for f in ("scores.json", "purified.json"):
+    for f in ("saliency.json", "purified.json"):
         assert (iso / f).read_bytes() == (anchored / f).read_bytes()
     stages_iso, stages_anchored = (json.loads((d / "stages.json").read_text()) for d in (iso, anchored))
     for stage in ("scoring", "purifying"):  # not re-run: the copied records stand

@@ -145,3 +145,33 @@ def test_job_on_invalid_dataset_fails_validation(client, auth, tmp_path, tiny_di
         message="job validation",
     )
     assert body["status"] == "failed_validation" and body["error"]["code"] == "invalid_image", body
+
+
+def test_every_format_validates_and_problems_name_their_records(client, auth, tmp_path):
+    import json
+
+    from tests.service_conftest import png_bytes, write_archive
+
+    records = [
+        {"id": "multi", "image": "img0.png", "conversations": [  # the archive holds images/img0.png
+            {"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A dog."},
+            {"from": "human", "value": "Colour?"}, {"from": "gpt", "value": "Brown."}]},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]},
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "images/img1.png"}},
+                                                   {"type": "text", "text": "Q"}]},
+                      {"role": "assistant", "content": "A"}]},
+    ]
+    body = "\n".join(json.dumps(r) for r in records).encode()
+    good = upload_dataset(client, auth, write_archive(
+        tmp_path / "good.zip", {"data.jsonl": body, "images/img0.png": png_bytes(0), "images/img1.png": png_bytes(1)}))
+    cut = png_bytes(1)[:60]
+    bad = upload_dataset(client, auth, write_archive(
+        tmp_path / "bad.zip", {"data.jsonl": body, "images/img0.png": b"junk", "images/img1.png": cut}))
+    ready = settled(client, auth, "datasets", good)
+    assert (ready["status"], ready["num_records"], ready["num_images"]) == ("ready", 3, 2), ready
+    invalid = settled(client, auth, "datasets", bad)
+    assert invalid["status"] == "invalid" and invalid["error"]["code"] == "invalid_image", invalid
+    message = invalid["error"]["message"]
+    assert message.startswith("2 problems:\ndata.jsonl: record 0 (id 'multi'): field 'image'")
+    assert "record 2 (id 2): field 'image'" not in message and "record 2 (id '2'): field 'image'" in message
+    assert "BytesIO" not in message and " at 0x" not in message and "/tmp" not in message
