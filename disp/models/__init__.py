@@ -65,7 +65,7 @@ def load(path: str | Path, *, projector: str | Path | None = None, device: str |
 
     The model is built on the meta device and its weights are read straight into place, in the checkpoint's
     dtype unless `dtype` is given (an 8B bf16 checkpoint needs about its own size in memory, not 2x in
-    float32).
+    float32); on a CPU, float16 weights (the SHAPES bases) are read into float32.
     """
     path = Path(path)
     refuse_pickle(path)

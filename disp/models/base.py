@@ -344,12 +344,15 @@ class MDLM(nn.Module, ABC):
     @classmethod
     def from_dir(cls, path: Path, config: dict[str, Any], dtype: torch.dtype | None = None,
                  device: str | torch.device | None = None) -> MDLM:
-        """Build on the meta device (no memory), then read the weights straight into the parameters, in the
-        checkpoint's dtype unless `dtype` is given, on `device` (default CPU)."""
+        """Build on the meta device (no memory), then read the weights straight into the parameters, on
+        `device` (default CPU), in the checkpoint's dtype unless `dtype` is given; on a CPU float16 weights
+        become float32 (CPU float16 kernels are slow and round differently; bfloat16 stays)."""
         tokenizer = ChatTokenizer.from_dir(path, template=prompt_template(config))
         with torch.device("meta"):
             model = cls(config, tokenizer)
-        materialise(model, path, ignore=model.checkpoint_ignores(), dtype=dtype, device=device)
+        on_cpu = torch.device(device or "cpu").type == "cpu"
+        materialise(model, path, ignore=model.checkpoint_ignores(), dtype=dtype, device=device,
+                    half_to_float32=on_cpu)
         model.model.vision_tower.vision_tower.reset_buffers(device)
         left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
         if left:

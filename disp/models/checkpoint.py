@@ -202,13 +202,13 @@ def _read_tensors(file: Path, keys: Iterable[str]) -> Iterable[tuple[str, torch.
 
 
 def materialise(module: nn.Module, path: str | Path, *, ignore: Iterable[str] = (), dtype: torch.dtype | None = None,
-                device: str | torch.device | None = None) -> None:
+                device: str | torch.device | None = None, half_to_float32: bool = False) -> None:
     """Fill a module built on the meta device with a checkpoint directory's tensors, one tensor at a time.
 
     Keys and shapes are checked against the safetensors headers before any tensor is read. Each tensor
     becomes the module's parameter as read (no second copy), in the checkpoint's dtype unless `dtype` is
-    given, then moved to `device`; so the peak memory is the checkpoint's size plus one tensor. Ignored
-    keys are never read.
+    given (or, with `half_to_float32`, float16 tensors become float32), then moved to `device`; so the peak
+    memory is the loaded model's size plus one tensor. Ignored keys are never read.
     """
     expected = module.state_dict()
     found = tensor_shapes(path)
@@ -221,6 +221,8 @@ def materialise(module: nn.Module, path: str | Path, *, ignore: Iterable[str] = 
         for key, tensor in _read_tensors(file, keys):
             if dtype is not None and tensor.is_floating_point():
                 tensor = tensor.to(dtype)
+            elif half_to_float32 and tensor.dtype == torch.float16:
+                tensor = tensor.float()
             if device is not None:
                 tensor = tensor.to(device)
             module.load_state_dict({key: tensor}, strict=False, assign=True)

@@ -31,6 +31,7 @@ def test_peak_rss_of_loading_stays_within_1_2x_the_checkpoint(tmp_path):
 
 
 def test_random_checkpoint_loads_with_its_keys_and_dtype(tmp_path):
+    """bfloat16 stays bfloat16; float16 (the SHAPES bases' format) is read into float32 on a CPU."""
     small = {**LM, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
              "num_key_value_heads": 4}
     path = write_random_checkpoint(tmp_path / "ckpt", vocab_size=1024, lm=small, vision={**VISION, "hidden_size": 32,
@@ -40,3 +41,7 @@ def test_random_checkpoint_loads_with_its_keys_and_dtype(tmp_path):
     assert {t.dtype for t in model.state_dict().values()} == {torch.bfloat16}
     assert model.image_newline is not None and not any(t.is_meta for t in model.state_dict().values())
     assert models.load(path, dtype=torch.float32).dtype == torch.float32
+    half = write_random_checkpoint(tmp_path / "half", vocab_size=1024, lm=small, dtype=torch.float16,
+                                   vision={**VISION, "hidden_size": 32, "intermediate_size": 64,
+                                           "num_attention_heads": 2})
+    assert {t.dtype for t in models.load(half).state_dict().values()} == {torch.float32}  # float16 on a CPU
