@@ -1,21 +1,25 @@
-"""Stdlib-only inspection of uploaded archives and weight files: safe entry names, pickle and
-safetensors detection, and a safe extractor. Nothing here unpickles or decodes untrusted data."""
+"""Stdlib-only inspection of uploaded archives: safe entry names, limits checked from the headers before
+anything is inflated, bounded member streams, the records file counted as a stream, and a safe extractor.
+Nothing here unpickles or decodes untrusted data (weight files: `api.weights`)."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import stat
-import struct
 import tarfile
 import zipfile
+import zlib
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from disp.constants import PICKLE_SUFFIXES
 
 MAX_ENTRIES = 2_000_000
-MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024  # the safetensors format's own cap
+RATIO_FLOOR = 1024 * 1024  # the compression-ratio check ignores entries (and archives) smaller than this
+READ_ERRORS = (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError, zlib.error)
 
 
 class ArchiveError(ValueError):
@@ -26,31 +30,28 @@ class ArchiveError(ValueError):
         self.code = code
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
     name: str  # normalised relative path
     size: int
 
 
-def detect_format(path: Path) -> str | None:
-    """'zip', 'tar' (any compression) or 'safetensors' by content, else None."""
-    with open(path, "rb") as fh:
-        head = fh.read(16)
-    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
-        return "zip"
-    if tarfile.is_tarfile(path):
-        return "tar"
-    if safetensors_header_ok(read_head(path), path.stat().st_size):
-        return "safetensors"
-    return None
+@dataclass(frozen=True)
+class Limits:
+    """What an archive may expand to; each refusal names the limit and its setting."""
+
+    max_total_bytes: int
+    max_entries: int = MAX_ENTRIES
+    max_member_bytes: int | None = None
+    max_ratio: int | None = None  # expanded / compressed bytes (zip: per entry; tar.gz: the whole archive)
 
 
-def looks_like_pickle(head: bytes) -> bool:
-    """Pickle protocol 2+ opcode, or a torch zip holding a pickle."""
-    return len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5
+def too_large(code: str, what: str, limit: int, setting: str) -> ArchiveError:
+    return ArchiveError(code, f"{what}, above the limit of {limit} ({setting})")
 
 
-def _normalise(raw: str) -> str:
+def entry_name(raw: str) -> str:
+    """An archive entry's name as a relative `a/b` path; ArchiveError if it is absolute, empty or has `..`."""
     name = raw.replace("\\", "/")
     path = PurePosixPath(name)
     if path.is_absolute() or name.startswith("/") or (len(name) > 1 and name[1] == ":"):
@@ -63,66 +64,147 @@ def _normalise(raw: str) -> str:
     return "/".join(parts)
 
 
-def list_entries(path: Path, fmt: str, *, max_total_bytes: int) -> list[Entry]:
-    """Regular-file entries; links, devices, absolute or `..` names refuse the whole archive."""
+def _zip_members(path: Path) -> Iterator[tuple[str, int, int | None, bool, bool, bool]]:
+    with zipfile.ZipFile(path) as zf:
+        for i in zf.infolist():
+            yield (
+                i.filename,
+                i.file_size,
+                i.compress_size,
+                i.is_dir(),
+                stat.S_ISLNK(i.external_attr >> 16),
+                False,
+            )
+
+
+def _tar_members(path: Path) -> Iterator[tuple[str, int, int | None, bool, bool, bool]]:
+    with tarfile.open(path, "r:*") as tf:
+        for m in tf:  # lazily: a refusal stops before the rest of a compressed stream is inflated
+            special = not (m.isfile() or m.isdir() or m.issym() or m.islnk()) or m.issparse()
+            yield m.name, m.size, None, m.isdir(), m.issym() or m.islnk(), special
+
+
+def list_entries(path: Path, fmt: str, *, max_total_bytes: int, limits: Limits | None = None) -> list[Entry]:
+    """Regular-file entries; links, devices, absolute or `..` names refuse the whole archive, and so does
+    any entry, count, total or compression ratio above `limits` (checked from the headers, before any
+    entry is inflated)."""
+    limits = limits or Limits(max_total_bytes)
     entries: dict[str, Entry] = {}
-    total = 0
+    total, archive_bytes = 0, path.stat().st_size
+    members = _zip_members(path) if fmt == "zip" else _tar_members(path)
     try:
-        if fmt == "zip":
-            with zipfile.ZipFile(path) as zf:
-                members = [
-                    (i.filename, i.file_size, i.is_dir(), stat.S_ISLNK(i.external_attr >> 16), False)
-                    for i in zf.infolist()
-                ]
-        else:
-            with tarfile.open(path, "r:*") as tf:
-                members = [
-                    (
-                        m.name,
-                        m.size,
-                        m.isdir(),
-                        m.issym() or m.islnk(),
-                        not (m.isfile() or m.isdir() or m.issym() or m.islnk()),
-                    )
-                    for m in tf
-                ]
-    except (OSError, zipfile.BadZipFile, tarfile.TarError, EOFError) as exc:
-        raise ArchiveError("invalid_archive", f"cannot read the {fmt} archive: {exc}") from exc
-    for raw, size, is_dir, is_link, is_special in members:
-        name = _normalise(raw)
-        if is_link:
-            raise ArchiveError("unsafe_archive_entry", f"archive entry {raw!r} is a link")
-        if is_special:
-            raise ArchiveError("unsafe_archive_entry", f"archive entry {raw!r} is not a regular file")
-        if is_dir:
-            continue
-        if name in entries:
-            raise ArchiveError("unsafe_archive_entry", f"archive entry {raw!r} appears twice")
-        total += size
-        if total > max_total_bytes or len(entries) >= MAX_ENTRIES:
-            raise ArchiveError("archive_too_large", f"archive expands beyond {max_total_bytes} bytes")
-        entries[name] = Entry(name, size)
+        for raw, size, packed, is_dir, is_link, is_special in members:
+            name = entry_name(raw)
+            if is_link:
+                raise ArchiveError("unsafe_archive_entry", f"archive entry {raw!r} is a link")
+            if is_special:
+                raise ArchiveError("unsafe_archive_entry", f"archive entry {raw!r} is not a regular file")
+            if is_dir:
+                continue
+            if name in entries:
+                raise ArchiveError("unsafe_archive_entry", f"archive entry {raw!r} appears twice")
+            _check_entry(name, size, packed, limits, len(entries))
+            total += size
+            if total > max_total_bytes:
+                raise too_large(
+                    "archive_too_large", "the archive expands beyond", max_total_bytes, "max_expanded_bytes"
+                )
+            ratio = limits.max_ratio
+            if ratio and packed is None and total > max(RATIO_FLOOR, ratio * archive_bytes):
+                raise too_large(
+                    "compression_ratio_too_high",
+                    f"the archive expands more than {ratio}x its {archive_bytes} bytes",
+                    ratio,
+                    "max_compression_ratio",
+                )
+            entries[name] = Entry(name, size)
+    except READ_ERRORS as exc:
+        raise ArchiveError("invalid_archive", f"cannot read the {fmt} archive: {exc}") from None
     return sorted(entries.values(), key=lambda e: e.name)
 
 
-def read_member(path: Path, fmt: str, name: str, *, limit: int) -> bytes:
-    """Bytes of entry `name` (as listed by list_entries), at most `limit` (keep it near the entry's size:
-    readers may allocate it up front)."""
+def _check_entry(name: str, size: int, packed: int | None, limits: Limits, count: int) -> None:
+    if count >= limits.max_entries:
+        raise too_large(
+            "too_many_entries", "the archive holds more files", limits.max_entries, "max_archive_entries"
+        )
+    if limits.max_member_bytes is not None and size > limits.max_member_bytes:
+        raise too_large(
+            "member_too_large",
+            f"archive entry {name!r} is {size} bytes",
+            limits.max_member_bytes,
+            "max_member_bytes",
+        )
+    ratio = limits.max_ratio
+    if ratio and packed is not None and size > RATIO_FLOOR and size > ratio * max(packed, 1):
+        raise too_large(
+            "compression_ratio_too_high",
+            f"archive entry {name!r} expands {size // max(packed, 1)}x",
+            ratio,
+            "max_compression_ratio",
+        )
+
+
+class _Bounded:
+    """A member stream: read errors (bad CRC, truncated data) become ArchiveError, and so does a member
+    longer than `limit` bytes."""
+
+    def __init__(self, raw: BinaryIO, name: str, limit: int, setting: str) -> None:
+        self.raw, self.name, self.limit, self.setting, self.seen = raw, name, limit, setting, 0
+
+    def read(self, n: int = -1) -> bytes:
+        want = self.limit + 1 - self.seen if n < 0 else min(n, self.limit + 1 - self.seen)
+        try:
+            data = self.raw.read(max(want, 0))
+        except READ_ERRORS as exc:
+            raise ArchiveError(
+                "invalid_archive", f"{self.name}: cannot be read from the archive: {exc}"
+            ) from None
+        self.seen += len(data)
+        if self.seen > self.limit:
+            raise too_large("member_too_large", f"{self.name} is longer", self.limit, self.setting)
+        return data
+
+
+@contextmanager
+def open_member(path: Path, fmt: str, name: str, *, limit: int, setting: str = "max_member_bytes"):
+    """A binary stream of entry `name` (as listed by list_entries) that refuses to yield more than `limit`
+    bytes; read it in chunks to keep memory bounded."""
+    with ExitStack() as stack:
+        try:
+            raw = _find_member(stack, path, fmt, name)
+        except READ_ERRORS as exc:
+            raise ArchiveError("invalid_archive", f"cannot read the {fmt} archive: {exc}") from None
+        yield _Bounded(raw, name, limit, setting)
+
+
+def _find_member(stack: ExitStack, path: Path, fmt: str, name: str) -> BinaryIO:
     if fmt == "zip":
-        with zipfile.ZipFile(path) as zf:
-            for info in zf.infolist():
-                if not info.is_dir() and _normalise(info.filename) == name:
-                    with zf.open(info) as fh:
-                        return fh.read(limit)
+        zf = stack.enter_context(zipfile.ZipFile(path))
+        for info in zf.infolist():
+            if not info.is_dir() and entry_name(info.filename) == name:
+                return stack.enter_context(zf.open(info))
     else:
-        with tarfile.open(path, "r:*") as tf:
-            for member in tf:
-                if member.isfile() and _normalise(member.name) == name:
-                    fh = tf.extractfile(member)
-                    assert fh is not None
-                    with fh:
-                        return fh.read(limit)
+        tf = stack.enter_context(tarfile.open(path, "r:*"))
+        for member in tf:
+            if member.isfile() and entry_name(member.name) == name:
+                fh = tf.extractfile(member)
+                assert fh is not None
+                return stack.enter_context(fh)
     raise ArchiveError("invalid_archive", f"archive has no entry {name!r}")
+
+
+def read_member(path: Path, fmt: str, name: str, *, limit: int, setting: str = "max_member_bytes") -> bytes:
+    """All bytes of a small entry; ArchiveError (naming `setting`) when it is longer than `limit`."""
+    with open_member(path, fmt, name, limit=limit, setting=setting) as fh:
+        return fh.read()
+
+
+def copy_member(path: Path, fmt: str, name: str, dest: Path, *, limit: int, setting: str) -> None:
+    """Write an entry to `dest` in 1 MiB chunks."""
+    with open_member(path, fmt, name, limit=limit, setting=setting) as fh, open(dest, "wb") as out:
+        while chunk := fh.read(1024 * 1024):
+            out.write(chunk)
 
 
 def common_root(entries: list[Entry]) -> str:
@@ -141,92 +223,38 @@ def refuse_pickle_name(name: str) -> None:
         )
 
 
-def safetensors_header_ok(head: bytes, size: int) -> bool:
-    try:
-        safetensors_tensors(head, size)
-    except ArchiveError:
-        return False
-    return True
-
-
-def safetensors_tensors(head: bytes, size: int) -> list[str]:
-    """Tensor names from the start of a safetensors file (8-byte length + JSON header), checked for bounds."""
-    if looks_like_pickle(head):
-        raise ArchiveError("pickle_refused", "the file is a pickle, not safetensors; it was not opened")
-    if len(head) < 8:
-        raise ArchiveError("invalid_safetensors", "file too short for a safetensors header")
-    (n,) = struct.unpack("<Q", head[:8])
-    if n > MAX_SAFETENSORS_HEADER or n + 8 > size:
-        raise ArchiveError("invalid_safetensors", "safetensors header length out of bounds")
-    if len(head) < 8 + n:
-        raise ArchiveError("invalid_safetensors", "need the whole header")
-    try:
-        header = json.loads(head[8 : 8 + n])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArchiveError("invalid_safetensors", f"safetensors header is not JSON: {exc}") from exc
-    if not isinstance(header, dict):
-        raise ArchiveError("invalid_safetensors", "safetensors header is not an object")
-    data_len = size - 8 - n
-    names = []
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if not (
-            isinstance(offsets, list) and len(offsets) == 2 and 0 <= offsets[0] <= offsets[1] <= data_len
-        ):
-            raise ArchiveError("invalid_safetensors", f"tensor {key!r} lies outside the file")
-        names.append(key)
-    return names
-
-
-def read_head(path: Path, limit: int = MAX_SAFETENSORS_HEADER + 8) -> bytes:
-    with open(path, "rb") as fh:
-        first = fh.read(8)
-        if len(first) == 8 and not looks_like_pickle(first):
-            (n,) = struct.unpack("<Q", first)
-            return first + fh.read(min(n, limit))
-        return first
-
-
-def check_weights_file(path: Path, name: str) -> list[str]:
-    """Refuse pickles by name and by content; return the tensor names of a valid safetensors file."""
-    refuse_pickle_name(name)
-    if not name.endswith(".safetensors"):
-        raise ArchiveError("invalid_safetensors", f"{name}: weights must be .safetensors files")
-    try:
-        return safetensors_tensors(read_head(path), path.stat().st_size)
-    except ArchiveError as exc:
-        raise ArchiveError(exc.code, f"{name}: {exc}") from None
-
-
-def safe_extract(path: Path, fmt: str, dest: Path, *, max_total_bytes: int) -> list[Entry]:
+def safe_extract(
+    path: Path, fmt: str, dest: Path, *, max_total_bytes: int, limits: Limits | None = None
+) -> list[Entry]:
     """Extract regular files only, after list_entries accepted every name; pickles refuse the archive."""
-    entries = list_entries(path, fmt, max_total_bytes=max_total_bytes)
+    entries = list_entries(path, fmt, max_total_bytes=max_total_bytes, limits=limits)
     for entry in entries:
         refuse_pickle_name(entry.name)
     dest.mkdir(parents=True, exist_ok=True)
     root = dest.resolve()
 
     def target(raw: str) -> Path:
-        out = (root / _normalise(raw)).resolve()
+        out = (root / entry_name(raw)).resolve()
         if not out.is_relative_to(root):
             raise ArchiveError("unsafe_archive_entry", f"archive entry {raw!r} escapes the archive folder")
         out.parent.mkdir(parents=True, exist_ok=True)
         return out
 
-    if fmt == "zip":
-        with zipfile.ZipFile(path) as zf:
-            for info in zf.infolist():
-                if not info.is_dir():
-                    with zf.open(info) as src, open(target(info.filename), "wb") as out:
-                        shutil.copyfileobj(src, out, 1024 * 1024)
-    else:
-        with tarfile.open(path, "r:*") as tf:
-            for member in tf:
-                if member.isfile():
-                    src = tf.extractfile(member)
-                    assert src is not None
-                    with src, open(target(member.name), "wb") as out:
-                        shutil.copyfileobj(src, out, 1024 * 1024)
+    try:
+        if fmt == "zip":
+            with zipfile.ZipFile(path) as zf:
+                for info in zf.infolist():
+                    if not info.is_dir():
+                        with zf.open(info) as src, open(target(info.filename), "wb") as out:
+                            shutil.copyfileobj(src, out, 1024 * 1024)
+        else:
+            with tarfile.open(path, "r:*") as tf:
+                for member in tf:
+                    if member.isfile():
+                        src = tf.extractfile(member)
+                        assert src is not None
+                        with src, open(target(member.name), "wb") as out:
+                            shutil.copyfileobj(src, out, 1024 * 1024)
+    except (EOFError, zipfile.BadZipFile, tarfile.TarError, zlib.error) as exc:
+        raise ArchiveError("invalid_archive", f"cannot extract the {fmt} archive: {exc}") from None
     return entries

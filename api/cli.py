@@ -72,7 +72,11 @@ def cmd_models(args: argparse.Namespace) -> int:
     with session_scope(settings.database_url) as session:
         if args.models_command == "register":
             entry = register_base_model(
-                session=session, storage=get_storage(settings), name=args.name, checkpoint_dir=Path(args.dir)
+                session=session,
+                storage=get_storage(settings),
+                name=args.name,
+                checkpoint_dir=Path(args.dir),
+                settings=settings,
             )
             print(f"registered {entry.name} as {entry.id} ({entry.bytes} bytes)")
         else:

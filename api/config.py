@@ -42,12 +42,19 @@ class CommonSettings(BaseSettings):
     environment: str = "production"  # "production", "development", "test"
     webhook_allow_private: bool = False  # allow webhook URLs on loopback / private networks
 
-    # Input limits, checked before any GPU time is spent.
+    # Input limits, checked before any GPU time is spent (docs/security.md lists them with their memory cost).
     max_archive_bytes: int = 50 * 1024**3  # one uploaded archive (presigned multipart)
     max_expanded_bytes: int = 200 * 1024**3  # an archive's entries, summed (zip-bomb guard)
+    max_archive_entries: int = 50_000  # files in one archive; each costs ~3 KB of worker RSS while validated
+    max_member_bytes: int = 2 * 1024**3  # any one file of a dataset archive
+    max_compression_ratio: int = 200  # expanded / compressed size of a dataset archive's files (zip bombs)
+    max_dataset_json_bytes: int = 24 * 1024**2  # the data file (JSON, JSONL, parquet, ...): read whole, ~9x in RSS
+    max_json_depth: int = 64  # nesting of one record
     max_records: int = 1_000_000
-    max_image_pixels: int = 64_000_000
-    max_image_bytes: int = 64 * 1024**2
+    max_image_pixels: int = 25_000_000  # width x height, read from the header before decoding
+    max_image_bytes: int = 32 * 1024**2
+    max_checkpoint_json_bytes: int = 16 * 1024**2  # config.json, the shard index, tokenizer_config.json
+    max_tokenizer_bytes: int = 64 * 1024**2  # tokenizer.json
 
     @field_validator("storage_backend")
     @classmethod
@@ -79,6 +86,8 @@ class ApiSettings(CommonSettings):
     run_migrations: bool = True
     public_url: str = "http://127.0.0.1:8000"  # base of the API's own upload/download URLs
     max_upload_bytes: int = 512 * 1024**2  # multipart POST bodies
+    max_json_body_bytes: int = 1024**2  # every other request body (JSON)
+    metrics_token: str | None = None  # bearer token of GET /metrics; unset: /metrics answers 404
     part_size_bytes: int = 64 * 1024**2
     min_part_size_bytes: int = 5 * 1024**2  # S3 minimum for every part but the last
     upload_expiry_s: int = 24 * 3600

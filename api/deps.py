@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import Depends, Header, Path, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -13,6 +14,7 @@ from api.config import ApiSettings
 from api.db.models import ApiKey, Artifact, Checkpoint, Dataset, Job, Tenant, Upload
 from api.db.session import get_sessionmaker
 from api.errors import ApiError, not_found
+from api.schemas import ID_PATTERN
 from api.security import hash_api_key
 from api.storage import Storage, get_storage
 
@@ -61,10 +63,12 @@ def tenant_for_key(session: Session, key: str | None) -> Tenant | None:
     return row
 
 
-def current_tenant(
-    session: SessionDep, authorization: Annotated[str | None, Header(include_in_schema=False)] = None
-) -> Tenant:
-    tenant = tenant_for_key(session, bearer_key(authorization))
+bearer_scheme = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer dsk_...`.")
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
+
+
+def current_tenant(session: SessionDep, credentials: BearerDep) -> Tenant:
+    tenant = tenant_for_key(session, credentials.credentials if credentials else None)
     if tenant is None:
         raise ApiError(
             401, "unauthorized", "Missing, invalid or revoked API key (use 'Authorization: Bearer ...')"
@@ -76,13 +80,40 @@ TenantDep = Annotated[Tenant, Depends(current_tenant)]
 
 
 def _owned(model, kind: str, param: str):
-    def load(session: SessionDep, tenant: TenantDep, object_id: Annotated[str, Path(alias=param)]):
+    def load(
+        session: SessionDep,
+        tenant: TenantDep,
+        object_id: Annotated[str, Path(alias=param, pattern=ID_PATTERN)],
+    ):
         row = session.get(model, object_id)
-        if row is None or row.tenant_id != tenant.id:  # another tenant's id is indistinguishable from none
+        # another tenant's id, or a deleted object, is indistinguishable from none
+        if row is None or row.tenant_id != tenant.id or getattr(row, "status", None) == "deleted":
             raise not_found(kind, object_id, param)
         return row
 
     return load
+
+
+IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]{1,255}$"
+
+
+def idempotency_key(
+    key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            pattern=IDEMPOTENCY_KEY_PATTERN,
+            description="Retry-safe POST: the first response (below 500) under this key is stored for 24 h and "
+            "replayed (`Idempotent-Replayed: true`) for a retry with the same request; another request under the "
+            "same key gets 422 `idempotency_key_reused`, one still in progress 409 `idempotency_key_in_use`. "
+            "Printable ASCII, at most 255 characters.",
+        ),
+    ] = None,
+) -> None:
+    """Documents the header; the `Idempotency` middleware acts on it before the route runs."""
+
+
+IdempotencyKey = Depends(idempotency_key)
 
 
 CurrentJob = Annotated[Job, Depends(_owned(Job, "job", "job_id"))]

@@ -1,9 +1,14 @@
 """`Idempotency-Key` on every POST: the first response (below 500) is stored per tenant and key and
-replayed for retries with the same request; a different request under the same key is refused."""
+replayed for retries with the same request; a different request under the same key is refused.
+
+The response is held until its record is stored, so a retry sent the moment the first response arrives
+always finds it. Requests are compared by method, path, query and body; a JSON body by its content (keys
+in any order, any whitespace), a multipart body with its random boundary taken out."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import tempfile
 from datetime import timedelta
@@ -23,6 +28,9 @@ from api.errors import error_body
 STALE_IN_FLIGHT = timedelta(minutes=10)
 _KEEP_HEADERS = ("content-type", "location")
 _BOUNDARY = re.compile(rb"boundary=\"?([^\";]+)\"?", re.I)
+_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")  # printable ASCII, as the OpenAPI document says
+_JSON_TYPE = re.compile(rb"^application/([\w.+-]*\+)?json\b", re.I)
+_MAX_CANONICAL = 1024**2  # JSON bodies up to this size are compared by content
 
 
 class Idempotency:
@@ -36,9 +44,14 @@ class Idempotency:
             await self.app(scope, receive, send)
             return
         request = Request(scope)
-        if len(key) > 255:
+        if not _KEY.match(key):
             await self._error(
-                scope, receive, send, 400, "invalid_idempotency_key", "Idempotency-Key too long"
+                scope,
+                receive,
+                send,
+                400,
+                "invalid_idempotency_key",
+                "Idempotency-Key must be 1 to 255 printable ASCII characters",
             )
             return
         api_key = bearer_key(headers.get(b"authorization", b"").decode("latin-1"))
@@ -67,8 +80,10 @@ class Idempotency:
         digest = hashlib.sha256(
             f"{scope['method']} {scope['path']}?{scope.get('query_string', b'').decode()}\n".encode()
         )
-        match = _BOUNDARY.search(headers.get(b"content-type", b""))
+        content_type = headers.get(b"content-type", b"")
+        match = _BOUNDARY.search(content_type)
         boundary = match.group(1) if match else b""
+        as_json = bool(_JSON_TYPE.match(content_type.strip())) or not content_type
         size, more, rest = 0, True, b""
         while more:
             message = await receive()
@@ -80,6 +95,8 @@ class Idempotency:
 
                 raise BodyTooLarge(self.max_body)
             spool.write(chunk)
+            if as_json:
+                continue  # hashed below, by content
             if not boundary:
                 digest.update(chunk)
                 continue
@@ -91,6 +108,13 @@ class Idempotency:
             digest.update(last[: len(last) - keep] if len(last) > keep else b"")
             rest = last[len(last) - keep :] if len(last) > keep else last
         digest.update(rest)
+        if as_json:
+            spool.seek(0)
+            digest.update(_canonical_json(spool.read(_MAX_CANONICAL + 1)) if size <= _MAX_CANONICAL else b"")
+            if size > _MAX_CANONICAL:  # too large to parse here: compared byte for byte
+                spool.seek(0)
+                while chunk := spool.read(1024 * 1024):
+                    digest.update(chunk)
         spool.seek(0)
         return spool, digest.hexdigest()
 
@@ -137,18 +161,19 @@ class Idempotency:
             chunk = spool.read(1024 * 1024)
             return {"type": "http.request", "body": chunk, "more_body": bool(chunk)}
 
+        messages: list[Message] = []
         captured = {"status": 500, "headers": {}, "body": bytearray()}
 
-        async def capture(message: Message) -> None:
+        async def hold(message: Message) -> None:  # sent only once the record is final
             if message["type"] == "http.response.start":
                 captured["status"] = message["status"]
                 captured["headers"] = {k.decode().lower(): v.decode() for k, v in message.get("headers", [])}
             elif message["type"] == "http.response.body":
                 captured["body"].extend(message.get("body", b""))
-            await send(message)
+            messages.append(message)
 
         try:
-            await self.app(scope, replay_receive, capture)
+            await self.app(scope, replay_receive, hold)
         except BaseException:
             await run_in_threadpool(self._release, tenant_id, key)
             raise
@@ -156,6 +181,8 @@ class Idempotency:
             await run_in_threadpool(self._release, tenant_id, key)
         else:
             await run_in_threadpool(self._store, tenant_id, key, captured)
+        for message in messages:
+            await send(message)
 
     def _release(self, tenant_id: str, key: str) -> None:
         with get_sessionmaker(self.database_url)() as session:
@@ -180,6 +207,15 @@ class Idempotency:
         await JSONResponse(error_body(Request(scope), code, message, "Idempotency-Key"), status_code=status)(
             scope, receive, send
         )
+
+
+def _canonical_json(body: bytes) -> bytes:
+    """A JSON body re-serialised with sorted keys and no whitespace; the bytes themselves if not JSON."""
+    try:
+        value = json.loads(body)
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    except (ValueError, RecursionError):
+        return body
 
 
 def purge_expired(database_url: str, ttl_s: int) -> int:

@@ -46,7 +46,9 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     app.include_router(health.router)
     # Outermost first: request id + body limit + metrics wrap idempotency, which wraps the routes.
     app.add_middleware(Idempotency, database_url=settings.database_url, max_body=settings.max_upload_bytes)
-    app.add_middleware(RequestContext, max_body=settings.max_upload_bytes)
+    app.add_middleware(
+        RequestContext, max_body=settings.max_upload_bytes, max_json_body=settings.max_json_body_bytes
+    )
     return app
 
 

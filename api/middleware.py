@@ -22,11 +22,12 @@ class BodyTooLarge(ApiError):
 
 
 class RequestContext:
-    """Request id (from `X-Request-Id` or new) on `request.state` and the response; body size limit;
-    request count and latency by route template."""
+    """Request id (from `X-Request-Id` or new) on `request.state` and the response; body size limits
+    (`max_body` for uploads, `max_json_body` for everything else); request count and latency by route
+    template."""
 
-    def __init__(self, app: ASGIApp, *, max_body: int) -> None:
-        self.app, self.max_body = app, max_body
+    def __init__(self, app: ASGIApp, *, max_body: int, max_json_body: int) -> None:
+        self.app, self.max_body, self.max_json_body = app, max_body, max_json_body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -46,7 +47,11 @@ class RequestContext:
             await send(message)
 
         declared = headers.get(b"content-length")
-        limit = self.max_body
+        # Only uploads may be large: multipart POSTs and the parts PUT to the API's own part URLs.
+        upload = scope["method"] == "PUT" or headers.get(b"content-type", b"").lower().startswith(
+            b"multipart/"
+        )
+        limit = self.max_body if upload else self.max_json_body
         if declared is not None and declared.isdigit() and int(declared) > limit:
             from starlette.requests import Request
             from starlette.responses import JSONResponse

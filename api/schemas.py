@@ -3,28 +3,60 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.settings_schema import settings_model
 from disp.config import DefenseConfig
 
+# Request strings reach PostgreSQL, which stores no NUL character: every one is bounded and NUL-free.
+NO_NUL = r"^[^\x00]*$"
+ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # object ids (`job_...`) and cursors
+MODEL_REF_PATTERN = r"^[A-Za-z0-9._-]{1,200}$"  # a base model's id or name
+BIGINT_MAX = 2**63 - 1
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+ObjectId = Annotated[str, Field(pattern=ID_PATTERN, description="An object id, e.g. `ds_0190...`.")]
+Name = Annotated[str, Field(min_length=1, max_length=300, pattern=NO_NUL)]
+ModelRef = Annotated[str, Field(pattern=MODEL_REF_PATTERN, description="Base model id or name.")]
+MetadataKey = Annotated[str, Field(min_length=1, max_length=64, pattern=NO_NUL)]
+MetadataValue = Annotated[str, Field(max_length=512, pattern=NO_NUL)]
+
+
+class _Request(BaseModel):
+    """A request body: unknown fields refused, and JSON types taken as written (`false` is not a number,
+    `54.0` is not an integer)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Machine-readable error code, e.g. `not_found`, `payload_too_large`.")
+    message: str = Field(description="What is wrong, naming the limit or the field where there is one.")
+    param: str | None = Field(None, description="The request field or header at fault, if any.")
+    request_id: str | None = Field(None, description="The `X-Request-Id` of the request.")
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error response."""
+
+    error: ErrorDetail
 
 
 DefenseSettings = settings_model(DefenseConfig)  # and its sections: SamplerSettings, SaliencySettings, ...
 
 
-class JobCreate(_Strict):
-    dataset_id: str
-    checkpoint_id: str
+class JobCreate(_Request):
+    dataset_id: ObjectId
+    checkpoint_id: ObjectId
     settings: DefenseSettings = Field(default_factory=DefenseSettings)
-    webhook_url: str | None = Field(None, description="Receives signed stage-change and completion events.")
-    shard_size: int | None = Field(None, ge=1, description="Records per scoring/purification shard.")
-    metadata: dict[str, str] = Field(default_factory=dict, description="Up to 16 string pairs.")
+    webhook_url: str | None = Field(
+        None, max_length=2000, pattern=NO_NUL, description="Receives signed stage-change and completion events."
+    )
+    shard_size: int | None = Field(None, ge=1, le=1_000_000, description="Records per scoring/purification shard.")
+    metadata: dict[MetadataKey, MetadataValue] = Field(
+        default_factory=dict, max_length=16, description="Up to 16 string pairs."
+    )
 
 
 class Progress(BaseModel):
@@ -146,15 +178,17 @@ class ModelList(Page):
     data: list[ModelOut]
 
 
-class UploadCreate(_Strict):
+class UploadCreate(_Request):
     purpose: Literal["dataset", "checkpoint"]
-    filename: str = Field(min_length=1, max_length=300)
-    bytes: int = Field(gt=0, description="Total size; the completed object must match it.")
+    filename: Name
+    bytes: int = Field(gt=0, le=BIGINT_MAX, description="Total size; the completed object must match it.")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="Hex SHA-256 of the whole file.")
-    name: str | None = None
+    name: Name | None = None
     kind: Literal["full", "adapter"] = "full"
-    base_model: str | None = Field(None, description="Base model id or name, for adapters.")
-    part_size: int | None = Field(None, description="Bytes per part; the service picks one if unset.")
+    base_model: ModelRef | None = Field(None, description="Base model id or name, for adapters.")
+    part_size: int | None = Field(
+        None, ge=1, le=5 * 1024**3, description="Bytes per part (S3 allows at most 5 GiB); the service picks one if unset."
+    )
 
 
 class PartUrl(BaseModel):
@@ -183,17 +217,19 @@ class PartUrls(BaseModel):
     expires_at: datetime
 
 
-class PartsRequest(_Strict):
-    part_numbers: list[int] | None = Field(None, description="Which parts; all when omitted.")
+class PartsRequest(_Request):
+    part_numbers: list[Annotated[int, Field(ge=1, le=10_000)]] | None = Field(
+        None, max_length=10_000, description="Which parts; all when omitted."
+    )
 
 
-class CompletedPart(_Strict):
+class CompletedPart(_Request):
     part_number: int = Field(ge=1, le=10_000)
-    etag: str
+    etag: str = Field(min_length=1, max_length=200, pattern=NO_NUL)
 
 
-class UploadComplete(_Strict):
-    parts: list[CompletedPart] = Field(min_length=1)
+class UploadComplete(_Request):
+    parts: list[CompletedPart] = Field(min_length=1, max_length=10_000)
 
 
 class TenantOut(BaseModel):

@@ -50,6 +50,10 @@ class Storage:
     def delete(self, key: str) -> None:
         raise NotImplementedError
 
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under `prefix/`; returns how many."""
+        raise NotImplementedError
+
     def presign_get(self, key: str, *, filename: str, expires_in: int) -> str | None:
         return None
 
@@ -129,6 +133,12 @@ class LocalStorage(Storage):
 
     def delete(self, key: str) -> None:
         self.path(key).unlink(missing_ok=True)
+
+    def delete_prefix(self, prefix: str) -> int:
+        folder = self.path(prefix.rstrip("/"))
+        count = sum(1 for f in folder.rglob("*") if f.is_file()) if folder.is_dir() else 0
+        shutil.rmtree(folder, ignore_errors=True)
+        return count
 
     def _parts_dir(self, upload_id: str) -> Path:
         if not upload_id.isalnum():
@@ -260,6 +270,18 @@ class S3Storage(Storage):
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=key)
+
+    def delete_prefix(self, prefix: str) -> int:
+        count = 0
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=prefix.rstrip("/") + "/"
+        )
+        for page in pages:
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if keys:  # at most 1000 per page, the limit of one DeleteObjects call
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys, "Quiet": True})
+                count += len(keys)
+        return count
 
     def presign_get(self, key: str, *, filename: str, expires_in: int) -> str | None:
         params = {

@@ -1,12 +1,17 @@
-"""Webhook signing and verification: HMAC-SHA256 over `id.timestamp.body` (Standard Webhooks scheme)."""
+"""Webhooks: signing and verification (HMAC-SHA256 over `id.timestamp.body`, the Standard Webhooks
+scheme), and the SSRF guard on their targets: only globally routable addresses, checked when the job is
+created and again, on the address actually connected to, at every delivery."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
 import hmac
+import ipaddress
+import socket
 import time
 from collections.abc import Mapping
+from urllib.parse import urlsplit
 
 from api.security import WEBHOOK_SECRET_PREFIX
 
@@ -64,3 +69,57 @@ def verify(
     want = sign(secret, msg_id, ts, body)
     if not any(hmac.compare_digest(want, s) for s in signatures.split()):
         raise WebhookVerificationError("no matching signature")
+
+
+# Not private by the stdlib's tables, yet no place for a webhook (Python 3.11 counts some as global).
+_BLOCKED = [
+    ipaddress.ip_network(n)
+    for n in ("0.0.0.0/8", "100.64.0.0/10", "192.0.0.0/24", "198.18.0.0/15", "240.0.0.0/4", "64:ff9b:1::/48")
+]
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+class WebhookTargetError(ValueError):
+    """A webhook URL is not an http(s) URL of a publicly routable host."""
+
+
+def public_address(text: str) -> bool:
+    """Whether an IP address is globally routable: not private, loopback, link-local, CGNAT
+    (100.64.0.0/10), multicast, reserved, nor an IPv6 form wrapping such an IPv4 address."""
+    addr = ipaddress.ip_address(text.split("%", 1)[0])
+    if addr.version == 6:
+        inner = addr.ipv4_mapped or addr.sixtofour or (addr.teredo[1] if addr.teredo else None)
+        if inner is None and addr in _NAT64:
+            inner = ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+        if inner is not None:
+            return public_address(str(inner))
+    return addr.is_global and not addr.is_multicast and not any(addr in net for net in _BLOCKED)
+
+
+def resolve_public(host: str, port: int) -> list[str]:
+    """The addresses `host` resolves to; WebhookTargetError if it does not resolve or any is not public
+    (one private answer is enough to refuse: a resolver may hand out either)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        raise WebhookTargetError(f"webhook host {host!r} does not resolve") from None
+    addresses = list(dict.fromkeys(info[4][0] for info in infos))
+    private = [a for a in addresses if not public_address(a)]
+    if private:
+        raise WebhookTargetError(f"webhook host {host!r} resolves to a non-public address ({private[0]})")
+    return addresses
+
+
+def check_target(url: str, *, allow_private: bool) -> None:
+    """Refuse a webhook URL that is not http(s) or (unless `allow_private`) not publicly routable."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise WebhookTargetError("webhook_url is not a valid URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise WebhookTargetError("webhook_url must be an http(s) URL")
+    if parts.username or parts.password:
+        raise WebhookTargetError("webhook_url must not carry credentials")
+    if not allow_private:
+        resolve_public(parts.hostname, port)

@@ -92,6 +92,9 @@ def _jsonl(text: str, name: str) -> list[Any]:
         if line.strip():
             try:
                 rows.append(json.loads(line))
+            except RecursionError:
+                raise FormatError(f"{name}: line {lineno} is nested too deeply to be a record", code="malformed_json",
+                                  source=name) from None
             except json.JSONDecodeError as err:
                 raise FormatError(f"{name}: invalid JSON at line {lineno} (record {len(rows)}) column {err.colno}: "
                                   f"{err.msg}", code="malformed_json", source=name) from None
@@ -108,6 +111,9 @@ def parse_json_bytes(data: bytes, name: str) -> DataFile:
         return DataFile(_jsonl(text, name), "jsonl", name)
     try:
         top = json.loads(text)
+    except RecursionError:
+        raise FormatError(f"{name}: nested too deeply to be a list of records", code="malformed_json",
+                          source=name) from None
     except json.JSONDecodeError as err:
         if err.msg == "Extra data" and text.lstrip().startswith("{"):
             return DataFile(_jsonl(text, name), "jsonl", name)

@@ -43,8 +43,13 @@ def _record_error(source: str, index: int, rid: Any, field: str, problem: str) -
                      record_id=None if rid is None else str(rid), field=field)
 
 
+_PLAIN_PATH = re.compile(r"[\w-][\w.-]*(?:/[\w-][\w.-]*)*", re.ASCII)  # already canonical: no '.', '..', '//'
+
+
 def normalise_name(name: str) -> str:
     """Return a relative image name in canonical ``a/b.png`` form; ValueError if it could escape a root."""
+    if isinstance(name, str) and _PLAIN_PATH.fullmatch(name):
+        return name
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"must be a non-empty relative path, got {name!r}")
     if "\\" in name or "\x00" in name:
@@ -162,11 +167,17 @@ class ImageSource:
                 if img.width * img.height > self.max_pixels:
                     raise DataError(f"{self.name}: image {name!r} is {img.width}x{img.height} pixels, above "
                                     f"the limit of {self.max_pixels}", source=self.name)
+                img.load()
+                if img.mode == "RGB":  # no second copy: the loaded pixels outlive the `with`
+                    return img
                 return img.convert("RGB")
+        except Image.DecompressionBombError:  # Pillow's own guard, far above ours, read from the header too
+            raise DataError(f"{self.name}: image {name!r} declares more pixels than the limit of {self.max_pixels}",
+                            source=self.name) from None
         except Image.UnidentifiedImageError:
             raise DataError(f"{self.name}: image {name!r} cannot be decoded: not a "
                             f"{'/'.join(IMAGE_FORMATS)} image", source=self.name) from None
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        except (OSError, SyntaxError, ValueError) as err:
             if isinstance(err, DataError):
                 raise
             reason = re.sub(r"<_io\.\w+ object at 0x[0-9a-f]+>", "the image", str(err))
@@ -307,8 +318,9 @@ class ZipSource(_ArchiveSource):
 class TarSource(_ArchiveSource):
     """Images in a tar (optionally compressed); links, devices, absolute and ``..`` entries are refused.
 
-    A compressed tar is re-read from the start for every backwards seek: use ``.tar`` or ``.zip`` for large
-    shuffled training sets.
+    The member table is read once and keeps each file's data offset, so a read is one seek (not a scan of
+    the member list). A compressed tar is re-read from the start for every backwards seek: use ``.tar`` or
+    ``.zip`` for large shuffled training sets.
     """
 
     def _open(self) -> tarfile.TarFile:
@@ -316,23 +328,23 @@ class TarSource(_ArchiveSource):
 
     def _scan(self) -> dict[str, Any]:
         entries: dict[str, Any] = {}
-        for member in self._file().getmembers():
+        for member in self._file():
             key = self._entry_name(member.name)
             if member.issym() or member.islnk():
                 raise DataError(f"{self.name}: archive entry {member.name!r} refused: link", source=self.name)
-            if member.isfile():
-                self._add(entries, key, member.name, member.name, member.size)
+            if member.isfile() and not member.issparse():
+                self._add(entries, key, member.name, member.offset_data, member.size)
             elif not member.isdir():
                 raise DataError(f"{self.name}: archive entry {member.name!r} refused: not a regular file",
                                 source=self.name)
         return entries
 
     def _read(self, key: str, limit: int) -> bytes:
+        offset, size = self._entries[key]
         with self._lock:
-            f = self._file().extractfile(self._entries[key][0])
-            assert f is not None  # only regular files are in the table
-            with f:
-                return f.read(limit)
+            data = self._file().fileobj
+            data.seek(offset)
+            return data.read(min(size, limit))
 
 
 def open_image_source(path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXELS,

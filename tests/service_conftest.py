@@ -4,6 +4,7 @@ session resources are created once per pytest session even when both directories
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -12,9 +13,11 @@ import socket
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import uuid
 import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN = os.environ.get("DISP_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 REDIS = os.environ.get("DISP_TEST_REDIS", "redis://127.0.0.1:6379")
 RUN = uuid.uuid4().hex[:8]
+METRICS_TOKEN = f"metrics-{RUN}"
 _shared: dict[str, object] = {}
 
 
@@ -148,6 +152,7 @@ def service_env(pg_url, redis_url, s3_endpoint, queue_prefix, tmp_path_factory) 
         "DISP_DEVICE": "cpu",
         "DISP_PUBLIC_URL": "http://testserver",
         "DISP_MAX_UPLOAD_BYTES": str(20 * 1024**2),
+        "DISP_METRICS_TOKEN": METRICS_TOKEN,
     }
 
 
@@ -180,13 +185,15 @@ def storage(api_settings):
 
 
 @pytest.fixture(scope="session")
-def base_model(pg_url, storage, tiny_dir) -> str:
+def base_model(pg_url, storage, tiny_dir, api_settings) -> str:
     """The tiny checkpoint registered as base model `tiny` (what `disp models register` does)."""
     from api.db.session import session_scope
     from api.services.files import register_base_model
 
     with session_scope(pg_url) as session:
-        return register_base_model(session=session, storage=storage, name="tiny", checkpoint_dir=tiny_dir).id
+        return register_base_model(
+            session=session, storage=storage, settings=api_settings, name="tiny", checkpoint_dir=tiny_dir
+        ).id
 
 
 def new_tenant(database_url: str, name: str | None = None) -> dict[str, str]:
@@ -203,6 +210,99 @@ def new_tenant(database_url: str, name: str | None = None) -> dict[str, str]:
 def auth(pg_url) -> dict[str, str]:
     """Headers of a fresh tenant's API key."""
     return new_tenant(pg_url)
+
+
+@pytest.fixture
+def inputs(client, auth, tmp_path, tiny_dir) -> tuple[str, str]:
+    """Ids of a 4-record dataset and the tiny checkpoint, uploaded by `auth`'s tenant (still validating)."""
+    archive = dataset_archive(tmp_path / "ds.zip", n=4)
+    dataset = client.post("/v1/datasets", headers=auth, files={"file": ("ds.zip", archive.read_bytes())})
+    ck = checkpoint_archive(tiny_dir, tmp_path / "ck.tar")
+    checkpoint = client.post("/v1/checkpoints", headers=auth, files={"file": ("ck.tar", ck.read_bytes())})
+    assert dataset.status_code == checkpoint.status_code == 201, (dataset.text, checkpoint.text)
+    assert checkpoint.json()["status"] == "validating", checkpoint.text
+    return dataset.json()["id"], checkpoint.json()["id"]
+
+
+@pytest.fixture(scope="module")
+def live_api(api_settings):
+    """The API behind a real uvicorn server (a thread of this process); yields its base URL. The in-process
+    test client waits for the whole ASGI call, which hides what a real client sees first."""
+    import uvicorn
+
+    from api.main import create_app
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(api_settings), port=port, log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+def presigned(client, auth, data: bytes, **fields) -> str:
+    """Upload `data` through a presigned part (the API's pre-check never sees the bytes, the worker's
+    validation does); returns the new object's id."""
+    import httpx
+
+    body = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), **fields}
+    upload = client.post("/v1/uploads", headers=auth, json=body)
+    assert upload.status_code == 201, upload.text
+    upload = upload.json()
+    (part,) = client.post(f"/v1/uploads/{upload['id']}/parts", headers=auth).json()["parts"]
+    etag = httpx.put(part["url"], content=data).headers["etag"]
+    done = client.post(
+        f"/v1/uploads/{upload['id']}/complete",
+        headers=auth,
+        json={"parts": [{"part_number": 1, "etag": etag}]},
+    )
+    assert done.status_code == 200, done.text
+    return done.json()["object_id"]
+
+
+def settled(client, auth, kind: str, object_id: str, timeout: float = 60) -> dict:
+    """A dataset or checkpoint once its validation has finished."""
+
+    def done():
+        body = client.get(f"/v1/{kind}/{object_id}", headers=auth).json()
+        return body if body["status"] != "validating" else None
+
+    return wait_for(done, timeout, message=f"{kind} {object_id} validation")
+
+
+class WebhookReceiver:
+    """A webhook endpoint on a free local port that records requests; with `fail_first` its first answer is
+    a 500 (to exercise retries)."""
+
+    def __init__(self, *, fail_first: bool = False) -> None:
+        self.requests: list[tuple[dict, bytes]] = []
+        self.calls = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers["content-length"]))
+                outer.calls += 1
+                if fail_first and outer.calls == 1:
+                    self.send_response(500)
+                else:
+                    outer.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                    self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def types(self) -> list[str]:
+        return [json.loads(body)["type"] for _, body in self.requests]
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -335,3 +435,19 @@ def wait_for(predicate, timeout: float, interval: float = 0.2, message: str = "c
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+
+
+def crafted_checkpoint(src_dir: Path, path: Path, *, shard_name=None, drop=(), extra=None) -> Path:
+    """A tar of `src_dir` as `ckpt/...` whose model.safetensors.index.json maps each tensor to
+    `shard_name(shard)` (default: unchanged), leaving out the files in `drop` and adding `extra`."""
+    index = json.loads((src_dir / "model.safetensors.index.json").read_text())
+    if shard_name is not None:
+        index["weight_map"] = {k: shard_name(v) for k, v in index["weight_map"].items()}
+    files = {
+        f"ckpt/{f.name}": f.read_bytes()
+        for f in sorted(src_dir.iterdir())
+        if f.is_file() and f.name not in drop and f.name != "model.safetensors.index.json"
+    }
+    files["ckpt/model.safetensors.index.json"] = json.dumps(index).encode()
+    files.update({f"ckpt/{k}": v for k, v in (extra or {}).items()})
+    return write_archive(path, files)

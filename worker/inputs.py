@@ -3,19 +3,25 @@ out, and the checkpoint directory (extracted safely, pickles refused) plus an op
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import lzma
 import os
 import shutil
 import uuid
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from api.archive import (
-    check_weights_file,
+    ArchiveError,
     common_root,
     safe_extract,
+    too_large,
 )
 from api.db.models import BaseModelEntry, Checkpoint, Dataset
 from api.storage import Storage
+from api.weights import check_weights_file
 from worker.config import WorkerSettings
 
 
@@ -51,6 +57,34 @@ def archive_suffix(fmt: str) -> str:
     return ".zip" if fmt == "zip" else ".tar"
 
 
+def local_archive(raw: Path, fmt: str, folder: Path, settings: WorkerSettings) -> Path:
+    """The downloaded archive as `archive.zip` or an uncompressed `archive.tar` in `folder`: a compressed
+    tar is inflated once, so that images are read by offset instead of re-inflating the stream from its
+    start for every backward seek."""
+    dest = folder / f"archive{archive_suffix(fmt)}"
+    with open(raw, "rb") as fh:
+        magic = fh.read(6)
+    openers = {b"\x1f\x8b": gzip.open, b"BZh": bz2.open, b"\xfd7zXZ\x00": lzma.open}
+    opener = next((fn for head, fn in openers.items() if magic.startswith(head)), None)
+    if fmt != "tar" or opener is None:
+        return raw.rename(dest)
+    limit = settings.max_expanded_bytes + settings.max_archive_entries * 1024 + 1024**2  # headers and padding
+    written = 0
+    try:
+        with opener(raw, "rb") as src, open(dest, "wb") as out:
+            while chunk := src.read(1024 * 1024):
+                written += len(chunk)
+                if written > limit:
+                    raise too_large(
+                        "archive_too_large", "the tar stream inflates beyond", limit, "max_expanded_bytes"
+                    )
+                out.write(chunk)
+    except (OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
+        raise ArchiveError("invalid_archive", f"cannot inflate the tar archive: {exc}") from None
+    raw.unlink()
+    return dest
+
+
 def dataset_files(dataset: Dataset, storage: Storage, settings: WorkerSettings) -> DatasetFiles:
     """The archive and its records in canonical LLaVA form (`disp.formats` reads every supported format)."""
     from disp.data import write_json
@@ -61,9 +95,8 @@ def dataset_files(dataset: Dataset, storage: Storage, settings: WorkerSettings) 
     if not (final / "data.json").is_file():
         base.mkdir(parents=True, exist_ok=True)
         tmp = _tmp(base)
-        archive = storage.download(
-            dataset.storage_key, tmp / f"archive{archive_suffix(dataset.archive_format)}"
-        )
+        raw = storage.download(dataset.storage_key, tmp / "download")
+        archive = local_archive(raw, dataset.archive_format, tmp, settings)
         write_json(tmp / "data.json", read_dataset(archive).records)
         _publish(tmp, final)
     return DatasetFiles(final / "data.json", final / f"archive{archive_suffix(dataset.archive_format)}")
@@ -87,15 +120,19 @@ def _extract_checkpoint(key: str, fmt: str, dest: Path, storage: Storage, settin
     return dest / "dir" / root if root else dest / "dir"
 
 
+def base_model_dir(base: BaseModelEntry, storage: Storage, settings: WorkerSettings) -> Path:
+    """The operator's base model, extracted once per worker machine."""
+    return _extract_checkpoint(
+        base.storage_key, "tar", settings.work_dir / "cache" / "models" / base.id, storage, settings
+    )
+
+
 def checkpoint_files(
     checkpoint: Checkpoint, storage: Storage, settings: WorkerSettings, session
 ) -> CheckpointFiles:
     cache = settings.work_dir / "cache"
     if checkpoint.kind == "adapter":
-        base = session.get(BaseModelEntry, checkpoint.base_model_id)
-        model_dir = _extract_checkpoint(
-            base.storage_key, "tar", cache / "models" / base.id, storage, settings
-        )
+        model_dir = base_model_dir(session.get(BaseModelEntry, checkpoint.base_model_id), storage, settings)
         projector = cache / "adapters" / checkpoint.id / "projector.safetensors"
         if not projector.is_file():
             storage.download(checkpoint.storage_key, projector)

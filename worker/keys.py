@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import PurePosixPath
 
 from api.db.models import Job
+from api.services.files import object_prefix
 from disp.stages import PROJECTOR_FILE, PURIFIED_FILE, REPORT_FILE, SALIENCY_FILE, STAGES
 
 # what a succeeded job publishes: (artifact kind, stage output file)
@@ -13,7 +14,7 @@ PUBLISHED = (("projector", PROJECTOR_FILE), ("purified_dataset", PURIFIED_FILE),
 
 
 def prefix(job: Job) -> str:
-    return f"tenants/{job.tenant_id}/jobs/{job.id}"
+    return object_prefix(job.tenant_id, "jobs", job.id)
 
 
 def output(job: Job, name: str) -> str:

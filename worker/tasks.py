@@ -12,6 +12,7 @@ from sqlalchemy.exc import OperationalError
 from api.archive import ArchiveError
 from api.db.models import Checkpoint, Dataset, JobStatus
 from api.db.session import session_scope
+from api.errors import public_message
 from api.queue import (
     ADVANCE_JOB,
     DELIVER_WEBHOOK,
@@ -54,7 +55,10 @@ def _validate(model, object_id: str, check) -> None:
         log.exception("validating %s failed", object_id)
         with session_scope(settings.database_url) as session:
             validation.mark_invalid(
-                session.get(model, object_id), "validation_error", f"{type(exc).__name__}: {exc}"
+                session.get(model, object_id),
+                "validation_error",
+                f"{type(exc).__name__}: {exc}",
+                (settings.work_dir,),
             )
 
 
@@ -68,7 +72,7 @@ def validate_checkpoint(checkpoint_id: str) -> None:
     _validate(
         Checkpoint,
         checkpoint_id,
-        lambda settings, **kw: validation.validate_checkpoint(checkpoint_id=checkpoint_id, **kw),
+        lambda **kw: validation.validate_checkpoint(checkpoint_id=checkpoint_id, **kw),
     )
 
 
@@ -121,11 +125,13 @@ def _run(app, job_id: str, stage: str, shard: int) -> str:
     except TRANSIENT:
         raise
     except (DataError, CheckpointError, ArchiveError) as exc:
-        orchestrate.fail(app, settings, job_id, "invalid_input", str(exc), stage)
+        message = public_message(str(exc), (settings.work_dir,))
+        orchestrate.fail(app, settings, job_id, "invalid_input", message, stage)
         return "failed"
     except Exception as exc:
         log.exception("job %s: %s failed", job_id, stage)
-        orchestrate.fail(app, settings, job_id, "stage_failed", f"{type(exc).__name__}: {exc}", stage)
+        message = public_message(f"{type(exc).__name__}: {exc}", (settings.work_dir,))
+        orchestrate.fail(app, settings, job_id, "stage_failed", message, stage)
         return "failed"
     return "done"
 

@@ -54,6 +54,7 @@ class UploadStatus(StrEnum):
     ready = "ready"
     invalid = "invalid"
     aborted = "aborted"
+    deleted = "deleted"  # datasets and checkpoints: the stored object is gone, the row stays for old jobs
 
 
 class Base(DeclarativeBase):

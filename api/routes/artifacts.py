@@ -5,14 +5,14 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Path, Query
 from fastapi.responses import StreamingResponse
 
 from api.config import ApiSettings
 from api.db.models import Artifact, utcnow
-from api.deps import CurrentArtifact, SessionDep, SettingsDep, StorageDep, bearer_key, tenant_for_key
-from api.errors import ApiError, not_found
-from api.schemas import ArtifactOut
+from api.deps import BearerDep, CurrentArtifact, SessionDep, SettingsDep, StorageDep, tenant_for_key
+from api.errors import ApiError, not_found, responses
+from api.schemas import ID_PATTERN, ArtifactOut
 from api.security import check_url_token, sign_url_token
 from api.storage import Storage
 
@@ -30,7 +30,7 @@ def artifact_out(artifact: Artifact, settings: ApiSettings, storage: Storage) ->
     return out
 
 
-@router.get("/{artifact_id}", response_model=ArtifactOut)
+@router.get("/{artifact_id}", response_model=ArtifactOut, responses=responses(401, 404, 422))
 def get_artifact(artifact: CurrentArtifact, settings: SettingsDep, storage: StorageDep) -> ArtifactOut:
     return artifact_out(artifact, settings, storage)
 
@@ -38,15 +38,22 @@ def get_artifact(artifact: CurrentArtifact, settings: SettingsDep, storage: Stor
 @router.get(
     "/{artifact_id}/content",
     response_class=StreamingResponse,
-    responses={200: {"content": {"application/octet-stream": {}}}},
+    responses={200: {"content": {"application/octet-stream": {}}}, **responses(401, 403, 404, 422)},
 )
 def download(
-    artifact_id: str,
+    artifact_id: Annotated[str, Path(pattern=ID_PATTERN)],
     session: SessionDep,
     settings: SettingsDep,
     storage: StorageDep,
-    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
-    token: Annotated[str | None, Query(description="signed-URL token instead of an API key")] = None,
+    credentials: BearerDep,
+    token: Annotated[
+        str | None,
+        Query(
+            max_length=200,
+            pattern=r"^[0-9]+\.[0-9a-f]+$",
+            description="signed-URL token instead of an API key",
+        ),
+    ] = None,
 ) -> StreamingResponse:
     """Stream the artifact's bytes (API key, or the token of its download URL)."""
     artifact = session.get(Artifact, artifact_id)
@@ -54,7 +61,7 @@ def download(
         if not check_url_token(settings.secret_key, f"/v1/artifacts/{artifact_id}/content", token):
             raise ApiError(403, "invalid_signature", "the download URL is invalid or expired")
     else:
-        tenant = tenant_for_key(session, bearer_key(authorization))
+        tenant = tenant_for_key(session, credentials.credentials if credentials else None)
         if tenant is None:
             raise ApiError(401, "unauthorized", "Missing, invalid or revoked API key")
         if artifact is not None and artifact.tenant_id != tenant.id:

@@ -5,21 +5,28 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, File, Form, Response, UploadFile
 from sqlalchemy import select
 
 from api.archive import ArchiveError, refuse_pickle_name
-from api.db.models import Checkpoint
-from api.deps import CurrentCheckpoint, SessionDep, SettingsDep, StorageDep, TenantDep
+from api.db.models import Checkpoint, UploadStatus
+from api.deps import CurrentCheckpoint, IdempotencyKey, SessionDep, SettingsDep, StorageDep, TenantDep
+from api.errors import responses
 from api.queue import VALIDATE_CHECKPOINT
-from api.routes.common import After, Limit, TempDir, send, spool
-from api.schemas import CheckpointList, CheckpointOut
+from api.routes.common import After, FormName, Limit, TempDir, send, spool, upload_filename
+from api.schemas import MODEL_REF_PATTERN, CheckpointList, CheckpointOut
 from api.services import files
 
 router = APIRouter(prefix="/checkpoints", tags=["checkpoints"])
 
 
-@router.post("", status_code=201, response_model=CheckpointOut)
+@router.post(
+    "",
+    status_code=201,
+    response_model=CheckpointOut,
+    dependencies=[IdempotencyKey],
+    responses=responses(400, 401, 404, 409, 413, 415, 422, 503),
+)
 def create_checkpoint(
     session: SessionDep,
     settings: SettingsDep,
@@ -27,10 +34,12 @@ def create_checkpoint(
     tenant: TenantDep,
     file: Annotated[UploadFile, File(description="zip/tar of a checkpoint dir, or a projector .safetensors")],
     kind: Annotated[Literal["full", "adapter"], Form()] = "full",
-    base_model: Annotated[str | None, Form(description="base model id or name (adapters)")] = None,
-    name: Annotated[str | None, Form()] = None,
+    base_model: Annotated[
+        str | None, Form(pattern=MODEL_REF_PATTERN, description="base model id or name (adapters)")
+    ] = None,
+    name: FormName = None,
 ) -> Checkpoint:
-    filename = file.filename or "checkpoint"
+    filename = upload_filename(file, "checkpoint")
     try:
         refuse_pickle_name(filename)  # before a single byte of the file is looked at
     except ArchiveError as exc:
@@ -39,6 +48,7 @@ def create_checkpoint(
         path, sha256 = spool(file, tmp)
         row = files.create_checkpoint(
             session=session,
+            settings=settings,
             storage=storage,
             tenant_id=tenant.id,
             path=path,
@@ -53,9 +63,13 @@ def create_checkpoint(
     return row
 
 
-@router.get("", response_model=CheckpointList)
+@router.get("", response_model=CheckpointList, responses=responses(401, 422))
 def list_checkpoints(session: SessionDep, tenant: TenantDep, limit: Limit = 20, after: After = None) -> dict:
-    query = select(Checkpoint).where(Checkpoint.tenant_id == tenant.id).order_by(Checkpoint.id.desc())
+    query = (
+        select(Checkpoint)
+        .where(Checkpoint.tenant_id == tenant.id, Checkpoint.status != UploadStatus.deleted)
+        .order_by(Checkpoint.id.desc())
+    )
     if after:
         query = query.where(Checkpoint.id < after)
     rows = list(session.scalars(query.limit(limit + 1)))
@@ -67,6 +81,16 @@ def list_checkpoints(session: SessionDep, tenant: TenantDep, limit: Limit = 20, 
     }
 
 
-@router.get("/{checkpoint_id}", response_model=CheckpointOut)
+@router.get("/{checkpoint_id}", response_model=CheckpointOut, responses=responses(401, 404, 422))
 def get_checkpoint(checkpoint: CurrentCheckpoint) -> Checkpoint:
     return checkpoint
+
+
+@router.delete(
+    "/{checkpoint_id}", status_code=204, response_class=Response, responses=responses(401, 404, 409, 422, 503)
+)
+def delete_checkpoint(checkpoint: CurrentCheckpoint, session: SessionDep, storage: StorageDep) -> Response:
+    """Delete the checkpoint and its stored archive; refused (409) while an unfinished job uses it."""
+    files.delete_input(session=session, storage=storage, row=checkpoint)
+    session.commit()
+    return Response(status_code=204)

@@ -9,16 +9,28 @@ import tempfile
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import Query, UploadFile
+from fastapi import Form, Query, UploadFile
 
 from api.config import CommonSettings
 from api.errors import ApiError
 from api.queue import DELIVER_WEBHOOK, enqueue
+from api.schemas import ID_PATTERN, NO_NUL
 
 log = logging.getLogger(__name__)
 
 Limit = Annotated[int, Query(ge=1, le=100, description="Page size.")]
-After = Annotated[str | None, Query(description="Cursor: the last id of the previous page.")]
+After = Annotated[
+    str | None, Query(pattern=ID_PATTERN, description="Cursor: the last id of the previous page.")
+]
+FormName = Annotated[str | None, Form(min_length=1, max_length=300, pattern=NO_NUL)]
+
+
+def upload_filename(upload: UploadFile, default: str) -> str:
+    """The client's file name as a display name: its last path component, control characters replaced,
+    at most 300 characters."""
+    raw = (upload.filename or "").replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(c if c.isprintable() else "_" for c in raw).strip()[:300]
+    return name or default
 
 
 def spool(upload: UploadFile, dest_dir: Path) -> tuple[Path, str]:
@@ -47,10 +59,11 @@ def send(settings: CommonSettings, task: str, **kwargs: str) -> None:
     retry, which gets a fresh object, leaves nothing pending forever) and the caller gets a 503."""
     try:
         enqueue(settings, task, **kwargs)
-    except Exception as exc:  # kombu raises OperationalError and friends
+    except Exception:  # kombu raises OperationalError and friends; their text may hold the broker's URL
         log.exception("enqueue %s failed", task)
-        _fail_unqueued(settings, task, kwargs, str(exc))
-        raise ApiError(503, "broker_unavailable", f"could not enqueue {task}: {exc}") from None
+        message = "the job queue is unavailable; retry later"
+        _fail_unqueued(settings, task, kwargs, message)
+        raise ApiError(503, "broker_unavailable", message) from None
 
 
 def _fail_unqueued(settings: CommonSettings, task: str, kwargs: dict, message: str) -> None:

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, File, Response, UploadFile
 from sqlalchemy import select
 
 from api.archive import ArchiveError
-from api.db.models import Dataset
-from api.deps import CurrentDataset, SessionDep, SettingsDep, StorageDep, TenantDep
+from api.db.models import Dataset, UploadStatus
+from api.deps import CurrentDataset, IdempotencyKey, SessionDep, SettingsDep, StorageDep, TenantDep
+from api.errors import responses
 from api.ingest import named_copy, precheck_dataset, problem_code
 from api.queue import VALIDATE_DATASET
-from api.routes.common import After, Limit, TempDir, send, spool
+from api.routes.common import After, FormName, Limit, TempDir, send, spool, upload_filename
 from api.schemas import DatasetList, DatasetOut
 from api.services import files
 from disp.datacheck import DatasetReport, Problem, check_dataset
@@ -21,16 +22,23 @@ from disp.datacheck import DatasetReport, Problem, check_dataset
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
 
-@router.post("", status_code=201, response_model=DatasetOut)
+@router.post(
+    "",
+    status_code=201,
+    response_model=DatasetOut,
+    dependencies=[IdempotencyKey],
+    responses=responses(400, 401, 409, 413, 422, 503),
+)
 def create_dataset(
     session: SessionDep,
     settings: SettingsDep,
     storage: StorageDep,
     tenant: TenantDep,
     file: Annotated[UploadFile, File(description="zip or tar(.gz) of a data file and its images")],
-    name: Annotated[str | None, Form()] = None,
+    name: FormName = None,
 ) -> Dataset:
     """Upload a small dataset in the request body; large ones go through `/v1/uploads`."""
+    filename = upload_filename(file, "dataset")
     with TempDir() as tmp:
         path, sha256 = spool(file, tmp)
         row = files.create_dataset(
@@ -39,7 +47,7 @@ def create_dataset(
             storage=storage,
             tenant_id=tenant.id,
             path=path,
-            filename=file.filename or "dataset",
+            filename=filename,
             name=name,
             sha256=sha256,
         )
@@ -48,7 +56,12 @@ def create_dataset(
     return row
 
 
-@router.post("/check", response_model=DatasetReport)
+@router.post(
+    "/check",
+    response_model=DatasetReport,
+    dependencies=[IdempotencyKey],
+    responses=responses(400, 401, 409, 413, 422),
+)
 def check_dataset_archive(
     settings: SettingsDep,
     tenant: TenantDep,
@@ -76,9 +89,14 @@ def check_dataset_archive(
     return report
 
 
-@router.get("", response_model=DatasetList)
+@router.get("", response_model=DatasetList, responses=responses(401, 422))
 def list_datasets(session: SessionDep, tenant: TenantDep, limit: Limit = 20, after: After = None) -> dict:
-    query = select(Dataset).where(Dataset.tenant_id == tenant.id).order_by(Dataset.id.desc()).limit(limit + 1)
+    query = (
+        select(Dataset)
+        .where(Dataset.tenant_id == tenant.id, Dataset.status != UploadStatus.deleted)
+        .order_by(Dataset.id.desc())
+        .limit(limit + 1)
+    )
     if after:
         query = query.where(Dataset.id < after)
     rows = list(session.scalars(query))
@@ -90,6 +108,16 @@ def list_datasets(session: SessionDep, tenant: TenantDep, limit: Limit = 20, aft
     }
 
 
-@router.get("/{dataset_id}", response_model=DatasetOut)
+@router.get("/{dataset_id}", response_model=DatasetOut, responses=responses(401, 404, 422))
 def get_dataset(dataset: CurrentDataset) -> Dataset:
     return dataset
+
+
+@router.delete(
+    "/{dataset_id}", status_code=204, response_class=Response, responses=responses(401, 404, 409, 422, 503)
+)
+def delete_dataset(dataset: CurrentDataset, session: SessionDep, storage: StorageDep) -> Response:
+    """Delete the dataset and its stored archive; refused (409) while an unfinished job uses it."""
+    files.delete_input(session=session, storage=storage, row=dataset)
+    session.commit()
+    return Response(status_code=204)

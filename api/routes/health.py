@@ -1,6 +1,9 @@
-"""Liveness, readiness (database, broker, storage) and Prometheus metrics."""
+"""Liveness, readiness (database, broker, storage) and Prometheus metrics (operator only: behind its own
+bearer token, `DISP_METRICS_TOKEN`; job counts are summed over all tenants)."""
 
 from __future__ import annotations
+
+import hmac
 
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
@@ -9,7 +12,8 @@ from sqlalchemy import func, select, text
 
 from api.db.models import Job, JobStatus
 from api.db.session import get_engine
-from api.deps import SettingsDep
+from api.deps import BearerDep, SettingsDep
+from api.errors import ApiError
 from api.queue import ping_broker
 from api.storage import get_storage
 
@@ -22,7 +26,7 @@ def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={503: {"description": "A dependency is down; `checks` says which."}})
 def readyz(settings: SettingsDep) -> JSONResponse:
     checks: dict[str, str] = {}
 
@@ -47,7 +51,12 @@ def readyz(settings: SettingsDep) -> JSONResponse:
 
 
 @router.get("/metrics", include_in_schema=False)
-def metrics(settings: SettingsDep) -> Response:
+def metrics(settings: SettingsDep, credentials: BearerDep) -> Response:
+    if not settings.metrics_token:
+        raise ApiError(404, "not_found", "metrics are off; set DISP_METRICS_TOKEN to serve them")
+    given = credentials.credentials if credentials else ""
+    if not hmac.compare_digest(given.encode(), settings.metrics_token.encode()):
+        raise ApiError(401, "unauthorized", "metrics need 'Authorization: Bearer <DISP_METRICS_TOKEN>'")
     try:
         with get_engine(settings.database_url).connect() as conn:
             counts = dict(conn.execute(select(Job.status, func.count()).group_by(Job.status)).all())

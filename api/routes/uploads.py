@@ -7,14 +7,14 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 
 from api.db.models import Upload, as_utc, utcnow
-from api.deps import CurrentUpload, SessionDep, SettingsDep, StorageDep, TenantDep
-from api.errors import ApiError, not_found
+from api.deps import CurrentUpload, IdempotencyKey, SessionDep, SettingsDep, StorageDep, TenantDep
+from api.errors import ApiError, not_found, responses
 from api.queue import VALIDATE_CHECKPOINT, VALIDATE_DATASET
 from api.routes.common import send
-from api.schemas import PartsRequest, PartUrl, PartUrls, UploadComplete, UploadCreate, UploadOut
+from api.schemas import ID_PATTERN, PartsRequest, PartUrl, PartUrls, UploadComplete, UploadCreate, UploadOut
 from api.security import check_url_token, sign_url_token
 from api.services import files
 
@@ -36,7 +36,13 @@ def _out(upload: Upload) -> UploadOut:
     )
 
 
-@router.post("", status_code=201, response_model=UploadOut)
+@router.post(
+    "",
+    status_code=201,
+    response_model=UploadOut,
+    dependencies=[IdempotencyKey],
+    responses=responses(400, 401, 404, 409, 413, 415, 422, 503),
+)
 def create_upload(
     body: UploadCreate, session: SessionDep, settings: SettingsDep, storage: StorageDep, tenant: TenantDep
 ) -> UploadOut:
@@ -57,12 +63,17 @@ def create_upload(
     return _out(upload)
 
 
-@router.get("/{upload_id}", response_model=UploadOut)
+@router.get("/{upload_id}", response_model=UploadOut, responses=responses(401, 404, 422))
 def get_upload(upload: CurrentUpload) -> UploadOut:
     return _out(upload)
 
 
-@router.post("/{upload_id}/parts", response_model=PartUrls)
+@router.post(
+    "/{upload_id}/parts",
+    response_model=PartUrls,
+    dependencies=[IdempotencyKey],
+    responses=responses(400, 401, 404, 409, 413, 422),
+)
 def part_urls(
     upload: CurrentUpload, settings: SettingsDep, storage: StorageDep, body: PartsRequest | None = None
 ) -> PartUrls:
@@ -87,8 +98,8 @@ def part_urls(
 
 @router.put("/{upload_id}/parts/{part_number}", include_in_schema=False)
 async def put_part(
-    upload_id: str,
-    part_number: int,
+    upload_id: Annotated[str, Path(pattern=ID_PATTERN)],
+    part_number: Annotated[int, Path(ge=1, le=10_000)],
     request: Request,
     session: SessionDep,
     settings: SettingsDep,
@@ -116,7 +127,12 @@ async def put_part(
     return Response(status_code=200, headers={"ETag": f'"{etag}"'})
 
 
-@router.post("/{upload_id}/complete", response_model=UploadOut)
+@router.post(
+    "/{upload_id}/complete",
+    response_model=UploadOut,
+    dependencies=[IdempotencyKey],
+    responses=responses(400, 401, 404, 409, 413, 422, 503),
+)
 def complete(
     upload: CurrentUpload,
     body: UploadComplete,
@@ -141,7 +157,12 @@ def complete(
     return _out(upload)
 
 
-@router.post("/{upload_id}/abort", response_model=UploadOut)
+@router.post(
+    "/{upload_id}/abort",
+    response_model=UploadOut,
+    dependencies=[IdempotencyKey],
+    responses=responses(400, 401, 404, 409, 413, 422, 503),
+)
 def abort(upload: CurrentUpload, session: SessionDep, storage: StorageDep, _tenant: TenantDep) -> UploadOut:
     files.abort_upload(storage=storage, upload=upload)
     session.commit()

@@ -10,9 +10,19 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from api.archive import ArchiveError
-from api.config import ApiSettings
-from api.db.models import BaseModelEntry, Checkpoint, Dataset, Upload, UploadStatus, new_id, utcnow
-from api.errors import ApiError, not_found
+from api.config import ApiSettings, CommonSettings
+from api.db.models import (
+    TERMINAL,
+    BaseModelEntry,
+    Checkpoint,
+    Dataset,
+    Job,
+    Upload,
+    UploadStatus,
+    new_id,
+    utcnow,
+)
+from api.errors import ApiError, not_found, public_message
 from api.ingest import precheck_checkpoint, precheck_dataset
 from api.storage import Storage, StorageError
 
@@ -24,13 +34,29 @@ def _safe_filename(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in base)[:200]
 
 
+def object_prefix(tenant_id: str, kind: str, object_id: str) -> str:
+    """Where a tenant's object lives in storage: `tenants/<tenant>/<datasets|checkpoints|jobs>/<id>`."""
+    return f"tenants/{tenant_id}/{kind}/{object_id}"
+
+
 def object_key(tenant_id: str, kind: str, object_id: str, filename: str) -> str:
-    return f"tenants/{tenant_id}/{kind}/{object_id}/{_safe_filename(filename)}"
+    return f"{object_prefix(tenant_id, kind, object_id)}/{_safe_filename(filename)}"
+
+
+TOO_LARGE = {
+    "archive_too_large",
+    "compression_ratio_too_high",
+    "dataset_json_too_large",
+    "member_too_large",
+    "too_many_entries",
+    "too_many_records",
+}
 
 
 def archive_error(exc: ArchiveError, param: str = "file") -> ApiError:
-    status = 415 if exc.code == "pickle_refused" else 422
-    return ApiError(status, exc.code, str(exc), param)
+    """415 for pickles, 413 for an upload over a size or count limit (the message names it), else 422."""
+    status = 415 if exc.code == "pickle_refused" else 413 if exc.code in TOO_LARGE else 422
+    return ApiError(status, exc.code, public_message(str(exc)), param)
 
 
 def find_base_model(*, session: Session, ref: str) -> BaseModelEntry | None:
@@ -88,6 +114,7 @@ def resolve_checkpoint_kind(*, session: Session, kind: str, base_model: str | No
 def create_checkpoint(
     *,
     session: Session,
+    settings: ApiSettings,
     storage: Storage,
     tenant_id: str,
     path: Path,
@@ -99,7 +126,7 @@ def create_checkpoint(
 ) -> Checkpoint:
     base_model_id = resolve_checkpoint_kind(session=session, kind=kind, base_model=base_model)
     try:
-        summary = precheck_checkpoint(path, filename, kind)
+        summary = precheck_checkpoint(path, filename, kind, settings)
     except ArchiveError as exc:
         raise archive_error(exc) from None
     checkpoint_id = new_id("ckpt")
@@ -244,8 +271,28 @@ def abort_upload(*, storage: Storage, upload: Upload) -> None:
         upload.status = UploadStatus.aborted
 
 
+def delete_input(*, session: Session, storage: Storage, row: Dataset | Checkpoint) -> None:
+    """Delete a dataset's or checkpoint's stored object and mark the row `deleted` (it stays, hidden, for the
+    jobs that ran on it). Refused with 409 while an unfinished job uses it; the row lock taken here is the one
+    job creation takes, so no job can start on it meanwhile."""
+    kind = "dataset" if isinstance(row, Dataset) else "checkpoint"
+    column = Job.dataset_id if isinstance(row, Dataset) else Job.checkpoint_id
+    session.refresh(row, with_for_update=True)
+    busy = session.scalars(
+        select(Job.id).where(column == row.id, Job.status.not_in(list(TERMINAL))).order_by(Job.id).limit(5)
+    ).all()
+    if busy:
+        raise ApiError(
+            409,
+            f"{kind}_in_use",
+            f"{kind} {row.id} is used by unfinished job(s) {', '.join(busy)}; cancel them or wait until they end",
+        )
+    storage.delete(row.storage_key)  # first: a failed commit leaves a retry that deletes again
+    row.status, row.error = UploadStatus.deleted, None
+
+
 def register_base_model(
-    *, session: Session, storage: Storage, name: str, checkpoint_dir: Path
+    *, session: Session, storage: Storage, settings: CommonSettings, name: str, checkpoint_dir: Path
 ) -> BaseModelEntry:
     """Admin: tar a checkpoint dir into storage, listed under `/v1/models` (replaces a same-named one)."""
     import tarfile
@@ -268,7 +315,7 @@ def register_base_model(
                 if f.is_file():
                     tf.add(f, arcname=str(f.relative_to(checkpoint_dir)))
         try:
-            precheck_checkpoint(archive, "model.tar", "full")
+            precheck_checkpoint(archive, "model.tar", "full", settings)
         except ArchiveError as exc:
             raise ValueError(str(exc)) from None
         entry = find_base_model(session=session, ref=name) or BaseModelEntry(

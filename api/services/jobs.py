@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import ipaddress
-import socket
 from typing import Any
-from urllib.parse import urlparse
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -24,6 +21,7 @@ from api.db.models import (
 )
 from api.errors import ApiError, not_found
 from api.schemas import JobCreate, JobOut, Progress
+from api.storage import Storage
 
 
 def page(rows: list[Any], limit: int) -> tuple[list[Any], bool]:
@@ -31,23 +29,12 @@ def page(rows: list[Any], limit: int) -> tuple[list[Any], bool]:
 
 
 def check_webhook_url(url: str, *, allow_private: bool) -> None:
-    parsed = urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise ApiError(422, "invalid_webhook_url", "webhook_url must be an http(s) URL", "webhook_url")
-    if allow_private:
-        return
+    from api.webhooks import WebhookTargetError, check_target
+
     try:
-        infos = socket.getaddrinfo(parsed.hostname, parsed.port or 443, proto=socket.IPPROTO_TCP)
-    except OSError:
-        raise ApiError(
-            422, "invalid_webhook_url", "webhook_url host does not resolve", "webhook_url"
-        ) from None
-    for info in infos:
-        addr = ipaddress.ip_address(info[4][0])
-        if addr.is_private or addr.is_loopback or addr.is_link_local or addr.is_reserved:
-            raise ApiError(
-                422, "invalid_webhook_url", "webhook_url must not point at a private network", "webhook_url"
-            )
+        check_target(url, allow_private=allow_private)
+    except WebhookTargetError as exc:
+        raise ApiError(422, "invalid_webhook_url", str(exc), "webhook_url") from None
 
 
 def validate_settings(settings: dict[str, Any]) -> None:
@@ -65,13 +52,18 @@ def validate_settings(settings: dict[str, Any]) -> None:
         )
 
 
+def _input(session: Session, model, object_id: str, tenant_id: str, kind: str):
+    """The tenant's dataset or checkpoint, share-locked until commit so that it cannot be deleted under a
+    job being created."""
+    row = session.get(model, object_id, with_for_update={"read": True})
+    if row is None or row.tenant_id != tenant_id or row.status == UploadStatus.deleted:
+        raise not_found(kind, object_id, f"{kind}_id")
+    return row
+
+
 def create_job(*, session: Session, settings: ApiSettings, tenant_id: str, body: JobCreate) -> Job:
-    dataset = session.get(Dataset, body.dataset_id)
-    if dataset is None or dataset.tenant_id != tenant_id:
-        raise not_found("dataset", body.dataset_id, "dataset_id")
-    checkpoint = session.get(Checkpoint, body.checkpoint_id)
-    if checkpoint is None or checkpoint.tenant_id != tenant_id:
-        raise not_found("checkpoint", body.checkpoint_id, "checkpoint_id")
+    dataset = _input(session, Dataset, body.dataset_id, tenant_id, "dataset")
+    checkpoint = _input(session, Checkpoint, body.checkpoint_id, tenant_id, "checkpoint")
     for row, param in ((dataset, "dataset_id"), (checkpoint, "checkpoint_id")):
         if row.status == UploadStatus.invalid:
             raise ApiError(422, "invalid_input", f"{row.id} failed validation: {row.error}", param)
@@ -165,6 +157,20 @@ def list_events(
     if after is not None:
         query = query.where(JobEvent.id > after)
     return page(list(session.scalars(query)), limit)
+
+
+def delete_job(*, session: Session, storage: Storage, job: Job) -> None:
+    """Delete a finished job: every object under its storage prefix (stage outputs and artifacts), then the
+    row with its events, artifacts and progress (cascading). A job still running is refused with 409."""
+    session.refresh(job, with_for_update=True)
+    if job.status not in TERMINAL:
+        raise ApiError(
+            409, "job_not_finished", f"job {job.id} is {job.status}; cancel it and wait until it is cancelled"
+        )
+    from api.services.files import object_prefix
+
+    storage.delete_prefix(object_prefix(job.tenant_id, "jobs", job.id))
+    session.delete(job)
 
 
 def list_artifacts(*, session: Session, job_id: str) -> list[Artifact]:

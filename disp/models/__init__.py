@@ -37,18 +37,33 @@ def detect_family(config: dict[str, Any]) -> str:
     )
 
 
-def check_config(config: dict[str, Any]) -> str:
-    """The family of a config.json, after checking its vision tower and image fields (anyres pinpoints,
-    merge type); reads no weights. Raises CheckpointError naming a bad field."""
-    from disp.models.anyres import ImageLayout
-    from disp.models.llada_v import vision_config_from
+def check(path: str | Path, shapes: dict[str, tuple[int, ...]], *, projector_only: bool = False) -> str:
+    """Check a checkpoint without loading its weights; return its family.
 
+    `path` holds config.json and the tokenizer files; `shapes` maps each tensor the weights hold to its shape
+    (read from the safetensors headers). The family must be known, the tokenizer must load, and the tensors
+    must be exactly those the model described by config.json loads (with `projector_only`: a projector
+    overlay, `model.mm_projector.*` tensors of the right shapes, and `model.image_newline` if the model has
+    one). Image fields the model cannot build from (anyres pinpoints, merge type) are named. CheckpointError
+    says what is wrong.
+    """
+    from disp.constants import IMAGE_NEWLINE_KEY, PROJECTOR_PREFIX
+    from disp.tokenizer import TokenizerError
+
+    path = Path(path)
+    config = read_config(path)
     family = detect_family(config)
-    vcfg = vision_config_from(config)
-    for name in ("image_size", "patch_size"):
-        if not isinstance(vcfg.get(name), int) or vcfg[name] <= 0:
-            raise CheckpointError(f"config.json: the vision tower's {name} must be a positive integer")
-    ImageLayout.from_config(config, vcfg["image_size"], vcfg["image_size"] // vcfg["patch_size"])
+    if family not in FAMILIES:
+        raise CheckpointError(f"model family {family!r} is not available; known: {sorted(FAMILIES)}")
+    if projector_only:
+        foreign = sorted(k for k in shapes if not k.startswith(PROJECTOR_PREFIX) and k != IMAGE_NEWLINE_KEY)
+        if foreign or not any(k.startswith(PROJECTOR_PREFIX) for k in shapes):
+            raise CheckpointError(f"an adapter holds only {PROJECTOR_PREFIX}* tensors (and {IMAGE_NEWLINE_KEY}); "
+                                  f"found {foreign[:5] or 'none'}")
+    try:
+        FAMILIES[family].check_dir(path, config, shapes, projector_only=projector_only)
+    except TokenizerError as exc:
+        raise CheckpointError(str(exc)) from None
     return family
 
 
@@ -81,4 +96,4 @@ def load(path: str | Path, *, projector: str | Path | None = None, device: str |
     return model
 
 
-__all__ = ["MDLM", "PromptBatch", "CheckpointError", "FAMILIES", "check_config", "detect_family", "load"]
+__all__ = ["MDLM", "PromptBatch", "CheckpointError", "FAMILIES", "check", "detect_family", "load"]

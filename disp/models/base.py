@@ -20,7 +20,7 @@ from torch import nn
 
 from disp.constants import IMAGE_NEWLINE_KEY, IMAGE_TOKEN_INDEX, PROJECTOR_PREFIX
 from disp.models.anyres import ImageLayout, Size
-from disp.models.checkpoint import CheckpointError, materialise
+from disp.models.checkpoint import CheckpointError, materialise, shape_mismatch
 from disp.tokenizer import ChatTokenizer, PromptTemplate
 
 
@@ -340,6 +340,27 @@ class MDLM(nn.Module, ABC):
         dropped = "|".join(str(i) for i in range(tower.used_layers, tower.total_layers)) or "NONE"
         ignores = [prefix + rf"encoder\.layers\.({dropped})\..*", prefix + r"(head|post_layernorm)\..*"]
         return ignores if self.image_newline is not None else [*ignores, r"model\.image_newline"]
+
+    @classmethod
+    def check_dir(cls, path: Path, config: dict[str, Any], shapes: dict[str, tuple[int, ...]], *,
+                  projector_only: bool = False) -> None:
+        """Without reading a weight: the tokenizer in `path` loads, and the tensors `shapes` (name -> shape,
+        from the safetensors headers) are exactly what `from_dir` would load (`projector_only`: what
+        `load_projector_state_dict` would). The model is built on the meta device: its parameters cost no
+        memory."""
+        tokenizer = ChatTokenizer.from_dir(path, template=prompt_template(config))
+        with torch.device("meta"):
+            model = cls(config, tokenizer)
+        if projector_only:
+            own = {k: tuple(v.shape) for k, v in model.projector_state_dict().items()}
+            if IMAGE_NEWLINE_KEY in own and IMAGE_NEWLINE_KEY not in shapes:  # optional in an overlay
+                del own[IMAGE_NEWLINE_KEY]
+            problem = shape_mismatch(own, shapes)
+        else:
+            own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+            problem = shape_mismatch(own, shapes, ignore=model.checkpoint_ignores())
+        if problem:
+            raise CheckpointError("the weights do not match the model config.json describes: " + problem)
 
     @classmethod
     def from_dir(cls, path: Path, config: dict[str, Any], dtype: torch.dtype | None = None,

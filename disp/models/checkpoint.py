@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -18,6 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from disp.constants import PICKLE_SUFFIXES
+from disp.names import check_plain_name
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -52,27 +54,49 @@ def _read_file(path: Path, keys: Iterable[str] | None = None) -> dict[str, torch
         raise CheckpointError(f"{path}: not a readable safetensors file: {exc}") from exc
 
 
+def _own_file(directory: Path, name: str) -> Path:
+    """`directory / name` after checking that it stays there: a plain name (no folder, no `..`, not absolute)
+    and, if it is a link, one to a file inside the same directory. An index naming another checkpoint's
+    shards (`../<other>/model-00001.safetensors`) must never read them."""
+    try:
+        check_plain_name(name)
+    except ValueError as exc:
+        raise CheckpointError(f"{INDEX_FILE}: a shard name {exc}") from None
+    file = directory / name
+    if os.path.islink(file):
+        root = os.path.realpath(directory)
+        if os.path.commonpath([os.path.realpath(file), root]) != root:
+            raise CheckpointError(
+                f"{name}: a link to a file outside the checkpoint directory; a checkpoint is read only from its "
+                "own directory (copy the files instead of linking them)"
+            )
+    return file
+
+
 def _weight_files(path: Path) -> dict[Path, list[str] | None]:
     """The safetensors files of a checkpoint directory, each with the keys the index assigns it (None: all).
 
-    A directory that holds only pickle weight files is refused, naming them.
+    Every file a directory names must lie in it (see `_own_file`). A directory that holds only pickle weight
+    files is refused, naming them.
     """
-    index = path / INDEX_FILE
+    index = _own_file(path, INDEX_FILE)
     if index.is_file():
         try:
             weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index}: malformed index ({exc})") from exc
-        by_shard: dict[str, list[str]] = {}
-        for key, shard in weight_map.items():
-            by_shard.setdefault(shard, []).append(key)
-        missing = sorted(s for s in by_shard if not (path / s).is_file())
+            by_shard: dict[str, list[str]] = {}
+            for key, shard in weight_map.items():
+                by_shard.setdefault(shard, []).append(key)
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{INDEX_FILE}: malformed index ({exc})") from exc
+        files = {shard: _own_file(path, shard) for shard in by_shard}
+        missing = sorted(s for s, f in files.items() if not f.is_file())
         if missing:
-            raise CheckpointError(f"{path}: shards named in {INDEX_FILE} are missing: {missing}")
-        return {path / shard: keys for shard, keys in sorted(by_shard.items())}
-    if (path / SINGLE_FILE).is_file():
-        return {path / SINGLE_FILE: None}
-    shards = sorted(path.glob("*.safetensors"))
+            raise CheckpointError(f"{path.name}: shards named in {INDEX_FILE} are missing: {missing}")
+        return {files[shard]: keys for shard, keys in sorted(by_shard.items())}
+    single = _own_file(path, SINGLE_FILE)
+    if single.is_file():
+        return {single: None}
+    shards = [_own_file(path, p.name) for p in sorted(path.glob("*.safetensors"))]
     if shards:
         return dict.fromkeys(shards)
     pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
@@ -139,34 +163,39 @@ def write_state_dict(state: dict[str, torch.Tensor], out_dir: str | Path, *, max
     return [out_dir / n for n in names]
 
 
-def _check_keys(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], ignore: Iterable[str],
-                strict: bool) -> None:
-    """Raise naming the missing, unexpected and wrongly shaped keys (`ignore`: regexes of unused keys)."""
+def shape_mismatch(expected: dict[str, tuple[int, ...]], given: dict[str, tuple[int, ...]], *,
+                   ignore: Iterable[str] = (), strict: bool = True) -> str | None:
+    """What keeps checkpoint tensors `given` (name -> shape) from loading into a model whose state has
+    `expected` shapes: missing, unexpected and wrong-shape keys, by name; None when they fit.
+
+    `ignore` holds regular expressions for checkpoint keys the model deliberately does not use.
+    With strict=False only keys present in `given` are checked (a projector overlay).
+    """
     patterns = [re.compile(p) for p in ignore]
-    unexpected = sorted(k for k in found if k not in expected and not any(p.fullmatch(k) for p in patterns))
-    missing = sorted(k for k in expected if k not in found) if strict else []
-    bad_shape = sorted(f"{k}: checkpoint {found[k]} vs model {expected[k]}"
-                       for k in found if k in expected and tuple(found[k]) != tuple(expected[k]))
-    if missing or unexpected or bad_shape:
-        parts = []
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {_short(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {_short(unexpected)}")
-        if bad_shape:
-            parts.append(f"shape mismatches ({len(bad_shape)}): {_short(bad_shape)}")
-        raise CheckpointError("checkpoint does not match the model: " + "; ".join(parts))
+    unexpected = sorted(k for k in given if k not in expected and not any(p.fullmatch(k) for p in patterns))
+    missing = sorted(k for k in expected if k not in given) if strict else []
+    bad_shape = sorted(
+        f"{k}: checkpoint {tuple(given[k])} vs model {tuple(expected[k])}"
+        for k in given
+        if k in expected and tuple(given[k]) != tuple(expected[k])
+    )
+    parts = []
+    if missing:
+        parts.append(f"missing keys ({len(missing)}): {_short(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys ({len(unexpected)}): {_short(unexpected)}")
+    if bad_shape:
+        parts.append(f"shape mismatches ({len(bad_shape)}): {_short(bad_shape)}")
+    return "; ".join(parts) or None
 
 
 def load_into(module: nn.Module, state: dict[str, torch.Tensor], *, ignore: Iterable[str] = (), strict: bool = True) -> None:
-    """Copy `state` into `module`, listing missing and unexpected keys by name on mismatch.
-
-    `ignore` holds regular expressions for checkpoint keys the model deliberately does not use.
-    With strict=False only keys present in `state` are checked (a projector overlay).
-    """
+    """Copy `state` into `module`, listing missing and unexpected keys by name on mismatch (`shape_mismatch`)."""
     expected = module.state_dict()
-    _check_keys({k: tuple(v.shape) for k, v in expected.items()}, {k: tuple(v.shape) for k, v in state.items()},
-                ignore, strict)
+    problem = shape_mismatch({k: tuple(v.shape) for k, v in expected.items()},
+                             {k: tuple(v.shape) for k, v in state.items()}, ignore=ignore, strict=strict)
+    if problem:
+        raise CheckpointError("checkpoint does not match the model: " + problem)
     with torch.no_grad():
         for k, v in state.items():
             if k in expected:
@@ -212,8 +241,10 @@ def materialise(module: nn.Module, path: str | Path, *, ignore: Iterable[str] = 
     """
     expected = module.state_dict()
     found = tensor_shapes(path)
-    _check_keys({k: tuple(v.shape) for k, v in expected.items()}, {k: s for k, (_, s) in found.items()}, ignore,
-                strict=True)
+    problem = shape_mismatch({k: tuple(v.shape) for k, v in expected.items()}, {k: s for k, (_, s) in found.items()},
+                             ignore=ignore)
+    if problem:
+        raise CheckpointError("checkpoint does not match the model: " + problem)
     by_file: dict[Path, list[str]] = {}
     for key in expected:
         by_file.setdefault(found[key][0], []).append(key)

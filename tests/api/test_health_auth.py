@@ -7,14 +7,33 @@ import pytest
 pytestmark = pytest.mark.services
 
 
-def test_healthz_readyz_metrics(client):
+def test_healthz_readyz_metrics(client, auth):
+    from tests.service_conftest import METRICS_TOKEN
+
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200, ready.text
     assert ready.json()["checks"] == {"database": "ok", "broker": "ok", "storage": "ok"}
-    metrics = client.get("/metrics")
+    assert client.get("/v1/jobs", headers=auth).status_code == 200
+    # /metrics is the operator's: neither anonymous nor a tenant's API key may read it
+    for headers in ({}, auth, {"Authorization": "Bearer wrong"}):
+        response = client.get("/metrics", headers=headers)
+        assert response.status_code == 401 and response.json()["error"]["code"] == "unauthorized"
+    metrics = client.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
     assert metrics.status_code == 200
     assert "disp_http_requests_total" in metrics.text and 'disp_jobs{status="queued"}' in metrics.text
+    assert "ten_" not in metrics.text and "job_0" not in metrics.text  # no tenant or job ids in labels
+
+
+def test_metrics_are_off_without_a_token(api_settings):
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+
+    off = api_settings.model_copy(update={"metrics_token": None, "run_migrations": False})
+    with TestClient(create_app(off), raise_server_exceptions=False) as tc:
+        response = tc.get("/metrics")
+    assert response.status_code == 404 and "DISP_METRICS_TOKEN" in response.json()["error"]["message"]
 
 
 def test_openapi_docs_served(client):

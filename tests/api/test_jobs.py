@@ -5,23 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.service_conftest import checkpoint_archive, dataset_archive, new_tenant
+from tests.service_conftest import dataset_archive, new_tenant
 
 pytestmark = pytest.mark.services
-
-
-@pytest.fixture
-def inputs(client, auth, tmp_path, tiny_dir):
-    archive = dataset_archive(tmp_path / "ds.zip", n=4)
-    dataset = client.post(
-        "/v1/datasets", headers=auth, files={"file": ("ds.zip", archive.read_bytes())}
-    ).json()
-    ck = checkpoint_archive(tiny_dir, tmp_path / "ck.tar")
-    checkpoint = client.post(
-        "/v1/checkpoints", headers=auth, files={"file": ("ck.tar", ck.read_bytes())}
-    ).json()
-    assert checkpoint["status"] == "validating", checkpoint
-    return dataset["id"], checkpoint["id"]
 
 
 def create(client, auth, inputs, **extra):

@@ -15,8 +15,8 @@ from disp.config import FinetuneConfig, PurifyConfig, SaliencyConfig, SamplerCon
 from disp.constants import IMAGE_NEWLINE_KEY
 from disp.losses import sft_loss, training_batch
 from disp.models.anyres import ImageLayout, best_resolution
-from disp.models.checkpoint import CheckpointError, read_state_dict, write_state_dict
-from disp.models.tiny import LLADA_V_ANYRES, lavida_anyres, tiny_config, write_tiny_checkpoint
+from disp.models.checkpoint import CheckpointError, read_state_dict, tensor_shapes, write_state_dict
+from disp.models.tiny import LLADA_V_ANYRES, lavida_anyres, write_tiny_checkpoint
 from disp.purify import choose_masked, held_positions, purify_batch
 from disp.saliency import per_sample, visual_saliency
 
@@ -97,16 +97,20 @@ def test_best_resolution_prefers_pixels_kept_then_least_waste_then_the_first():
 @pytest.mark.parametrize(("value", "message"), [
     ({"image_aspect_ratio": "anyres_max_4", "image_grid_pinpoints": [[384, 500]]}, "multiples"),
     ({"image_aspect_ratio": "anyres", "image_grid_pinpoints": "nonsense"}, "image_grid_pinpoints"),
-    ({"image_aspect_ratio": "anyres"}, "image_grid_pinpoints"),
+    ({"image_aspect_ratio": "anyres", "image_grid_pinpoints": None}, "image_grid_pinpoints"),
     ({"image_aspect_ratio": "anyres_max_0", "image_grid_pinpoints": [[384, 384]]}, "at least 1"),
     ({"image_aspect_ratio": "crop_split"}, "image_aspect_ratio must be"),
     ({"mm_patch_merge_type": "maxpool2x2"}, "mm_patch_merge_type must be"),
 ])
-def test_bad_image_fields_are_named(value, message):
+def test_bad_image_fields_are_named(value, message, llada_anyres_dir, tmp_path):
     with pytest.raises(CheckpointError, match=message):
         ImageLayout.from_config(value, 384, 27)
+    folder = tmp_path / "bad"  # what the worker checks at upload: config.json, tokenizer, tensor shapes
+    shutil.copytree(llada_anyres_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **value}))
     with pytest.raises(CheckpointError, match=message):
-        models.check_config({**tiny_config("llada-v", 512), **value})
+        models.check(folder, {k: s for k, (_, s) in tensor_shapes(folder).items()})
 
 
 # -- tiny models: counts, views, newline ----------------------------------------------------------------
@@ -176,6 +180,22 @@ def test_image_newline_is_read_from_the_checkpoint(llada_anyres_dir, llada_anyre
     write_state_dict(state, bad)
     with pytest.raises(CheckpointError, match=r"missing keys \(1\): model.image_newline"):
         models.load(bad)
+
+
+def test_upload_check_accepts_anyres_checkpoints_and_their_adapters(llada_anyres_dir, tmp_path):
+    """`disp.models.check` (the worker's validation at upload) on both families' anyres checkpoints, and on an
+    adapter with and without model.image_newline."""
+    shapes = {k: s for k, (_, s) in tensor_shapes(llada_anyres_dir).items()}
+    assert IMAGE_NEWLINE_KEY in shapes and models.check(llada_anyres_dir, shapes) == "llada-v"
+    projector = {k: s for k, s in shapes.items() if k.startswith("model.mm_projector.")}
+    assert models.check(llada_anyres_dir, {**projector, IMAGE_NEWLINE_KEY: (64,)}, projector_only=True)
+    assert models.check(llada_anyres_dir, projector, projector_only=True)
+    with pytest.raises(CheckpointError, match=r"shape mismatches .*model.image_newline"):
+        models.check(llada_anyres_dir, {**projector, IMAGE_NEWLINE_KEY: (3,)}, projector_only=True)
+    with pytest.raises(CheckpointError, match="lm_head.weight"):
+        models.check(llada_anyres_dir, {**projector, "lm_head.weight": (2, 2)}, projector_only=True)
+    lavida_dir = write_tiny_checkpoint(tmp_path / "lavida", family="lavida", image=lavida_anyres(56))
+    assert models.check(lavida_dir, {k: s for k, (_, s) in tensor_shapes(lavida_dir).items()}) == "lavida"
 
 
 def test_projector_overlay_carries_image_newline(llada_anyres_dir, tmp_path, tiny_dir):

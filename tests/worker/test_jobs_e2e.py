@@ -7,13 +7,11 @@ import base64
 import hashlib
 import hmac
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
 
-from tests.service_conftest import checkpoint_archive, dataset_archive, free_port, new_tenant, wait_for
+from tests.service_conftest import WebhookReceiver, checkpoint_archive, dataset_archive, new_tenant, wait_for
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -23,36 +21,6 @@ SETTINGS = {
     "finetune": {"epochs": 64, "batch_size": 2},  # long enough to kill a worker in the middle
 }
 LIFECYCLE = ["validating", "queued", "scoring", "purifying", "finetuning", "evaluating", "succeeded"]
-
-
-class Receiver:
-    """A webhook endpoint that fails its first request (to exercise retries) and records the rest."""
-
-    def __init__(self) -> None:
-        self.requests: list[tuple[dict, bytes]] = []
-        self.calls = 0
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802
-                body = self.rfile.read(int(self.headers["content-length"]))
-                outer.calls += 1
-                if outer.calls == 1:
-                    self.send_response(500)
-                else:
-                    outer.requests.append(({k.lower(): v for k, v in self.headers.items()}, body))
-                    self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def types(self) -> list[str]:
-        return [json.loads(body)["type"] for _, body in self.requests]
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +87,7 @@ def download(client, tenant, artifact_id, via_url: bool) -> bytes:
 @pytest.fixture(scope="module")
 def reference(client, tenant, inputs, celery_worker):
     """One uninterrupted job, with a webhook receiver."""
-    receiver = Receiver()
+    receiver = WebhookReceiver(fail_first=True)
     job_id = submit(client, tenant, inputs, webhook_url=receiver.url)
     job = poll(
         client,

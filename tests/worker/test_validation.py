@@ -3,14 +3,19 @@ checksums, pickles refused unopened (in the worker too)."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 
-import httpx
 import pytest
 
-from tests.service_conftest import checkpoint_archive, dataset_archive, llava_records, wait_for
+from tests.service_conftest import (
+    checkpoint_archive,
+    dataset_archive,
+    llava_records,
+    presigned,
+    settled,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.services, pytest.mark.slow, pytest.mark.usefixtures("celery_worker")]
 
@@ -19,14 +24,6 @@ def upload_dataset(client, auth, path):
     response = client.post("/v1/datasets", headers=auth, files={"file": (path.name, path.read_bytes())})
     assert response.status_code == 201, response.text
     return response.json()["id"]
-
-
-def settled(client, auth, kind, object_id, timeout=60):
-    def done():
-        body = client.get(f"/v1/{kind}/{object_id}", headers=auth).json()
-        return body if body["status"] != "validating" else None
-
-    return wait_for(done, timeout, message=f"{kind} {object_id} validation")
 
 
 def test_dataset_validation_outcomes(client, auth, tmp_path):
@@ -57,22 +54,6 @@ class Exploit:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
-
-
-def presigned(client, auth, data: bytes, **fields):
-    body = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), **fields}
-    upload = client.post("/v1/uploads", headers=auth, json=body)
-    assert upload.status_code == 201, upload.text
-    upload = upload.json()
-    (part,) = client.post(f"/v1/uploads/{upload['id']}/parts", headers=auth).json()["parts"]
-    etag = httpx.put(part["url"], content=data).headers["etag"]
-    done = client.post(
-        f"/v1/uploads/{upload['id']}/complete",
-        headers=auth,
-        json={"parts": [{"part_number": 1, "etag": etag}]},
-    )
-    assert done.status_code == 200, done.text
-    return done.json()["object_id"]
 
 
 @pytest.mark.usefixtures("base_model")
@@ -109,19 +90,8 @@ def test_checkpoints_validated_and_pickles_never_opened(client, auth, tmp_path, 
 
 def test_checksum_mismatch_is_invalid(client, auth, tmp_path):
     data = dataset_archive(tmp_path / "d.zip", n=1).read_bytes()
-    upload = client.post(
-        "/v1/uploads",
-        headers=auth,
-        json={"purpose": "dataset", "filename": "d.zip", "bytes": len(data), "sha256": "1" * 64},
-    ).json()
-    (part,) = client.post(f"/v1/uploads/{upload['id']}/parts", headers=auth).json()["parts"]
-    etag = httpx.put(part["url"], content=data).headers["etag"]
-    done = client.post(
-        f"/v1/uploads/{upload['id']}/complete",
-        headers=auth,
-        json={"parts": [{"part_number": 1, "etag": etag}]},
-    ).json()
-    body = settled(client, auth, "datasets", done["object_id"])
+    dataset_id = presigned(client, auth, data, purpose="dataset", filename="d.zip", sha256="1" * 64)
+    body = settled(client, auth, "datasets", dataset_id)
     assert body["status"] == "invalid" and body["error"]["code"] == "checksum_mismatch"
 
 
