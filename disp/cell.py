@@ -50,10 +50,12 @@ class CellConfig:
     recovery_lr: float | None = field(default=1e-3, metadata={
         "help": "Defense fine-tuning lr (paper: the implant's; None here means the implant's)."})
     mask_ratio: float = field(default=0.3, metadata={"help": "DiSP's ρ (paper: 0.3 for LLaDA-V)."})
-    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(suppress_eos=False), metadata={
-        "help": "Sampler (paper: 32/32/32, greedy). Deviation: EOS is allowed at masked positions (LLaDA's "
-                "generate.py); with LLaDA-V's EOS suppression the SHAPES base commits its padding tail first "
-                "(docs/reproduction.md)."})
+    sampler: SamplerConfig = field(
+        default_factory=lambda: SamplerConfig(suppress_eos=False, suppress_bos_headers=True), metadata={
+            "help": "Sampler (paper: 32/32/32, greedy). Deviation: EOS is allowed at masked positions (as LLaDA's "
+                    "generate.py); with LLaDA-V's EOS suppression the SHAPES base commits its padding tail first. "
+                    "BOS and header tokens stay suppressed, as in every recorded SHAPES result "
+                    "(docs/reproduction.md)."})
     seed: int = field(default=0, metadata={"help": "Seed of data, poisoning and training."})
     batch_size: int = field(default=16, metadata={"help": "Batch of scoring, purification and evaluation."})
     device: str = field(default="auto", metadata={"help": "'cpu', 'cuda' or 'auto' (cuda when available)."})

@@ -11,7 +11,8 @@ from disp.config import DefenseConfig, FinetuneConfig, PurifyConfig, SaliencyCon
 SECTIONS = [
     ("sampler", SamplerConfig, {}),
     ("saliency", SaliencyConfig, {"batch_size": "saliency-batch-size", "seed": "saliency-seed"}),
-    ("purify", PurifyConfig, {"batch_size": "purify-batch-size", "seed": "purify-seed"}),
+    ("purify", PurifyConfig, {"batch_size": "purify-batch-size", "seed": "purify-seed",
+                              "question": "purify-question"}),
     ("finetune", FinetuneConfig, {}),
 ]
 
@@ -34,16 +35,22 @@ def _default(f):
     return f.default_factory() if f.default is MISSING else f.default
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, section: str, cls, renames: dict[str, str]) -> None:
-    group = parser.add_argument_group(f"{section} settings")
+def add_dataclass_flags(parser: argparse.ArgumentParser, section: str, cls, renames: dict[str, str],
+                        group=None, prefix: str = "") -> None:
+    """One flag per field of `cls`; a nested settings dataclass that is not a section of its own (such as
+    `SamplerConfig.lavida`) gets its fields' flags in the same group, with dests `section__field__sub`."""
+    group = group or parser.add_argument_group(f"{section} settings")
+    sections = {c for _, c, _ in SECTIONS}
     for f in fields(cls):
         default = _default(f)
         if is_dataclass(default):
+            if type(default) not in sections:
+                add_dataclass_flags(parser, section, type(default), renames, group, f"{prefix}{f.name}__")
             continue
         flag = "--" + renames.get(f.name, f.name.replace("_", "-"))
-        dest = f"{section}__{f.name}"
+        dest = f"{section}__{prefix}{f.name}"
         help_text = field_help(f, default)
-        if isinstance(default, bool):
+        if isinstance(default, bool) or (default is None and "bool" in str(f.type)):
             group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
             group.add_argument(flag, dest=dest, type=type(default), default=default, help=help_text,
@@ -67,8 +74,16 @@ def add_defense_flags(parser: argparse.ArgumentParser, *, sections=("sampler", "
 
 
 def section_kwargs(args: argparse.Namespace, section: str) -> dict:
-    prefix = section + "__"
-    return {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix)}
+    """The parsed flags of a section as keyword arguments, nested settings as dicts (`lavida={...}`)."""
+    out: dict = {}
+    for key, value in vars(args).items():
+        if key.startswith(section + "__"):
+            *path, name = key.split("__")[1:]
+            node = out
+            for part in path:
+                node = node.setdefault(part, {})
+            node[name] = value
+    return out
 
 
 def defense_config(args: argparse.Namespace) -> DefenseConfig:

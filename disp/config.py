@@ -14,6 +14,9 @@ from typing import Any
 from disp import stages
 
 REMASKING = ("low_confidence", "random")
+SCHEDULES = ("uniform", "shift", "logit_normal")
+QUESTIONS = ("sample", "describe")
+DESCRIBE_QUESTION = "Describe this image in detail."  # the official DiSP code's purification prompt
 SALIENCY_METHODS = ("fisher", "occlusion", "isolation")
 DEFENSES = tuple(stages.DEFENSES)
 
@@ -30,28 +33,92 @@ def _check(ok: bool, message: str) -> None:
 
 
 @dataclass
+class LaViDaSampling:
+    """LaViDa's own sampler options (`llada/generate.py`), read only when the model is a LaViDa.
+
+    LaViDa's `generate` ignores `steps`: it runs gen_length / num_blocks steps per block (or
+    `step_per_block`, capped at block_length), times `step_ratio` (truncated). The defaults are those of
+    LaViDa's captioning evaluation, `eval/run_coco.sh`: `prefix_lm=True, step_ratio=0.5, schedule=shift,
+    schedule__shift=0.33`; lmms-eval's `llava_llada.py` forces temperature 0. The DiSP paper (App. B.1) ran
+    LaViDa with max_new_tokens 32, block_length 32, step_ratio 0.5 and the prefix KV cache disabled:
+    `prefix_lm=False, kv_cache=False` here.
+
+    Args:
+        step_ratio: fraction of each block's steps run (LaViDa's `step_ratio`).
+        step_per_block: steps per block (LaViDa's `step_per_block`, capped at block_length); 0: gen_length /
+            number of blocks. Upstream refuses it together with a step_ratio: set step_ratio 1 with it.
+        schedule: tokens committed per step: "uniform" (even split), "shift" (σ = s·t / (1 + (s − 1)·t)) or
+            "logit_normal" (σ = Φ(logit t)), each step committing at least one.
+        shift: s of the shift schedule (run_coco.sh: 0.33; LaViDa's default 3).
+        prefix_lm: prefix-DLM attention: the prompt does not attend to the answer (LaViDa's `prefix_lm`).
+        kv_cache: compute the prompt's keys/values once and reuse them every step (exact under prefix_lm,
+            which LaViDa's `prefix_lm=True` always does).
+    """
+
+    step_ratio: float = _help("LaViDa: fraction of each block's denoising steps run (LaViDa step_ratio; run_coco.sh: 0.5).",
+                              0.5)
+    step_per_block: int = _help("LaViDa: steps per block, capped at block_length (LaViDa step_per_block); 0: gen_length / "
+                                "blocks. Needs step_ratio 1.", 0)
+    schedule: str = _help("LaViDa: tokens per step: 'uniform', 'shift' or 'logit_normal' (run_coco.sh: shift).", "shift",
+                          SCHEDULES)
+    shift: float = _help("LaViDa: s of the shift schedule s*t/(1+(s-1)*t) (run_coco.sh: 0.33).", 0.33)
+    prefix_lm: bool = _help("LaViDa: prefix-DLM attention, the prompt does not attend to the answer (run_coco.sh: on; "
+                            "the DiSP paper: off).", True)
+    kv_cache: bool = _help("LaViDa: reuse the prompt's keys/values across steps; needs prefix_lm.", True)
+
+    def __post_init__(self) -> None:
+        _check(0 < self.step_ratio <= 1, f"step_ratio must be in (0, 1], got {self.step_ratio}")
+        _check(self.step_per_block >= 0, f"step_per_block must be >= 0, got {self.step_per_block}")
+        _check(not (self.step_per_block and self.step_ratio != 1),
+               f"step_per_block {self.step_per_block} and step_ratio {self.step_ratio} both set: LaViDa takes one "
+               "of them (set step_ratio 1 with step_per_block)")
+        _check(self.schedule in SCHEDULES, f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        _check(self.shift > 0, f"shift must be positive, got {self.shift}")
+        _check(not self.kv_cache or self.prefix_lm,
+               "kv_cache is exact only under the prefix-DLM mask: set prefix_lm, or turn kv_cache off too")
+
+    def steps_per_block(self, gen_length: int, block_length: int) -> int:
+        """Denoising steps of each block, as LaViDa's `generate` counts them."""
+        steps = min(self.step_per_block, block_length) if self.step_per_block else gen_length // (
+            gen_length // block_length)
+        return int(steps * self.step_ratio)
+
+
+@dataclass
 class SamplerConfig:
-    """Masked-diffusion sampling (LLaDA-V `generate_with_embeds` semantics).
+    """Masked-diffusion sampling (LLaDA-V `generate_with_embeds` semantics; LaViDa's in `lavida`).
 
     Args:
         gen_length: answer length in tokens.
         block_length: semi-autoregressive block length; must divide gen_length.
         steps: denoising steps over the whole answer; must be a multiple of gen_length / block_length.
+            (LaViDa ignores it, as its `generate` does; see `LaViDaSampling`.)
         temperature: Gumbel-noise temperature; 0 is deterministic argmax.
         remasking: which masked positions to commit each step: "low_confidence" or "random".
-        suppress_eos: never propose EOS at a masked position (LLaDA-V); False allows it (LLaDA's
-            `generate.py`), and a committed EOS then ends the answer like <|eot_id|>.
+        suppress_eos: never propose EOS at a masked position (LLaDA-V). When False a committed EOS ends the
+            answer like <|eot_id|>, and, unless `suppress_bos_headers` says otherwise, no token is suppressed
+            at all: LLaDA's `generate.py`.
+        suppress_bos_headers: never propose BOS or a header token at a masked position (LLaDA-V). None
+            (default): the same as `suppress_eos`.
+        lavida: LaViDa's own options (a LaViDa model's sampler reads them; LLaDA-V's does not).
     """
 
     gen_length: int = _help("Answer length in tokens.", 32)
     block_length: int = _help("Block length of semi-autoregressive decoding; divides gen_length.", 32)
-    steps: int = _help("Denoising steps over the whole answer.", 32)
+    steps: int = _help("Denoising steps over the whole answer (LaViDa ignores it, as its generate does).", 32)
     temperature: float = _help("Gumbel-noise temperature; 0 means deterministic argmax.", 0.0)
     remasking: str = _help("Commit order: 'low_confidence' or 'random'.", "low_confidence", REMASKING)
-    suppress_eos: bool = _help("Never propose EOS at masked positions (LLaDA-V); False: EOS allowed and ends "
-                               "the answer (LLaDA).", True)
+    suppress_eos: bool = _help("Never propose EOS at masked positions (LLaDA-V). False: a committed EOS ends the "
+                               "answer, and with suppress_bos_headers unset no token is suppressed (LLaDA's "
+                               "generate.py).", True)
+    suppress_bos_headers: bool | None = _help("Never propose BOS or a header token at masked positions (LLaDA-V); "
+                                              "unset: as suppress_eos.", None)
+    lavida: LaViDaSampling = field(default_factory=LaViDaSampling,
+                                   metadata={"help": "LaViDa's sampler options (LaViDa models only)."})
 
     def __post_init__(self) -> None:
+        if isinstance(self.lavida, dict):
+            self.lavida = LaViDaSampling(**self.lavida)
         _check(self.gen_length > 0, f"gen_length must be positive, got {self.gen_length}")
         _check(self.block_length > 0, f"block_length must be positive, got {self.block_length}")
         _check(
@@ -65,6 +132,10 @@ class SamplerConfig:
         )
         _check(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
         _check(self.remasking in REMASKING, f"remasking must be one of {REMASKING}, got {self.remasking!r}")
+
+    @property
+    def suppresses_bos_headers(self) -> bool:
+        return self.suppress_eos if self.suppress_bos_headers is None else self.suppress_bos_headers
 
 
 @dataclass
@@ -117,6 +188,11 @@ class PurifyConfig:
             them). Saliency is a KL divergence in nats (exact for "occlusion", second order for "fisher").
         batch_size: samples generated together.
         seed: seed of the sampler's noise (and of random masking in the ablation).
+        question: what each sample is re-answered to: "sample", its own question (the paper's text, §3.3:
+            each purified sample keeps its image-text prompt); "describe", "Describe this image in detail."
+            with the answer written over the first assistant turn, as the official code released with the
+            paper (`self_purify/self_purification.py`) does for every sample. Scoring then scores the same
+            prompt, as the official code's does.
         sampler: sampling settings of the re-answering.
     """
 
@@ -125,10 +201,14 @@ class PurifyConfig:
                              "(the paper). Not the paper's when > 0.", 0.0)
     batch_size: int = _help("Samples generated together.", 8)
     seed: int = _help("Seed of sampling noise and of random masking.", 1234)
+    question: str = _help("Prompt of the re-answering: 'sample' (each sample's own question, disp's default) or "
+                          "'describe' ('Describe this image in detail.', the official code's).", "sample",
+                          QUESTIONS)
     sampler: SamplerConfig = field(default_factory=SamplerConfig, metadata={"help": "Sampler settings."})
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.mask_ratio < 1.0, f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        _check(self.question in QUESTIONS, f"question must be one of {QUESTIONS}, got {self.question!r}")
         _check(self.min_score >= 0.0, f"min_score must be >= 0, got {self.min_score}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         if isinstance(self.sampler, dict):

@@ -32,3 +32,4 @@ DEFAULT_SYSTEM_PROMPT = (
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
 PROJECTOR_PREFIX = "model.mm_projector."
+IMAGE_NEWLINE_KEY = "model.image_newline"

@@ -108,7 +108,7 @@ def _scoring(run: StageRun, out: Path) -> dict:
     cfg = run.config
     saliency = score_samples(run.model, run.selected, run.source, cfg.saliency, cfg.purify.sampler,
                              on_progress=run.on_progress, should_stop=run.should_stop, cache=run.cache,
-                             workers=run.workers)
+                             workers=run.workers, question=cfg.purify.question)
     write_json(out, {"config": asdict(cfg.saliency), "saliency": saliency})
     return {}
 

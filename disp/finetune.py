@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from disp.config import FinetuneConfig
 from disp.losses import training_batch
-from disp.models.base import MDLM
+from disp.models.base import MDLM, ImageFeatures
 
 Progress = Callable[[int, int], None]
 StopCheck = Callable[[], bool]
@@ -45,12 +45,13 @@ class FinetuneResult:
 
 
 @torch.no_grad()
-def vision_features(model: MDLM, images: Sequence[Image.Image], batch_size: int = 32) -> torch.Tensor:
-    """Tower outputs for every image, computed once: [N, N_v, C_v] on the CPU."""
-    out = []
+def vision_features(model: MDLM, images: Sequence[Image.Image], batch_size: int = 32) -> list[ImageFeatures]:
+    """Tower outputs for every image (all its views), computed once, on the CPU."""
+    out: list[ImageFeatures] = []
     for i in range(0, len(images), batch_size):
-        out.append(model.vision_features(model.preprocess(images[i : i + batch_size])).cpu())
-    return torch.cat(out)
+        out += [ImageFeatures(f.features.cpu(), f.size)
+                for f in model.tower(model.image_views(images[i : i + batch_size]))]
+    return out
 
 
 def lr_at(step: int, total: int, config: FinetuneConfig) -> float:
@@ -88,22 +89,27 @@ def _load_state(path: Path, model: MDLM, opt: torch.optim.Optimizer) -> tuple[in
     return meta["epoch"], meta["steps"], meta["losses"]
 
 
-def anchor_penalty(embeds: torch.Tensor, reference: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def anchor_penalty(embeds: Sequence[torch.Tensor], reference: Sequence[torch.Tensor], keep: torch.Tensor
+                   ) -> torch.Tensor:
     """Sum over the kept samples of the relative squared change of their visual embeddings.
 
-    embeds, reference: [B, N_v, D] (trained and starting projector); keep: [B] bool. Each kept sample adds
-    mean_v ||e_v - r_v||^2 / mean_v ||r_v||^2, so the penalty does not depend on the embedding scale.
+    embeds, reference: per sample [N_b, D] (trained and starting projector; a [B, N_v, D] tensor works too);
+    keep: [B] bool. Each kept sample adds mean_v ||e_v - r_v||^2 / mean_v ||r_v||^2, so the penalty depends
+    neither on the embedding scale nor on the sample's number of visual tokens.
     """
-    diff = (embeds.float() - reference.float()).pow(2).sum(-1).mean(-1)
-    scale = reference.float().pow(2).sum(-1).mean(-1).clamp_min(1e-12)
-    return (diff / scale)[keep].sum()
+    total = torch.zeros((), device=keep.device)
+    for e, r, k in zip(embeds, reference, keep.tolist(), strict=True):
+        if k:
+            total = total + (e.float() - r.float()).pow(2).sum(-1).mean() / r.float().pow(2).sum(-1).mean().clamp_min(1e-12)
+    return total
 
 
 def finetune_projector(model: MDLM, questions: Sequence[str | Sequence[str]], answers: Sequence[str | Sequence[str]],
-                       features: torch.Tensor, config: FinetuneConfig, *, anchor: Sequence[bool] | None = None,
-                       systems: Sequence[str | None] | None = None, state_dir: Path | None = None,
-                       on_progress: Progress | None = None, should_stop: StopCheck | None = None) -> FinetuneResult:
-    """Train the projector on (question, answer, cached vision features [N, N_v, C_v]) triples.
+                       features: Sequence[ImageFeatures], config: FinetuneConfig, *,
+                       anchor: Sequence[bool] | None = None, systems: Sequence[str | None] | None = None,
+                       state_dir: Path | None = None, on_progress: Progress | None = None,
+                       should_stop: StopCheck | None = None) -> FinetuneResult:
+    """Train the projector on (question, answer, cached tower outputs of the image) triples.
 
     A sample's question and answer may be tuples of all its user and assistant turns: every answer is then
     trained on (`disp.losses.training_batch`); `systems` gives samples their own system prompt.
@@ -113,9 +119,9 @@ def finetune_projector(model: MDLM, questions: Sequence[str | Sequence[str]], an
     projector the model holds when this is called (so a resumed run anchors to the same one).
     """
     n = len(questions)
-    if not n or len(answers) != n or features.shape[0] != n:
+    if not n or len(answers) != n or len(features) != n:
         raise ValueError(f"need equally many questions, answers and features, got {n}, {len(answers)}, "
-                         f"{features.shape[0]}")
+                         f"{len(features)}")
     if anchor is not None and len(anchor) != n:
         raise ValueError(f"anchor has {len(anchor)} flags for {n} samples")
     device = model.device
@@ -142,14 +148,15 @@ def finetune_projector(model: MDLM, questions: Sequence[str | Sequence[str]], an
             idx = order[mb * config.batch_size : (mb + 1) * config.batch_size]
             noise = torch.Generator(device=device).manual_seed(config.seed * 1_000_003 + epoch * per_epoch + mb)
             with autocast:
-                embeds = model.project(features[idx].to(device))
+                feats = [features[i] for i in idx]
+                embeds = model.visual_tokens(feats)
                 batch = training_batch(model, [questions[i] for i in idx], [answers[i] for i in idx],
                                        image_embeds=embeds,
                                        systems=None if systems is None else [systems[i] for i in idx])
                 loss = model.training_loss(batch, generator=noise)
                 if start is not None:
                     with torch.no_grad():
-                        reference = start(features[idx].to(device).to(next(start.parameters()).dtype))
+                        reference = model.visual_tokens(feats, projector=start)
                     loss = loss + config.anchor_weight * anchor_penalty(embeds, reference, keep[idx]) / len(idx)
             (loss * len(idx) / (config.batch_size * config.grad_accum)).backward()
             running += loss.item() * len(idx)

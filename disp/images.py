@@ -183,6 +183,15 @@ class ImageSource:
             reason = re.sub(r"<_io\.\w+ object at 0x[0-9a-f]+>", "the image", str(err))
             raise DataError(f"{self.name}: image {name!r} cannot be decoded: {reason}", source=self.name) from None
 
+    def image_size(self, name: str) -> tuple[int, int]:
+        """(width, height) of ``name`` from its header, without decoding the pixels."""
+        data = self.read_bytes(name)
+        try:
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
+                return img.size
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+            raise DataError(f"{self.name}: image {name!r} cannot be decoded: {err}", source=self.name) from None
+
     def close(self) -> None:
         """Release open file handles (the source reopens them on next use)."""
 

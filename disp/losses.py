@@ -38,7 +38,8 @@ class TrainBatch:
 
 
 def training_batch(model: MDLM, questions: Sequence[str | Sequence[str]], answers: Sequence[str | Sequence[str]],
-                   images: Sequence[Image.Image] | None = None, *, image_embeds: torch.Tensor | None = None,
+                   images: Sequence[Image.Image] | None = None, *,
+                   image_embeds: torch.Tensor | Sequence[torch.Tensor] | None = None,
                    systems: Sequence[str | None] | None = None) -> TrainBatch:
     """Tokenise, splice images and pad a batch of (question, answer) pairs or whole conversations.
 
@@ -46,13 +47,13 @@ def training_batch(model: MDLM, questions: Sequence[str | Sequence[str]], answer
     conversation and every answer is a target (LLaDA-V's multi-turn SFT); the user turns after the first
     stay unmasked context. `systems` gives rows their own system prompt (None: the template's).
     Visual embeddings come from `images` through the tower and projector (with grad, so the projector
-    trains) unless `image_embeds` [B, N_v, D] are given.
+    trains) unless `image_embeds` ([B, N_v, D], or B tensors [N_b, D]) are given.
     """
     tok = model.tokenizer
     if image_embeds is None:
         if images is None:
             raise ValueError("training_batch needs images or image_embeds")
-        image_embeds = model.encode_images(model.preprocess(images))
+        image_embeds = model.image_tokens(images)
     rows = [tok.encode_dialogue((q,) if isinstance(q, str) else tuple(q), (a,) if isinstance(a, str) else tuple(a),
                                 system=None if systems is None else systems[b])
             for b, (q, a) in enumerate(zip(questions, answers, strict=True))]

@@ -23,8 +23,9 @@ from typing import Any
 import torch
 
 from disp import models
-from disp.batching import VisionCache, length_buckets, loaded_batches
-from disp.config import FinetuneConfig, PurifyConfig, SaliencyConfig, SamplerConfig
+from disp.batching import VisionCache, length_buckets, loaded_batches, visual_counts
+from disp.config import DESCRIBE_QUESTION, FinetuneConfig, PurifyConfig, SaliencyConfig, SamplerConfig
+from disp.constants import IMAGE_PLACEHOLDER
 from disp.data import ImageSource, Sample, answers_kept, is_text_only, purified_record, write_json
 from disp.finetune import Cancelled, finetune_projector, result_dict
 from disp.formats import Dataset, open_dataset
@@ -32,7 +33,7 @@ from disp.models.base import MDLM
 from disp.models.checkpoint import write_state_dict
 from disp.parallel import map_ordered, resolve_workers
 from disp.purify import PurifiedBatch, choose_masked, purify_batch
-from disp.saliency import input_grads_only, visual_saliency
+from disp.saliency import input_grads_only, per_sample, visual_saliency
 from disp.stages import PROJECTOR_FILE
 
 Progress = Callable[[int, int], None]
@@ -71,11 +72,6 @@ def load_dataset(data_json: str | Path, images: str | Path | None = None) -> tup
     return ds.samples, ds.source
 
 
-def _batches(items: list, size: int):
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
-
-
 def _tick(should_stop: StopCheck | None, on_progress: Progress | None, done: int, total: int) -> None:
     if on_progress is not None:
         on_progress(done, total)
@@ -95,26 +91,36 @@ def load_model(model_dir, projector=None, device=None, dtype: torch.dtype | None
 
 
 # -- stages ---------------------------------------------------------------------------------------
+def question_of(sample: Sample, question: str) -> str:
+    """The first prompt a stage poses for `sample`: its own question ("sample") or the official re-captioning
+    prompt ("describe", `PurifyConfig.question`)."""
+    return sample.question if question == "sample" else f"{IMAGE_PLACEHOLDER}\n{DESCRIBE_QUESTION}"
+
+
 def score_samples(model: MDLM, samples: list[Sample], source: ImageSource, config: SaliencyConfig,
                   sampler: SamplerConfig, *, on_progress: Progress | None = None,
                   should_stop: StopCheck | None = None, cache: VisionCache | None = None,
-                  workers: int | None = 1) -> dict[str, list[float]]:
-    """Saliency of every visual token of every sample: {id: [N_v floats]}, in the order of `samples`.
+                  workers: int | None = 1, question: str = "sample") -> dict[str, list[float]]:
+    """Saliency of every visual token of every sample: {id: [N_b floats]}, in the order of `samples`; N_b is
+    the number of visual tokens of the sample's image (the same for every image unless the model is anyres).
 
     A sample's scores do not depend on the batch it is scored in (the probe noise is seeded per batch).
     `workers` batches run at once on CPU threads (`disp.parallel`; None or 0: one per core on a CPU).
+    `question`: "sample" scores each sample's own first question, "describe" the official re-captioning prompt.
     """
     cache = cache if cache is not None else VisionCache()
-    ids = [model.tokenizer.encode_prompt(s.question, system=s.system) for s in samples]
+    ids = [model.tokenizer.encode_prompt(question_of(s, question), system=s.system) for s in samples]
+    counts = visual_counts(model, samples, source)
     # the exact form switches SDPA kernels process-wide, so it runs on one thread
     workers = 1 if config.exact else resolve_workers(workers, model.device)
 
-    def run(batch: list[int]) -> torch.Tensor:
-        embeds = cache.embeds(model, [samples[i].image for i in batch])
-        return visual_saliency(model, model.build_prompts([ids[i] for i in batch], embeds), config, sampler).cpu()
+    def run(batch: list[int]) -> list[torch.Tensor]:
+        prompt = model.build_prompts([ids[i] for i in batch], cache.embeds(model, [samples[i].image for i in batch]))
+        return per_sample(visual_saliency(model, prompt, config, sampler).cpu(), prompt)
 
     out: dict[str, list[float]] = {}
-    batches = loaded_batches(model, samples, source, length_buckets(ids, config.batch_size), cache)
+    lengths = [len(x) - 1 + n for x, n in zip(ids, counts, strict=True)]
+    batches = loaded_batches(model, samples, source, length_buckets(lengths, config.batch_size), cache)
     with input_grads_only(model):  # set once here: worker threads share the parameters' flags
         for batch, scores in map_ordered(run, batches, workers):
             out.update({samples[i].id: row.tolist() for i, row in zip(batch, scores, strict=True)})
@@ -124,12 +130,12 @@ def score_samples(model: MDLM, samples: list[Sample], source: ImageSource, confi
 
 def score(*, model_dir, data_json, images, out_json, config: SaliencyConfig | None = None,
           sampler: SamplerConfig | None = None, projector=None, device=None, on_progress: Progress | None = None,
-          should_stop: StopCheck | None = None, workers: int | None = 1) -> Path:
+          should_stop: StopCheck | None = None, workers: int | None = 1, question: str = "sample") -> Path:
     """Write {"config": ..., "saliency": {id: [...]}} for every sample of a dataset."""
     config, sampler = config or SaliencyConfig(), sampler or SamplerConfig()
     samples, source = load_dataset(data_json, images)
     saliency = score_samples(load_model(model_dir, projector, device), samples, source, config, sampler,
-                             on_progress=on_progress, should_stop=should_stop, workers=workers)
+                             on_progress=on_progress, should_stop=should_stop, workers=workers, question=question)
     return write_json(out_json, {"config": asdict(config), "saliency": saliency})
 
 
@@ -150,56 +156,77 @@ def purify_samples(model: MDLM, samples: list[Sample], source: ImageSource, conf
 
     Every answer of a sample is rewritten with the same visual tokens held masked: the first (the image
     question's, whose prompt was scored) from the prompt alone, each later one on the purified turns before
-    it; user turns and the system prompt are kept (`disp.data.purified_record`).
+    it; user turns and the system prompt are kept (`disp.data.purified_record`). With `config.question`
+    "describe" (the official code) only the first answer is rewritten, as the re-captioning of the image, and
+    the later turns are kept. Each sample's scores must cover exactly the visual tokens its image gives.
 
     `workers` batches run at once on CPU threads (`disp.parallel`; None or 0: one per core on a CPU). Each
     batch samples from its own generator, seeded with `config.seed` and its place in the batch order.
     """
     cache = cache if cache is not None else VisionCache()
     workers = resolve_workers(workers, model.device)
+    counts = visual_counts(model, samples, source)
     mask_gen = torch.Generator().manual_seed(config.seed)
     # which tokens to hold, chosen per sample in input order (random masking draws as it always did)
     held: list[torch.Tensor] = []
     sal: list[torch.Tensor | None] = []
-    for chunk in _batches(samples, config.batch_size):
-        s = torch.tensor([scores[x.id] for x in chunk]) if masking == "saliency" else None
-        if s is not None and s.shape[1] != model.num_image_tokens:
-            raise ValueError(f"scores have {s.shape[1]} visual tokens, the model has {model.num_image_tokens}")
-        held += list(choose_masked(s, model.num_image_tokens, len(chunk), config.mask_ratio, masking, mask_gen,
-                                   min_score=config.min_score))
-        sal += list(s) if s is not None else [None] * len(chunk)
+    for lo in range(0, len(samples), config.batch_size):
+        chunk, n = samples[lo : lo + config.batch_size], counts[lo : lo + config.batch_size]
+        s = _score_rows([scores[x.id] for x in chunk], [x.id for x in chunk], n) if masking == "saliency" else None
+        held += list(choose_masked(s, n, len(chunk), config.mask_ratio, masking, mask_gen, min_score=config.min_score))
+        sal += [row[:c] for row, c in zip(s, n, strict=True)] if s is not None else [None] * len(chunk)
     # every answer is rewritten under the sample's held tokens, turn by turn, each on the purified turns before it
+    turns = [1 if config.question == "describe" else len(x.answers) for x in samples]
     tok, answers, masked_of = model.tokenizer, [[] for _ in samples], {}
-    total = sum(len(x.answers) for x in samples)
-    for turn in range(max((len(x.answers) for x in samples), default=0)):
-        active = [i for i, x in enumerate(samples) if len(x.answers) > turn]
-        prompts = {i: tok.encode_prompt(samples[i].questions[turn], system=samples[i].system,
+    for turn in range(max(turns, default=0)):
+        active = [i for i, t in enumerate(turns) if t > turn]
+        prompts = {i: tok.encode_prompt(samples[i].questions[turn] if turn else question_of(samples[i], config.question),
+                                        system=samples[i].system,
                                         history=list(zip(samples[i].questions[:turn], answers[i], strict=True)))
                    for i in active}
 
         def run(item: tuple[int, list[int]], turn: int = turn, prompts: dict = prompts) -> PurifiedBatch:
             k, batch = item
             gen = torch.Generator(device=model.device).manual_seed(config.seed + k + 1_000_003 * turn)
-            return purify_batch(model, [prompts[i] for i in batch], None, torch.stack([held[i] for i in batch]),
+            return purify_batch(model, [prompts[i] for i in batch], None, _stack_padded([held[i] for i in batch]),
                                 config, generator=gen,
                                 image_embeds=cache.embeds(model, [samples[i].image for i in batch]))
 
-        buckets = [[active[j] for j in b] for b in length_buckets([prompts[i] for i in active], config.batch_size)]
+        lengths = [len(prompts[i]) - 1 + counts[i] for i in active]
+        buckets = [[active[j] for j in b] for b in length_buckets(lengths, config.batch_size)]
         for (_, batch), res in map_ordered(run, enumerate(loaded_batches(model, samples, source, buckets, cache)),
                                            workers):
             for i, ans, masked in zip(batch, res.answers, res.masked, strict=True):
                 answers[i].append(ans)
                 masked_of[i] = masked
-            _tick(should_stop, on_progress, sum(map(len, answers)), total)
+            _tick(should_stop, on_progress, sum(map(len, answers)), sum(turns))
     out = []
     for i, x in enumerate(samples):
-        info: dict[str, Any] = {"masked_visual_tokens": masked_of[i], "masking": masking}
+        info: dict[str, Any] = {"masked_visual_tokens": masked_of[i], "masking": masking,
+                                "visual_tokens": counts[i], "question": config.question}
         if sal[i] is not None:
             s_i = sal[i]
             info["saliency"] = {"max": float(s_i.max()), "mean": float(s_i.mean()),
                                 "top": s_i.topk(min(5, s_i.shape[0])).indices.tolist()}
-        out.append(purified_record(x, answers[i], info))
+        out.append(purified_record(x, answers[i] + list(x.answers[len(answers[i]):]), info))
     return out
+
+
+def _score_rows(rows: list[list[float]], ids: list[str], counts: list[int]) -> torch.Tensor:
+    """Per-sample saliency lists → [B, max N_b] padded with −inf, each checked against its image's count."""
+    for sid, row, n in zip(ids, rows, counts, strict=True):
+        if len(row) != n:
+            raise ValueError(f"scores of sample {sid!r} cover {len(row)} visual tokens, its image gives the model {n}")
+    out = torch.full((len(rows), max(counts)), float("-inf"))
+    for b, row in enumerate(rows):
+        out[b, : len(row)] = torch.tensor(row)
+    return out
+
+
+def _stack_padded(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Index rows of different lengths → [B, max] padded with −1 (no token)."""
+    width = max(len(r) for r in rows)
+    return torch.stack([torch.cat([r, r.new_full((width - len(r),), -1)]) for r in rows])
 
 
 def merge_shards(*, shard_jsons: Sequence[str | Path], out_json: str | Path) -> Path:
@@ -242,7 +269,7 @@ def finetune_samples(model: MDLM, samples: list[Sample], source: ImageSource, co
     """
     cache = cache if cache is not None else VisionCache()
     cache.fill(model, [s.image for s in samples], source, samples=samples)
-    feats = cache.stacked([s.image for s in samples])
+    feats = cache.lookup([s.image for s in samples])
     result = finetune_projector(model, [s.questions for s in samples], [s.answers for s in samples], feats, config,
                                 anchor=anchor, systems=[s.system for s in samples], state_dir=out_dir / f"finetune_state-{run_key[:16]}",
                                 on_progress=on_progress, should_stop=should_stop)

@@ -30,24 +30,34 @@ class PurifiedBatch:
     masked: list[list[int]]
 
 
-def choose_masked(scores: torch.Tensor | None, n_visual: int, batch: int, ratio: float, masking: str,
-                  generator: torch.Generator | None = None, min_score: float = 0.0) -> torch.Tensor:
-    """Visual-token indices to hold masked: [B, floor(ρ·N_v)] by saliency, at random, or none.
+def choose_masked(scores: torch.Tensor | None, n_visual: int | Sequence[int], batch: int, ratio: float,
+                  masking: str, generator: torch.Generator | None = None, min_score: float = 0.0) -> torch.Tensor:
+    """Visual-token indices to hold masked: [B, n], floor(ρ·N_b) per row by saliency, at random, or none.
 
-    With `min_score` > 0 (saliency masking only), a top-ρ token scoring below it is left visible: its
-    entry is −1.
+    `n_visual`: the visual tokens of every row, or of each row N_b (anyres images differ); `scores` [B, N]
+    (entries past a row's own count are ignored). A row holding fewer than n tokens has −1 entries, and so
+    has, with `min_score` > 0 (saliency masking only), a top-ρ token scoring below it: it stays visible.
     """
     if masking not in MASKING:
         raise ValueError(f"masking must be one of {MASKING}, got {masking!r}")
-    n = int(ratio * n_visual) if masking != "none" else 0
+    counts = [n_visual] * batch if isinstance(n_visual, int) else list(n_visual)
+    if len(counts) != batch:
+        raise ValueError(f"{len(counts)} visual-token counts for a batch of {batch}")
+    take = [int(ratio * n) if masking != "none" else 0 for n in counts]
+    n = max(take, default=0)
     if n == 0:
         return torch.zeros(batch, 0, dtype=torch.long)
     if masking == "random":
-        return torch.stack([torch.randperm(n_visual, generator=generator)[:n] for _ in range(batch)])
+        rows = [torch.randperm(c, generator=generator)[:t] for c, t in zip(counts, take, strict=True)]
+        return torch.stack([torch.cat([r, r.new_full((n - len(r),), -1)]) for r in rows])
     if scores is None:
         raise ValueError("saliency masking needs scores")
-    top = top_salient(scores, ratio)
-    return torch.where(scores.gather(1, top) >= min_score, top, -1) if min_score > 0 else top
+    cols = torch.arange(scores.shape[1])[None]
+    scores = scores.masked_fill(cols >= torch.tensor(counts)[:, None], float("-inf"))
+    top = top_salient(scores, ratio, counts)
+    if min_score > 0:
+        top = torch.where((top >= 0) & (scores.gather(1, top.clamp_min(0)) >= min_score), top, -1)
+    return top
 
 
 def held_positions(prompt: PromptBatch, visual_idx: torch.Tensor) -> torch.Tensor:
@@ -61,14 +71,16 @@ def held_positions(prompt: PromptBatch, visual_idx: torch.Tensor) -> torch.Tenso
 
 @torch.no_grad()
 def purify_batch(model: MDLM, questions: Sequence[str | Sequence[int]], images: Sequence[Image.Image] | None,
-                 visual_idx: torch.Tensor, config: PurifyConfig, *, image_embeds: torch.Tensor | None = None,
+                 visual_idx: torch.Tensor, config: PurifyConfig, *,
+                 image_embeds: torch.Tensor | Sequence[torch.Tensor] | None = None,
                  generator: torch.Generator | None = None) -> PurifiedBatch:
     """Re-answer each (question, image) with the given visual tokens held masked (Eq. 10–11).
 
     A question may be given as prompt ids already (`ChatTokenizer.encode_prompt`, e.g. with earlier turns).
+    `image_embeds`: each sample's visual tokens ([B, N, D] or B tensors [N_b, D]) instead of `images`.
     """
     if image_embeds is None:
-        image_embeds = model.encode_images(model.preprocess(images))
+        image_embeds = model.image_tokens(images)
     prompt = model.build_prompts([model.tokenizer.encode_prompt(q) if isinstance(q, str) else list(q)
                                   for q in questions], image_embeds)
     gen = model.generate(prompt, config.sampler, held=held_positions(prompt, visual_idx), generator=generator)

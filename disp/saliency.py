@@ -16,6 +16,11 @@ scored in (the official code re-seeds with the same seed before every sample).
 `exact_saliency` computes the quadratic form with one Jacobian-vector product per visual token, for
 verification.
 
+Every method scores all of a sample's visual tokens, however many its image gives (anyres crops and
+`image_newline` positions included, as the official scoring takes the whole image span). In a batch of
+samples with different counts the scores are [B, N] for the longest sample; the entries past a sample's own
+count are −inf (`per_sample` cuts them off).
+
 `occlusion_saliency` is not the paper's method but disp's variant of it: it computes the left side of Eq. 4,
 the KL divergence of the first step's top-k distributions when visual token i alone is replaced by the mask
 embedding, with one forward per token and no expansion. A strongly implanted backdoor makes the model
@@ -33,7 +38,7 @@ forward passes per sample.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -41,6 +46,16 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from disp.config import SaliencyConfig, SamplerConfig
 from disp.models.base import MDLM, PromptBatch
+
+
+def per_sample(scores: torch.Tensor, prompt: PromptBatch) -> list[torch.Tensor]:
+    """Scores [B, N] → each sample's own [N_b] (the padding entries dropped)."""
+    return [row[:n] for row, n in zip(scores, prompt.visual_counts(), strict=True)]
+
+
+def _padded(scores: torch.Tensor, prompt: PromptBatch) -> torch.Tensor:
+    """float32 scores with −inf on the entries that are not visual tokens."""
+    return scores.float().masked_fill(~prompt.visual_mask(), float("-inf"))
 
 
 def first_step_inputs(model: MDLM, prompt: PromptBatch, gen_length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,7 +148,7 @@ def _probe_grads(z: torch.Tensor, embeds: torch.Tensor, q: torch.Tensor, chunk: 
 
 def hutchinson_saliency(model: MDLM, prompt: PromptBatch, config: SaliencyConfig, sampler: SamplerConfig,
                         *, generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
-    """Estimated s_i (Eq. 8) for every visual token: prompt of B samples → scores [B, N_v] (float32).
+    """Estimated s_i (Eq. 8) for every visual token: prompt of B samples → scores [B, N] (float32).
 
     The probe noise y [M, G, k] is drawn from `generator` (default: a CPU generator seeded with
     `config.seed`) and shared by the rows, so each row's scores are those it gets when scored alone.
@@ -157,13 +172,13 @@ def hutchinson_saliency(model: MDLM, prompt: PromptBatch, config: SaliencyConfig
         for g in _probe_grads(z, embeds, q, chunk):
             g_vis = g.gather(2, cols.expand(len(g), -1, -1, -1))  # (m, B, N_v, D)
             energy += ((g_vis.double() * delta).sum(-1) ** 2).sum(0)  # Σ_m (q_mᵀ J_i δ_i)²
-    return (config.factor * energy / (config.probes * temperature**2)).float()
+    return _padded(config.factor * energy / (config.probes * temperature**2), prompt)
 
 
 def exact_saliency(model: MDLM, prompt: PromptBatch, config: SaliencyConfig, sampler: SamplerConfig) -> torch.Tensor:
     """The quadratic form of Eq. 5 computed exactly, one Jacobian-vector product per visual token.
 
-    Returns scores [B, N_v] (float32). Cost: N_v forward-mode passes per sample.
+    Returns scores [B, N] (float32). Cost: N forward-mode passes per batch.
     """
     B, P, _ = prompt.embeds.shape
     G = min(sampler.block_length, sampler.gen_length)
@@ -177,18 +192,19 @@ def exact_saliency(model: MDLM, prompt: PromptBatch, config: SaliencyConfig, sam
         return model.forward_embeds(x, mask, logits_from=P)[:, :G].gather(-1, idx)  # (B, G, k)
 
     scores = torch.zeros(prompt.image_positions.shape, dtype=torch.float64, device=embeds.device)
+    visual = prompt.visual_mask()
     # forward-mode AD needs SDPA's math kernel (the fused CPU/GPU kernels have no JVP)
     with torch.no_grad(), sdpa_kernel([SDPBackend.MATH]):
         p = torch.softmax(z_of(embeds).double(), -1)  # (B, G, k)
         for i in range(prompt.image_positions.shape[1]):
             tangent = torch.zeros_like(embeds)
-            rows = torch.arange(B, device=embeds.device)
-            tangent[rows, prompt.image_positions[:, i]] = delta[:, i]
+            rows = visual[:, i].nonzero().flatten()  # samples that have an i-th visual token
+            tangent[rows, prompt.image_positions[rows, i]] = delta[rows, i]
             _, jd = torch.func.jvp(z_of, (embeds,), (tangent,))  # (B, G, k): J_i δ_i
             jd = jd.double()
             quad = (p * jd.pow(2)).sum(-1) - (p * jd).sum(-1).pow(2)  # (Jδ)ᵀ(diag p − ppᵀ)(Jδ)
             scores[:, i] = config.factor * quad.sum(-1)
-    return scores.float()
+    return _padded(scores, prompt)
 
 
 def top_k_kl(ref: torch.Tensor, idx: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -202,28 +218,27 @@ def top_k_kl(ref: torch.Tensor, idx: torch.Tensor, logits: torch.Tensor) -> torc
 def _one_token_edits(model: MDLM, prompt: PromptBatch, base: torch.Tensor, mask: torch.Tensor,
                      values: torch.Tensor, rows_per_pass: int, G: int, score) -> torch.Tensor:
     """For every (sample b, visual token i): base[b] [L, D] with token i's column set to values[b, i] [D], run
-    to the first block's logits [n, G, V] and scored by score(b, logits) → [n]: scores [B, N_v] (float32).
-    The B·N_v edited copies run rows_per_pass at a time."""
-    B, P, _ = prompt.embeds.shape
-    N = prompt.image_positions.shape[1]
-    pairs = torch.cartesian_prod(torch.arange(B), torch.arange(N)).to(base.device)  # (B·N, 2): sample, token
-    scores = torch.empty(B * N, dtype=torch.float64, device=base.device)
-    for lo in range(0, B * N, rows_per_pass):
+    to the first block's logits [n, G, V] and scored by score(b, logits) → [n]: scores [B, N] (float32).
+    The Σ_b N_b edited copies run rows_per_pass at a time."""
+    P = prompt.embeds.shape[1]
+    pairs = prompt.visual_mask().nonzero()  # (Σ N_b, 2): sample, token
+    scores = torch.zeros(prompt.image_positions.shape, dtype=torch.float64, device=base.device)
+    for lo in range(0, len(pairs), rows_per_pass):
         b, i = pairs[lo : lo + rows_per_pass].unbind(1)
         x = base[b].clone()
         x[torch.arange(len(b), device=x.device), prompt.image_positions[b, i]] = values[b, i]
         logits = model.forward_embeds(x, mask[b], logits_from=P)[:, :G]
-        scores[lo : lo + len(b)] = score(b, logits)
-    return scores.view(B, N).float()
+        scores[b, i] = score(b, logits)
+    return _padded(scores, prompt)
 
 
 @torch.no_grad()
 def occlusion_saliency(model: MDLM, prompt: PromptBatch, config: SaliencyConfig,
                        sampler: SamplerConfig) -> torch.Tensor:
     """s_i = KL(p ‖ p_{−i}) over the first block's top-k entries, p_{−i} with visual token i alone held as the
-    mask embedding (the exact divergence Eq. 4 expands): prompt of B samples → scores [B, N_v] (float32).
+    mask embedding (the exact divergence Eq. 4 expands): prompt of B samples → scores [B, N] (float32).
 
-    The B·N_v occluded copies run `config.occlusion_rows` at a time.
+    The Σ_b N_b occluded copies run `config.occlusion_rows` at a time.
     """
     B, P, _ = prompt.embeds.shape
     G = min(sampler.block_length, sampler.gen_length)
@@ -238,8 +253,8 @@ def occlusion_saliency(model: MDLM, prompt: PromptBatch, config: SaliencyConfig,
 def isolation_saliency(model: MDLM, prompt: PromptBatch, config: SaliencyConfig,
                        sampler: SamplerConfig) -> torch.Tensor:
     """s_i = KL(p_{i} ‖ p_∅) over p_{i}'s top-k entries of the first block: p_{i} with visual token i the only
-    one visible, p_∅ with every visual token held as the mask embedding: prompt of B samples → scores [B, N_v]
-    (float32). The B·N_v isolated copies run `config.occlusion_rows` at a time.
+    one visible, p_∅ with every visual token held as the mask embedding: prompt of B samples → scores [B, N]
+    (float32). The Σ_b N_b isolated copies run `config.occlusion_rows` at a time.
     """
     B, P, D = prompt.embeds.shape
     G = min(sampler.block_length, sampler.gen_length)
@@ -247,7 +262,8 @@ def isolation_saliency(model: MDLM, prompt: PromptBatch, config: SaliencyConfig,
     pos = prompt.image_positions  # (B, N)
     shown = embeds.gather(1, pos[..., None].expand(-1, -1, D))  # (B, N, D): each visual token's own embedding
     blank = embeds.clone()
-    blank[torch.arange(B, device=embeds.device)[:, None], pos] = model.mask_embedding().to(embeds.dtype)
+    rows, cols = prompt.visual_mask().nonzero().unbind(1)
+    blank[rows, pos[rows, cols]] = model.mask_embedding().to(embeds.dtype)
     none_shown = model.forward_embeds(blank, mask, logits_from=P)[:, :G]  # (B, G, V)
 
     def kl_to_none_shown(b: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -259,8 +275,8 @@ def isolation_saliency(model: MDLM, prompt: PromptBatch, config: SaliencyConfig,
 
 def visual_saliency(model: MDLM, prompt: PromptBatch, config: SaliencyConfig, sampler: SamplerConfig,
                     *, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Scores [B, N_v] by the configured method: the paper's Fisher form (Hutchinson by default, exact with
-    config.exact) or disp's occlusion or isolation variant."""
+    """Scores [B, N] by the configured method: the paper's Fisher form (Hutchinson by default, exact with
+    config.exact) or disp's occlusion or isolation variant; −inf past a sample's own visual tokens."""
     if config.method == "occlusion":
         return occlusion_saliency(model, prompt, config, sampler)
     if config.method == "isolation":
@@ -270,7 +286,15 @@ def visual_saliency(model: MDLM, prompt: PromptBatch, config: SaliencyConfig, sa
     return hutchinson_saliency(model, prompt, config, sampler, generator=generator)
 
 
-def top_salient(scores: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Indices of the floor(ρ·N_v) highest-scoring visual tokens per row (Eq. 9): [B, n], n may be 0."""
-    n = int(ratio * scores.shape[1])
-    return scores.topk(n, dim=1).indices if n else scores.new_zeros(scores.shape[0], 0, dtype=torch.long)
+def top_salient(scores: torch.Tensor, ratio: float, counts: Sequence[int] | None = None) -> torch.Tensor:
+    """Indices of the floor(ρ·N_b) highest-scoring visual tokens of each row (Eq. 9): [B, n], n the most of
+    any row (may be 0), −1 after a row's own. `counts`: each row's visual tokens N_b (default: all N)."""
+    B, N = scores.shape
+    counts = [N] * B if counts is None else list(counts)
+    take = [int(ratio * n) for n in counts]
+    n = max(take, default=0)
+    if n == 0:
+        return scores.new_zeros(B, 0, dtype=torch.long)
+    top = scores.topk(n, dim=1).indices
+    keep = torch.arange(n, device=top.device)[None] < torch.tensor(take, device=top.device)[:, None]
+    return torch.where(keep, top, -1)

@@ -3,8 +3,10 @@
 The answer starts as `gen_length` mask tokens after the prompt. It is decoded block by block
 (semi-autoregressive); within a block each of `steps / num_blocks` steps commits a scheduled number of
 masked positions, chosen by confidence ("low_confidence") or at random ("random"). Committed tokens are
-never remasked. At masked positions EOS, BOS and the header tokens are never proposed; a row stops once
-`<|eot_id|>` is committed and every position before it is filled.
+never remasked. At masked positions EOS, BOS and the header tokens are never proposed
+(`SamplerConfig.suppress_eos`, `suppress_bos_headers`; with both off nothing is suppressed, as in LLaDA's
+`generate.py`); a row stops once `<|eot_id|>` (or, with EOS allowed, EOS) is committed and every position
+before it is filled, which leaves its answer as running every step would.
 
 Prompt positions listed in `held` stay the mask embedding for the whole generation; this is how DiSP's
 purification (paper Eq. 10–11) feeds masked visual tokens to the model.
@@ -85,6 +87,12 @@ def stop_lengths(ids: torch.Tensor, is_mask: torch.Tensor, eot_id: int,
     return first, finished | ~is_mask.any(1)
 
 
+def suppressed_ids(tok, config: SamplerConfig) -> list[int]:
+    """Token ids never proposed at a masked position under `config` (LLaDA-V: EOS, BOS and the headers)."""
+    return [t for t in tok.suppressed_ids
+            if (config.suppress_eos if t == tok.eos_id else config.suppresses_bos_headers)]
+
+
 def initial_state(model: MDLM, prompt: PromptBatch, held: torch.Tensor | None, gen_length: int):
     """Start of a generation: prompt embeddings with `held` positions set to the mask embedding [B, P, D],
     the attention mask of prompt + answer [B, P+G], answer ids all `<|mdm_mask|>` [B, G], is_mask [B, G]."""
@@ -123,8 +131,7 @@ def generate(
     P = prompt.embeds.shape[1]
     G, dev = config.gen_length, prompt.embeds.device
     prompt_embeds, attn, ids, is_mask = initial_state(model, prompt, held, G)
-    suppressed = torch.tensor([t for t in tok.suppressed_ids if config.suppress_eos or t != tok.eos_id],
-                              device=dev)
+    suppressed = torch.tensor(suppressed_ids(tok, config), dtype=torch.long, device=dev)
     stop_also = None if config.suppress_eos else tok.eos_id
     n_blocks = G // config.block_length
     steps_per_block = config.steps // n_blocks

@@ -47,7 +47,7 @@ SALIENCY_FILE, PURIFIED_FILE, PROJECTOR_FILE, REPORT_FILE = (
     "saliency.json", "purified.json", "projector.safetensors", "report.json")
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
-    Stage("scoring", (), SALIENCY_FILE, True, ("saliency", "purify.sampler"),
+    Stage("scoring", (), SALIENCY_FILE, True, ("saliency", "purify.sampler", "purify.question"),
           "saliency of every visual token of every sample (Eq. 3-8)"),
     Stage("purifying", (SALIENCY_FILE,), PURIFIED_FILE, True, ("defense", "purify"),
           "every answer re-generated with the most salient visual tokens held masked (Eq. 9-11)"),

@@ -43,9 +43,11 @@ def check(path: str | Path, shapes: dict[str, tuple[int, ...]], *, projector_onl
     `path` holds config.json and the tokenizer files; `shapes` maps each tensor the weights hold to its shape
     (read from the safetensors headers). The family must be known, the tokenizer must load, and the tensors
     must be exactly those the model described by config.json loads (with `projector_only`: a projector
-    overlay, `model.mm_projector.*` tensors of the right shapes). CheckpointError says what is wrong.
+    overlay, `model.mm_projector.*` tensors of the right shapes, and `model.image_newline` if the model has
+    one). Image fields the model cannot build from (anyres pinpoints, merge type) are named. CheckpointError
+    says what is wrong.
     """
-    from disp.constants import PROJECTOR_PREFIX
+    from disp.constants import IMAGE_NEWLINE_KEY, PROJECTOR_PREFIX
     from disp.tokenizer import TokenizerError
 
     path = Path(path)
@@ -54,9 +56,10 @@ def check(path: str | Path, shapes: dict[str, tuple[int, ...]], *, projector_onl
     if family not in FAMILIES:
         raise CheckpointError(f"model family {family!r} is not available; known: {sorted(FAMILIES)}")
     if projector_only:
-        foreign = sorted(k for k in shapes if not k.startswith(PROJECTOR_PREFIX))
-        if foreign or not shapes:
-            raise CheckpointError(f"an adapter holds only {PROJECTOR_PREFIX}* tensors; found {foreign[:5] or 'none'}")
+        foreign = sorted(k for k in shapes if not k.startswith(PROJECTOR_PREFIX) and k != IMAGE_NEWLINE_KEY)
+        if foreign or not any(k.startswith(PROJECTOR_PREFIX) for k in shapes):
+            raise CheckpointError(f"an adapter holds only {PROJECTOR_PREFIX}* tensors (and {IMAGE_NEWLINE_KEY}); "
+                                  f"found {foreign[:5] or 'none'}")
     try:
         FAMILIES[family].check_dir(path, config, shapes, projector_only=projector_only)
     except TokenizerError as exc:
@@ -73,7 +76,12 @@ def resolve_device(device: str | torch.device | None) -> str | torch.device:
 
 def load(path: str | Path, *, projector: str | Path | None = None, device: str | torch.device | None = None,
          dtype: torch.dtype | None = None) -> MDLM:
-    """Load a checkpoint directory; optionally lay a projector-only safetensors file over it."""
+    """Load a checkpoint directory; optionally lay a projector-only safetensors file over it.
+
+    The model is built on the meta device and its weights are read straight into place, in the checkpoint's
+    dtype unless `dtype` is given (an 8B bf16 checkpoint needs about its own size in memory, not 2x in
+    float32); on a CPU, float16 weights (the SHAPES bases) are read into float32.
+    """
     path = Path(path)
     refuse_pickle(path)
     if not path.is_dir():
@@ -82,11 +90,9 @@ def load(path: str | Path, *, projector: str | Path | None = None, device: str |
     family = detect_family(config)
     if family not in FAMILIES:
         raise CheckpointError(f"model family {family!r} is not available; known: {sorted(FAMILIES)}")
-    model = FAMILIES[family].from_dir(path, config, dtype=dtype)
+    model = FAMILIES[family].from_dir(path, config, dtype=dtype, device=device)
     if projector is not None:
         model.load_projector_state_dict(read_state_dict(Path(projector)))
-    if device is not None:
-        model.to(device)
     return model
 
 

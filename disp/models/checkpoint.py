@@ -7,6 +7,7 @@ unpickling an uploaded file can run arbitrary code.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Iterable
@@ -72,17 +73,12 @@ def _own_file(directory: Path, name: str) -> Path:
     return file
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint: a `.safetensors` file, or a directory (sharded with an index or single).
+def _weight_files(path: Path) -> dict[Path, list[str] | None]:
+    """The safetensors files of a checkpoint directory, each with the keys the index assigns it (None: all).
 
     Every file a directory names must lie in it (see `_own_file`). A directory that holds only pickle weight
     files is refused, naming them.
     """
-    path = Path(path)
-    if path.is_file():
-        return _read_file(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such file or directory")
     index = _own_file(path, INDEX_FILE)
     if index.is_file():
         try:
@@ -96,19 +92,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         missing = sorted(s for s, f in files.items() if not f.is_file())
         if missing:
             raise CheckpointError(f"{path.name}: shards named in {INDEX_FILE} are missing: {missing}")
-        state: dict[str, torch.Tensor] = {}
-        for shard, keys in sorted(by_shard.items()):
-            state.update(_read_file(files[shard], keys))
-        return state
+        return {files[shard]: keys for shard, keys in sorted(by_shard.items())}
     single = _own_file(path, SINGLE_FILE)
     if single.is_file():
-        return _read_file(single)
+        return {single: None}
     shards = [_own_file(path, p.name) for p in sorted(path.glob("*.safetensors"))]
     if shards:
-        state = {}
-        for shard in shards:
-            state.update(_read_file(shard))
-        return state
+        return dict.fromkeys(shards)
     pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
     if pickles:
         raise CheckpointError(
@@ -116,6 +106,33 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             "convert them to safetensors"
         )
     raise CheckpointError(f"{path}: no safetensors weights found")
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint: a `.safetensors` file, or a directory (sharded with an index or single)."""
+    path = Path(path)
+    if path.is_file():
+        return _read_file(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such file or directory")
+    state: dict[str, torch.Tensor] = {}
+    for file, keys in _weight_files(path).items():
+        state.update(_read_file(file, keys))
+    return state
+
+
+def tensor_shapes(path: str | Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """Every tensor of a checkpoint directory with its file and shape, from the safetensors headers only."""
+    out: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for file, keys in _weight_files(Path(path)).items():
+        refuse_pickle(file)
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                names = f.keys() if keys is None else keys
+                out.update({k: (file, tuple(f.get_slice(k).get_shape())) for k in names})
+        except Exception as exc:
+            raise CheckpointError(f"{file}: not a readable safetensors file: {exc}") from exc
+    return out
 
 
 def write_state_dict(state: dict[str, torch.Tensor], out_dir: str | Path, *, max_shard_bytes: int = 0) -> list[Path]:
@@ -183,6 +200,63 @@ def load_into(module: nn.Module, state: dict[str, torch.Tensor], *, ignore: Iter
         for k, v in state.items():
             if k in expected:
                 expected[k].copy_(v.to(expected[k].dtype))
+
+
+# safetensors dtype names → torch dtypes (the format's spec)
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def _read_tensors(file: Path, keys: Iterable[str]) -> Iterable[tuple[str, torch.Tensor]]:
+    """Read tensors of a safetensors file (already opened once by `safe_open`, so its header is valid) with
+    plain reads into fresh CPU memory: no memory map stays behind, so only the tensors count towards RSS."""
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        for key in keys:
+            entry = header[key]
+            dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+            begin, end = entry["data_offsets"]
+            if dtype is None:
+                raise CheckpointError(f"{file.name}: tensor {key} has unsupported dtype {entry['dtype']}")
+            numel = math.prod(entry["shape"])
+            if end - begin != numel * torch.empty((), dtype=dtype).element_size():
+                raise CheckpointError(f"{file.name}: tensor {key} has {end - begin} bytes for shape {entry['shape']}")
+            buf = torch.empty(end - begin, dtype=torch.uint8)
+            f.seek(8 + n + begin)
+            if f.readinto(memoryview(buf.numpy())) != end - begin:
+                raise CheckpointError(f"{file.name}: tensor {key} is truncated")
+            yield key, buf.view(dtype).reshape(entry["shape"])
+
+
+def materialise(module: nn.Module, path: str | Path, *, ignore: Iterable[str] = (), dtype: torch.dtype | None = None,
+                device: str | torch.device | None = None, half_to_float32: bool = False) -> None:
+    """Fill a module built on the meta device with a checkpoint directory's tensors, one tensor at a time.
+
+    Keys and shapes are checked against the safetensors headers before any tensor is read. Each tensor
+    becomes the module's parameter as read (no second copy), in the checkpoint's dtype unless `dtype` is
+    given (or, with `half_to_float32`, float16 tensors become float32), then moved to `device`; so the peak
+    memory is the loaded model's size plus one tensor. Ignored keys are never read.
+    """
+    expected = module.state_dict()
+    found = tensor_shapes(path)
+    problem = shape_mismatch({k: tuple(v.shape) for k, v in expected.items()}, {k: s for k, (_, s) in found.items()},
+                             ignore=ignore)
+    if problem:
+        raise CheckpointError("checkpoint does not match the model: " + problem)
+    by_file: dict[Path, list[str]] = {}
+    for key in expected:
+        by_file.setdefault(found[key][0], []).append(key)
+    for file, keys in by_file.items():
+        for key, tensor in _read_tensors(file, keys):
+            if dtype is not None and tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            elif half_to_float32 and tensor.dtype == torch.float16:
+                tensor = tensor.float()
+            if device is not None:
+                tensor = tensor.to(device)
+            module.load_state_dict({key: tensor}, strict=False, assign=True)
 
 
 def _short(items: list[str], limit: int = 12) -> str:

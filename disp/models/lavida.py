@@ -22,15 +22,17 @@ Attention is fully bidirectional by default. `prefix_length` selects LaViDa's pr
 (`kv < prefix or q >= prefix`: the prompt attends only to itself, the answer to everything); only under
 that mask is the prompt's key/value cache (`prefill` / `forward_cached`) exact.
 
+Images: the config's layout (`disp.models.anyres`); LaViDa's stage-2 checkpoints use `anyres` with the
+pinpoints [(384, 768), (768, 384), (768, 768), (1152, 384), (384, 1152)] and `spatial_unpad`, merged after
+the per-view pooling (a 768×768 image: 196 + 28·29 = 1008 visual tokens).
+
 Deviations, all invisible to a single unpadded sequence: rotary positions skip left padding (upstream
-counts padding), and padding keys are masked (upstream's MDM attention ignores the mask). Images are one
-square view; LaViDa's anyres multi-view tiling is not implemented (like the LLaDA-V adapter).
+counts padding), and padding keys are masked (upstream's MDM attention ignores the mask).
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -48,14 +50,19 @@ from disp.models.llada_lm import (
     positions_from_mask,
     rope_cos_sin,
 )
-from disp.models.llada_v import SiglipTower, _VisionTowerHolder, vision_config_from
+from disp.models.llada_v import (
+    SiglipTower,
+    _VisionTowerHolder,
+    layout_of,
+    new_image_newline,
+    vision_config_from,
+)
 from disp.tokenizer import ChatTokenizer
 
 if TYPE_CHECKING:  # imported lazily below: those modules import the model package
     from disp.config import SamplerConfig
     from disp.losses import TrainBatch
     from disp.sampling import Generation
-    from disp.sampling_lavida import LaViDaSamplerConfig
 
 ARCHITECTURE = "LlavaLladaForMaskedDiffusion"
 POOL_MODES = ("bilinear", "average", "max")
@@ -184,7 +191,7 @@ class _Inner(nn.Module):
     """The `model.` namespace of the checkpoint."""
 
     def __init__(self, lm: LLaDAConfig, vcfg: dict[str, Any], select_layer: int, projector_type: str,
-                 qkv_bias: bool):
+                 qkv_bias: bool, newline: bool):
         super().__init__()
         self.transformer = nn.ModuleDict({
             "wte": nn.Embedding(lm.vocab_size, lm.hidden_size),
@@ -194,6 +201,8 @@ class _Inner(nn.Module):
         })
         self.vision_tower = _VisionTowerHolder(SiglipTower(vcfg, select_layer))
         self.mm_projector = build_projector(projector_type, vcfg["hidden_size"], lm.hidden_size)
+        if newline:
+            self.image_newline = new_image_newline(lm.hidden_size)
 
 
 class LaViDa(MDLM):
@@ -204,22 +213,17 @@ class LaViDa(MDLM):
         self.config = config
         self.lm_config = olmo_lm_config(config)
         vcfg = vision_config_from(config)
-        self.model = _Inner(self.lm_config, vcfg, int(config.get("mm_vision_select_layer", -2)),
-                            config.get("mm_projector_type", "mlp2x_gelu"), bool(config.get("include_qkv_bias")))
-        self.tokenizer = tokenizer
-        aspect = str(config.get("image_aspect_ratio", "square"))
-        if aspect.startswith("anyres"):
-            warnings.warn(f"image_aspect_ratio {aspect!r}: multi-view tiling is not implemented; "
-                          "using the single global view", stacklevel=2)
-            aspect = "square"
-        self.processor = ImageProcessing(size=vcfg["image_size"], aspect=aspect)
         self.pool_stride = int(config.get("mm_spatial_pool_stride") or 2)
         self.pool_mode = str(config.get("mm_spatial_pool_mode") or "bilinear")
         if self.pool_mode not in POOL_MODES:
             raise CheckpointError(f"config.json: mm_spatial_pool_mode must be one of {POOL_MODES}, "
                                   f"got {self.pool_mode!r}")
         side = pooled_side(vcfg["image_size"] // vcfg["patch_size"], self.pool_stride, self.pool_mode)
-        self.num_image_tokens = side * side
+        self.processor = ImageProcessing(layout_of(config, vcfg, grid=side))
+        self.model = _Inner(self.lm_config, vcfg, int(config.get("mm_vision_select_layer", -2)),
+                            config.get("mm_projector_type", "mlp2x_gelu"), bool(config.get("include_qkv_bias")),
+                            self.processor.layout.newline)
+        self.tokenizer = tokenizer
         if tokenizer.vocab_size > self.lm_config.vocab_size:
             raise CheckpointError(
                 f"tokenizer has {tokenizer.vocab_size} tokens but the model's embedding_size is {self.lm_config.vocab_size}"
@@ -233,9 +237,9 @@ class LaViDa(MDLM):
     def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.vision_tower.vision_tower(pixel_values)
 
-    def project(self, features: torch.Tensor) -> torch.Tensor:
+    def project(self, features: torch.Tensor, projector: nn.Module | None = None) -> torch.Tensor:
         """Projector, then per-view pooling (LaViDa pools after the projector): [N, s², C_v] → [N, s'², D]."""
-        return pool_visual_tokens(super().project(features), self.pool_stride, self.pool_mode)
+        return pool_visual_tokens(super().project(features, projector), self.pool_stride, self.pool_mode)
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.transformer.wte(ids)
@@ -294,11 +298,12 @@ class LaViDa(MDLM):
 
         return complementary_loss(self, batch, generator=generator)
 
-    def default_sampler(self) -> LaViDaSamplerConfig:
-        """LaViDa's sampler settings as the DiSP paper evaluates it (App. B.1)."""
-        from disp.sampling_lavida import LaViDaSamplerConfig
+    def default_sampler(self) -> SamplerConfig:
+        """The paper's 32-token answers; LaViDa's own options at their defaults (`disp.config.LaViDaSampling`:
+        LaViDa's captioning evaluation, eval/run_coco.sh)."""
+        from disp.config import SamplerConfig
 
-        return LaViDaSamplerConfig()
+        return SamplerConfig()
 
     def generate(self, prompt: PromptBatch, config: SamplerConfig | None = None, *, held: torch.Tensor | None = None,
                  generator: torch.Generator | None = None, on_step=None) -> Generation:

@@ -5,14 +5,14 @@ and LLaVA's `mm_*` fields, safetensors (sharded with `model.safetensors.index.js
 `model.embed_tokens`, `model.layers.N.*`, `model.norm`, `lm_head`, `model.mm_projector.{0,2}`,
 `model.vision_tower.vision_tower.vision_model.*`.
 
-Images are processed as one square view (`image_aspect_ratio` "square" or "pad"). LLaDA-V's own
-`anyres_max_4` multi-crop tiling is not implemented: such checkpoints run on the global view only.
+Images become visual tokens as the config says (`disp.models.anyres`): one square or padded view, or
+LLaDA-V's published `anyres_max_4` crops with `spatial_unpad` and `model.image_newline`.
 """
 
 from __future__ import annotations
 
 import json
-import warnings
+import math
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
+from disp.models.anyres import ImageLayout
 from disp.models.base import MDLM, ImageProcessing, build_projector
 from disp.models.checkpoint import CheckpointError
 from disp.models.llada_lm import DecoderLayer, LLaDAConfig, RMSNorm, positions_from_mask, rope_cos_sin
@@ -51,7 +52,8 @@ def vision_config_from(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 class SiglipTower(nn.Module):
-    """SigLIP vision encoder truncated at `mm_vision_select_layer`; no post-norm, no pooling head."""
+    """SigLIP vision encoder truncated at `mm_vision_select_layer`; no post-norm, no pooling head
+    (LLaDA-V reads the pre-norm hidden states, so the post-norm is replaced by the identity)."""
 
     def __init__(self, vcfg: dict[str, Any], select_layer: int):
         super().__init__()
@@ -62,6 +64,12 @@ class SiglipTower(nn.Module):
         self.total_layers, self.used_layers = total, used
         self.vision_model = SiglipVisionModel(SiglipVisionConfig(**{**vcfg, "num_hidden_layers": used},
                                                                  vision_use_head=False))
+        self.vision_model.post_layernorm = nn.Identity()
+
+    def reset_buffers(self, device: str | torch.device | None = None) -> None:
+        """Recreate the position-id buffer, which a meta-device build leaves empty (it is not in checkpoints)."""
+        emb = self.vision_model.embeddings
+        emb.register_buffer("position_ids", torch.arange(emb.num_positions, device=device)[None], persistent=False)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         vm = self.vision_model
@@ -77,16 +85,29 @@ class _VisionTowerHolder(nn.Module):
         self.vision_tower = tower
 
 
+def new_image_newline(hidden_size: int) -> nn.Parameter:
+    """`model.image_newline` [D], initialised as LLaVA does (N(0, 1/D)); checkpoints overwrite it."""
+    return nn.Parameter(torch.randn(hidden_size) / math.sqrt(hidden_size))
+
+
+def layout_of(config: dict[str, Any], vcfg: dict[str, Any], grid: int | None = None) -> ImageLayout:
+    """The checkpoint's image layout; `grid` is the tokens per side of a view (default: the tower's patches)."""
+    return ImageLayout.from_config(config, vcfg["image_size"], grid or vcfg["image_size"] // vcfg["patch_size"])
+
+
 class _Inner(nn.Module):
     """The `model.` namespace of the checkpoint."""
 
-    def __init__(self, lm: LLaDAConfig, vcfg: dict[str, Any], select_layer: int, projector_type: str):
+    def __init__(self, lm: LLaDAConfig, vcfg: dict[str, Any], select_layer: int, projector_type: str,
+                 newline: bool):
         super().__init__()
         self.embed_tokens = nn.Embedding(lm.vocab_size, lm.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(lm) for _ in range(lm.num_hidden_layers))
         self.norm = RMSNorm(lm.hidden_size, lm.rms_norm_eps)
         self.vision_tower = _VisionTowerHolder(SiglipTower(vcfg, select_layer))
         self.mm_projector = build_projector(projector_type, vcfg["hidden_size"], lm.hidden_size)
+        if newline:
+            self.image_newline = new_image_newline(lm.hidden_size)
 
 
 class LLaDAV(MDLM):
@@ -97,17 +118,11 @@ class LLaDAV(MDLM):
         self.config = config
         self.lm_config = LLaDAConfig.from_dict(config)
         vcfg = vision_config_from(config)
+        self.processor = ImageProcessing(layout_of(config, vcfg))
         self.model = _Inner(self.lm_config, vcfg, int(config.get("mm_vision_select_layer", -2)),
-                            config.get("mm_projector_type", "mlp2x_gelu"))
+                            config.get("mm_projector_type", "mlp2x_gelu"), self.processor.layout.newline)
         self.lm_head = nn.Linear(self.lm_config.hidden_size, self.lm_config.vocab_size, bias=False)
         self.tokenizer = tokenizer
-        aspect = str(config.get("image_aspect_ratio", "square"))
-        if aspect.startswith("anyres"):
-            warnings.warn(f"image_aspect_ratio {aspect!r}: multi-crop tiling is not implemented; "
-                          "using the single global view", stacklevel=2)
-            aspect = "square"
-        self.processor = ImageProcessing(size=vcfg["image_size"], aspect=aspect)
-        self.num_image_tokens = (vcfg["image_size"] // vcfg["patch_size"]) ** 2
         if tokenizer.vocab_size > self.lm_config.vocab_size:
             raise CheckpointError(
                 f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is {self.lm_config.vocab_size}"

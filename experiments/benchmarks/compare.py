@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from disp.batching import visual_counts
 from disp.config import FinetuneConfig
 from disp.data import parse_samples
 from disp.models.base import MDLM
@@ -253,15 +254,16 @@ def run_workload(
             entry["product_mfu"] = entry["product_achieved_flops_per_s"] / peak_flops
             entry["reference_mfu"] = entry["reference_achieved_flops_per_s"] / peak_flops
         result[stage] = entry
+    visual = visual_counts(model, samples, w.source)
     prompt_lens = [
-        len(model.tokenizer.encode_prompt(s.question)) - 1 + model.num_image_tokens for s in samples
+        len(model.tokenizer.encode_prompt(s.question)) - 1 + n for s, n in zip(samples, visual, strict=True)
     ]
     result["workload"] = {
         "name": w.name,
         **w.description,
         "samples": n_prod,
         "reference_samples": n_ref,
-        "num_visual_tokens": model.num_image_tokens,
+        "num_visual_tokens": model.num_image_tokens or f"{min(visual)}-{max(visual)}",
         "prompt_tokens_min_max": [min(prompt_lens), max(prompt_lens)],
         "saliency": asdict(w.saliency),
         "purify": asdict(w.purify),

@@ -1,6 +1,6 @@
 """Throughput of DiSP's stages: the published per-sample procedure against the product, in one process.
 
-    python -m experiments.benchmarks.perf [--quick] [--json OUT] [--samples N] [--threads N] [--workers N] [--repeat N] [--gpu-8b]
+    python -m experiments.benchmarks.perf [--quick] [--json OUT] [--samples N] [--threads N] [--workers N] [--repeat N] [--gpu-8b] [--gpu-8b-anyres]
 
 Both sides run on the same model object and the same data, one after the other: the reference
 (`experiments/benchmarks/reference.py`: batch 1, sequential probes, float64 Fisher, unbatched generation, tower per
@@ -24,6 +24,9 @@ by a corner trigger, the system prompt on, the paper's sampler (32 tokens, 32 st
 `--gpu-8b` (CUDA only) adds a model of LLaDA-V's shape (LM 4096 wide, 32 layers, 126,464-token
 vocabulary; SigLIP so400m at 384 px, 729 visual tokens) with random bf16 weights built on the GPU, scored
 and purified with batches of 8, and reports model-FLOPs utilisation against the GPU's bf16 peak.
+`--gpu-8b-anyres` runs that shape with LLaDA-V's published anyres_max_4 layout on 768 px images (3699 visual
+tokens per sample), scored in batches of 3 and fine-tuned in micro-batches of 3 (what fits 80 GB,
+`experiments.benchmarks.memory_8b`).
 """
 
 from __future__ import annotations
@@ -137,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--gpu-8b", action="store_true", help="also run LLaDA-V's 8B shape with random bf16 weights (CUDA)"
     )
+    ap.add_argument(
+        "--gpu-8b-anyres", action="store_true", help="the 8B shape with LLaDA-V's anyres layout, 3699 visual tokens"
+    )
     ap.add_argument("--gpu-8b-samples", type=int, default=32, help="product samples of the 8B run")
     ap.add_argument("--gpu-8b-reference-samples", type=int, default=8, help="reference samples of the 8B run")
     ap.add_argument(
@@ -207,37 +213,10 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
         out.update(res)
         if not passed(res):
             failures.append("outputs differ or a tolerance was exceeded (see checks)")
-        if args.gpu_8b:
-            gdev = torch.device(args.gpu_8b_device)
-            if gdev.type == "cuda" and not torch.cuda.is_available():
-                out["gpu_8b"] = {"skipped": "no CUDA device"}
-                failures.append("--gpu-8b needs a CUDA device; skipped")
-            else:
-                del w
-                try:
-                    gw = gpu_8b_workload(
-                        tmp / "gpu",
-                        args.gpu_8b_samples,
-                        args.gpu_8b_reference_samples,
-                        1,
-                        device=str(gdev),
-                        lm=args.gpu_8b_lm,
-                        vision=args.gpu_8b_vision,
-                    )
-                    gres = _repeated(gw, tmp, gdev, args)
-                except torch.OutOfMemoryError as err:  # report it rather than lose the figures above
-                    out["gpu_8b"] = {"error": f"out of memory: {str(err).splitlines()[0]}"}
-                    failures.append(f"--gpu-8b: {out['gpu_8b']['error']}")
-                else:
-                    gres["device"] = device_description(gdev)
-                    print(
-                        format_table(
-                            gres, f"DiSP stages, reference vs product: {gw.name} on {gres['device']}"
-                        )
-                    )
-                    out["gpu_8b"] = gres
-                    if not passed(gres):
-                        failures.append("8B shape: outputs differ or a tolerance was exceeded (see checks)")
+        del w
+        for key, anyres in (("gpu_8b", False), ("gpu_8b_anyres", True)):
+            if getattr(args, key):
+                _gpu_8b(args, tmp, key, anyres, out, failures)
         out["wall_s"] = time.perf_counter() - t0
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -245,6 +224,33 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
     for failure in failures:
         print(f"FAILED: {failure}", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _gpu_8b(args: argparse.Namespace, tmp: Path, key: str, anyres: bool, out: dict, failures: list[str]) -> None:
+    """One 8B-shape workload on the GPU, its figures under `out[key]`."""
+    flag = "--" + key.replace("_", "-")
+    gdev = torch.device(args.gpu_8b_device)
+    if gdev.type == "cuda" and not torch.cuda.is_available():
+        out[key] = {"skipped": "no CUDA device"}
+        failures.append(f"{flag} needs a CUDA device; skipped")
+        return
+    try:
+        gw = gpu_8b_workload(tmp / key, args.gpu_8b_samples, args.gpu_8b_reference_samples, 1, device=str(gdev),
+                             lm=args.gpu_8b_lm, vision=args.gpu_8b_vision, anyres=anyres)
+        gres = _repeated(gw, tmp, gdev, args)
+    except torch.OutOfMemoryError as err:  # report it rather than lose the figures above
+        out[key] = {"error": f"out of memory: {str(err).splitlines()[0]}"}
+        failures.append(f"{flag}: {out[key]['error']}")
+        return
+    finally:
+        gw = None
+        if gdev.type == "cuda":
+            torch.cuda.empty_cache()
+    gres["device"] = device_description(gdev)
+    print(format_table(gres, f"DiSP stages, reference vs product: {gres.get('name', key)} on {gres['device']}"))
+    out[key] = gres
+    if not passed(gres):
+        failures.append(f"{flag}: outputs differ or a tolerance was exceeded (see checks)")
 
 
 if __name__ == "__main__":

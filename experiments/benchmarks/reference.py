@@ -74,9 +74,10 @@ def _sync(device: torch.device) -> None:
 
 
 def encode_one(model: MDLM, question: str, image: Image.Image) -> PromptBatch:
-    """One sample's prompt: its image through preprocessing, tower and projector, spliced in (batch 1)."""
+    """One sample's prompt: its image through preprocessing (its views, anyres crops included), tower and
+    projector, spliced in (batch 1)."""
     with torch.no_grad():
-        embeds = model.encode_images(model.preprocess([image]))
+        embeds = model.image_tokens([image])
     return model.build_prompts([model.tokenizer.encode_prompt(question)], embeds)
 
 
@@ -302,15 +303,15 @@ def reference_finetune(
             with autocast:
                 rows = []
                 for i in idx:  # the dataset item: preprocess; the model: tower (frozen) then projector
-                    pixels = model.preprocess([images[i]])
+                    views = model.image_views([images[i]])
                     with torch.no_grad():
-                        feats = model.vision_features(pixels)
-                    rows.append(model.project(feats))
+                        feats = model.tower(views)
+                    rows += model.visual_tokens(feats)
                 batch = training_batch(
                     model,
                     [questions[i] for i in idx],
                     [answers[i] for i in idx],
-                    image_embeds=torch.cat(rows),
+                    image_embeds=rows,
                 )
                 loss = model.training_loss(batch, generator=noise)
             (loss * len(idx) / (config.batch_size * config.grad_accum)).backward()

@@ -14,7 +14,7 @@ from disp.config import FinetuneConfig, PurifyConfig, SaliencyConfig, SamplerCon
 from disp.constants import DEFAULT_SYSTEM_PROMPT
 from disp.data import ImageSource, Sample
 from disp.models.base import MDLM
-from disp.models.tiny import TINY_LM, TINY_VISION, write_tiny_checkpoint
+from disp.models.tiny import LLADA_V_ANYRES, TINY_LM, TINY_VISION, write_tiny_checkpoint
 from disp.pipeline import load_dataset
 
 # The CPU workload: the first shapes-base recipe's architecture (LM 128, SigLIP 96; the committed base is 192/128,
@@ -137,10 +137,12 @@ def build_llada_v_8b_shape(
     vision: dict | None = None,
     vocab_size: int = LLADA_V_VOCAB,
     seed: int = 0,
+    image: dict | None = None,
 ) -> MDLM:
     """LLaDA-V's architecture with random weights, built directly on `device` in `dtype` (no checkpoint).
 
-    `lm` / `vision` override the shapes (tests build a small one on the CPU through the same code).
+    `lm` / `vision` override the shapes (tests build a small one on the CPU through the same code); `image`
+    the image fields (`LLADA_V_ANYRES`: LLaDA-V's published anyres_max_4 with image_newline).
     """
     from disp.models.llada_lm import init_weights
     from disp.models.llada_v import LLaDAV
@@ -148,7 +150,7 @@ def build_llada_v_8b_shape(
     from disp.tokenizer import ChatTokenizer
 
     config = tiny_config(
-        "llada-v", vocab_size, {**LLADA_V_8B_LM, **(lm or {})}, {**SIGLIP_SO400M, **(vision or {})}
+        "llada-v", vocab_size, {**LLADA_V_8B_LM, **(lm or {})}, {**SIGLIP_SO400M, **(vision or {})}, image
     )
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     tokenizer = ChatTokenizer.from_dir(tokenizer_dir)
@@ -172,26 +174,41 @@ def gpu_8b_workload(
     device: str = "cuda",
     lm: dict | None = None,
     vision: dict | None = None,
+    anyres: bool = False,
 ) -> Workload:
+    """LLaDA-V's 8B shape on SHAPES data. `anyres`: LLaDA-V's published anyres_max_4 layout on 768 px images
+    (2x2 crops: 729 + 54 * 55 = 3699 visual tokens, prompts of ~3.8k tokens), with the batches that fit an 80 GB
+    GPU by `python -m experiments.benchmarks.memory_8b` (docs/performance.md)."""
     tok_dir = write_benchmark_checkpoint(root / "tokenizer-source")
-    model = build_llada_v_8b_shape(tok_dir, device=device, lm=lm, vision=vision)
-    samples, source = write_shapes_data(root / "data8b", n)
+    image = LLADA_V_ANYRES if anyres else None
+    model = build_llada_v_8b_shape(tok_dir, device=device, lm=lm, vision=vision, image=image)
+    # SHAPES sides are multiples of 3; any side in (S, 2S] fills a 2x2 grid of S-pixel crops
+    side = 2 * model.layout.image_size - (2 * model.layout.image_size) % 3 if anyres else 48
+    samples, source = write_shapes_data(root / "data8b", n, image_size=side)
     sampler = SamplerConfig(gen_length=32, block_length=32, steps=32)
     lm_shape = {**LLADA_V_8B_LM, **(lm or {})}
+    if anyres:
+        # ~16 GiB of activations per 3.8k-token sample for a backward: 3 fit next to the 15.7 GiB of weights
+        saliency, purify = SaliencyConfig(batch_size=3), PurifyConfig(sampler=sampler, batch_size=8)
+        finetune = FinetuneConfig(epochs=epochs, batch_size=3, grad_accum=3)
+    else:
+        saliency, purify = SaliencyConfig(batch_size=8), PurifyConfig(sampler=sampler, batch_size=8)
+        # fine-tuning in micro-batches of 4 (x2 accumulation): the logits of 8 x ~830 tokens x 126k in float32
+        # for the loss would add ~10 GB to the ~60 GB that a batch of 8 already holds
+        finetune = FinetuneConfig(epochs=epochs, batch_size=4, grad_accum=2)
     return Workload(
-        name="LLaDA-V 8B shape (random bf16 weights)",
+        name="LLaDA-V 8B shape (random bf16 weights)" + (", anyres_max_4 on 768 px images" if anyres else ""),
         model=model,
         samples=samples,
         source=source,
-        saliency=SaliencyConfig(batch_size=8),
-        purify=PurifyConfig(sampler=sampler, batch_size=8),
-        # fine-tuning in micro-batches of 4 (x2 accumulation): the logits of 8 x ~830 tokens x 126k in float32
-        # for the loss would add ~10 GB to the ~60 GB that a batch of 8 already holds
-        finetune=FinetuneConfig(epochs=epochs, batch_size=4, grad_accum=2),
+        saliency=saliency,
+        purify=purify,
+        finetune=finetune,
         reference_samples=min(reference_n, n),
         description={
             "lm": lm_shape,
             "vision": {**SIGLIP_SO400M, **(vision or {})},
+            "image": image or {"image_aspect_ratio": "square"},
             "vocab_size": LLADA_V_VOCAB,
             "dtype": "bfloat16",
             "lm_params": sum(p.numel() for n_, p in model.named_parameters() if "vision_tower" not in n_),

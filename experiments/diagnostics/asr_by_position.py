@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from disp.attacks import TriggerConfig
-from disp.config import SamplerConfig
+from disp.cell import CellConfig
 from disp.metrics import attack_succeeded
 from disp.models import load
 from disp.models.base import MDLM
@@ -34,7 +34,7 @@ from disp.pipeline import load_dataset
 from disp.shapes import GRIDS, SOURCE_CATEGORY, TARGET_CATEGORY, config_of_checkpoint
 from experiments.diagnostics.trigger_rank import cell_arguments, trigger_coverage
 
-SAMPLER = SamplerConfig(suppress_eos=False)  # as the reproduction runs
+SAMPLER = CellConfig().sampler  # as the reproduction runs
 
 
 def source_position(caption: str, positions: Sequence[str], category: str = SOURCE_CATEGORY) -> str:

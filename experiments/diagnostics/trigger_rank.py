@@ -33,14 +33,15 @@ import torch
 from PIL import Image
 
 from disp.attacks import TriggerConfig, apply_trigger
-from disp.config import SaliencyConfig, SamplerConfig
+from disp.cell import CellConfig
+from disp.config import SaliencyConfig
 from disp.models import load
 from disp.models.base import MDLM
 from disp.models.llada_v import vision_config_from
 from disp.pipeline import load_dataset
 from disp.saliency import first_step_inputs, hutchinson_saliency, visual_saliency
 
-SAMPLER = SamplerConfig(suppress_eos=False)  # as the reproduction runs
+SAMPLER = CellConfig().sampler  # as the reproduction runs
 METHODS = {
     "fisher (M=6)": dict(config=SaliencyConfig()),
     "fisher (M=64)": dict(config=SaliencyConfig(probes=64)),

@@ -39,7 +39,7 @@ def test_fixed_noise_loss_falls(tiny_dir, solid_images):
 
     def loss_at_fixed_noise() -> float:
         with torch.no_grad():
-            batch = training_batch(model, QS, ANS, image_embeds=model.project(feats))
+            batch = training_batch(model, QS, ANS, image_embeds=model.visual_tokens(feats))
             return sum(sft_loss(model, batch, generator=torch.Generator().manual_seed(s), t=torch.full((4,), 0.5)).item()
                        for s in range(8)) / 8
 
@@ -67,8 +67,8 @@ def test_resume_matches_an_uninterrupted_run(tiny_dir, solid_images, tmp_path):
 
 def _output_change(model, start, feats):
     with torch.no_grad():
-        return [(model.project(feats[i : i + 1]) - start(feats[i : i + 1])).pow(2).mean().item()
-                for i in range(feats.shape[0])]
+        return [(a - b).pow(2).mean().item()
+                for a, b in zip(model.visual_tokens(feats), model.visual_tokens(feats, projector=start), strict=True)]
 
 
 def test_anchor_holds_the_anchored_samples_outputs(tiny_dir, solid_images):
@@ -82,9 +82,9 @@ def test_anchor_holds_the_anchored_samples_outputs(tiny_dir, solid_images):
     free, held = _output_change(plain, start.projector, feats), _output_change(anchored, start.projector, feats)
     assert all(h < f / 10 for h, f, k in zip(held, free, keep, strict=True) if k)
     assert any(h > 0 for h, k in zip(held, keep, strict=True) if not k)
-    pen = anchor_penalty(anchored.project(feats), start.project(feats), torch.tensor(keep))
+    pen = anchor_penalty(anchored.visual_tokens(feats), start.visual_tokens(feats), torch.tensor(keep))
     assert pen.item() > 0
-    zero = anchor_penalty(start.project(feats), start.project(feats), torch.tensor(keep))
+    zero = anchor_penalty(start.visual_tokens(feats), start.visual_tokens(feats), torch.tensor(keep))
     assert zero.item() == 0.0
 
 

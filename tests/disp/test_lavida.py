@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import pickle
@@ -14,13 +15,19 @@ import torch.nn.functional as F
 from PIL import Image
 
 from disp import models
-from disp.config import SamplerConfig
+from disp.config import LaViDaSampling, SamplerConfig
 from disp.losses import training_batch
 from disp.losses_lavida import complementary_loss, complementary_masks, mean_masked_cross_entropy
 from disp.models.checkpoint import CheckpointError, read_state_dict, write_state_dict
 from disp.models.lavida import LaViDa, olmo_lm_config, pool_visual_tokens
 from disp.models.tiny import tiny_config, write_tiny_checkpoint
-from disp.sampling_lavida import LaViDaSamplerConfig, generate, shift_schedule, transfer_schedule
+from disp.sampling_lavida import generate, schedule_counts, shift_schedule, transfer_schedule
+
+
+def lav(gen: int, block: int, **options) -> SamplerConfig:
+    """A sampler of `gen` tokens in blocks of `block` with LaViDa options (steps = gen: LaViDa ignores it)."""
+    extra = {k: options.pop(k) for k in ("temperature", "remasking") if k in options}
+    return SamplerConfig(gen, block, gen, **extra, lavida=LaViDaSampling(**options))
 
 
 @pytest.fixture(scope="session")
@@ -181,29 +188,122 @@ def test_shift_schedule_by_hand():
     assert shift_schedule(12, 4, 1.0) == [3, 3, 3, 3]  # s = 1 is the linear schedule
 
 
-def test_step_count_follows_step_ratio():
-    assert LaViDaSamplerConfig().steps_per_block == 16  # paper: 32 tokens, one block, step_ratio 0.5
-    assert LaViDaSamplerConfig(gen_length=64, block_length=32, steps=64, step_ratio=1.0).steps_per_block == 32
-    assert LaViDaSamplerConfig(gen_length=16, block_length=16, steps=64, step_ratio=0.5).steps_per_block == 8
+def test_step_count_is_lavidas():
+    """LaViDa's generate: steps = gen_length (the steps argument is ignored), per block gen_length / blocks or
+    step_per_block capped at block_length, times step_ratio, truncated."""
+    assert LaViDaSampling().steps_per_block(32, 32) == 16  # paper: 32 tokens, one block, step_ratio 0.5
+    assert LaViDaSampling(step_ratio=1.0).steps_per_block(64, 32) == 32
+    assert LaViDaSampling(step_ratio=0.5).steps_per_block(16, 16) == 8
+    assert LaViDaSampling(step_ratio=0.3).steps_per_block(24, 8) == 2  # int(8 * 0.3)
+    assert LaViDaSampling(step_ratio=1.0, step_per_block=6).steps_per_block(24, 8) == 6
+    assert LaViDaSampling(step_ratio=1.0, step_per_block=64).steps_per_block(24, 8) == 8
     with pytest.raises(ValueError, match="prefix_lm"):
-        LaViDaSamplerConfig(kv_cache=True)
+        LaViDaSampling(prefix_lm=False)  # the cache is on by default
     with pytest.raises(ValueError, match="schedule"):
-        LaViDaSamplerConfig(schedule="cosine")
-    lifted = LaViDaSamplerConfig.from_base(SamplerConfig(16, 8, 16, temperature=0.5))
-    assert (lifted.gen_length, lifted.block_length, lifted.temperature, lifted.step_ratio) == (16, 8, 0.5, 0.5)
+        LaViDaSampling(schedule="cosine")
+    with pytest.raises(ValueError, match="step_per_block 4 and step_ratio 0.5"):
+        LaViDaSampling(step_per_block=4)
+
+
+def test_a_step_ratio_that_leaves_no_step_is_named(lavida, images):
+    cfg = SamplerConfig(8, 2, 8, lavida=LaViDaSampling(step_ratio=0.4))  # int(2 * 0.4) = 0; fine for LLaDA-V
+    with pytest.raises(ValueError, match="step_ratio 0.4 leaves no step in a block of 2"):
+        generate(lavida, lavida.prompt_batch(["Hi"], images[:1]), cfg)
+
+
+def test_lavida_defaults_are_its_captioning_eval():
+    """eval/run_coco.sh: prefix_lm=True, step_ratio=0.5, schedule=shift, schedule__shift=0.33."""
+    d = LaViDaSampling()
+    assert (d.prefix_lm, d.kv_cache, d.step_ratio, d.schedule, d.shift, d.step_per_block) == \
+        (True, True, 0.5, "shift", 0.33, 0)
+
+
+def test_logit_normal_schedule_by_hand():
+    # Φ(logit t) on t = 0, 1/4, 1/2, 3/4, 1 is 0, 0.136, 0.5, 0.864, 1; times 8, floored: 0, 1, 4, 6, 8;
+    # increments 1, 3, 2, 2, reversed
+    assert schedule_counts(8, 4, "logit_normal") == [2, 2, 3, 1]
+    for n, s in [(32, 16), (17, 5)]:
+        counts = schedule_counts(n, s, "logit_normal")
+        assert sum(counts) == n and min(counts) >= 1
+
+
+def lavida_generate(model, prompt, gen: int, block: int, *, steps: int, step_ratio=None, step_per_block=None,
+                    schedule=None, shift=3.0, prefix_lm=False) -> list[int]:
+    """LaViDa's llada/generate.py on one prompt, as its code behaves: `steps` is overwritten by max_new_tokens,
+    divided by the number of blocks, replaced by min(step_per_block, block) if given, times step_ratio
+    (int); every step runs the whole sequence (no early stop) and commits the top-k confidences of the
+    current block. Returns the answer up to the first <|eot_id|>."""
+    tok = model.tokenizer
+    steps = gen  # generate() ignores its steps argument
+    blocks = gen // block
+    steps //= blocks
+    if step_per_block:
+        steps = min(step_per_block, block)
+    if step_ratio:
+        steps = int(steps * step_ratio)
+    P = prompt.embeds.shape[1]
+    x = torch.full((gen,), tok.mask_id)
+    for nb in range(blocks):
+        lo, hi = nb * block, (nb + 1) * block
+        if schedule is None:
+            counts = [block // steps + (1 if i < block % steps else 0) for i in range(steps)]
+        else:
+            counts = shift_schedule(block, steps, shift)
+        for i in range(steps):
+            masked = x == tok.mask_id
+            if not masked[lo:hi].any():
+                continue
+            embeds = torch.cat([prompt.embeds[0], lavida_embed(model, x)])[None]
+            kw = {"prefix_length": P} if prefix_lm else {}
+            logits = model.forward_embeds(embeds, None, logits_from=P, **kw)[0].double()
+            x0 = logits.argmax(-1)
+            conf = torch.softmax(logits, -1).gather(-1, x0[:, None])[:, 0]
+            conf[hi:] = float("-inf")
+            conf = torch.where(masked, conf, float("-inf"))
+            x[conf.topk(counts[i]).indices] = x0[conf.topk(counts[i]).indices]
+    out = x.tolist()
+    return out[: out.index(tok.eot_id)] if tok.eot_id in out else out
+
+
+def lavida_embed(model, ids):
+    with torch.no_grad():
+        return model.embed_tokens(ids)
+
+
+@pytest.mark.parametrize(("gen", "block", "steps", "options"), [
+    (16, 16, 4, {"step_ratio": 0.5, "schedule": "shift", "shift": 3.0}),  # steps < gen_length: ignored
+    (16, 8, 2, {"step_ratio": 1.0, "schedule": "uniform"}),
+    (24, 8, 24, {"step_ratio": 1.0, "step_per_block": 5, "schedule": "uniform"}),
+    (16, 16, 8, {"step_ratio": 0.5, "schedule": "shift", "shift": 0.33, "prefix_lm": True}),
+])
+def test_steps_mean_what_lavidas_generate_means(lavida, images, gen, block, steps, options):
+    questions = ["What is it?", "Describe this image in detail."]
+    opts = {"prefix_lm": False, **options}
+    cfg = SamplerConfig(gen, block, steps, lavida=LaViDaSampling(**opts, kv_cache=opts["prefix_lm"]))
+    ref_kw = {"step_ratio": opts["step_ratio"], "step_per_block": opts.get("step_per_block"),
+              "schedule": None if opts["schedule"] == "uniform" else "shift", "shift": opts.get("shift", 3.0),
+              "prefix_lm": opts["prefix_lm"]}
+    with pytest.warns(UserWarning, match="ignores steps") if steps != gen else contextlib.nullcontext():
+        ours = generate(lavida, lavida.prompt_batch(questions * 2, images), cfg).answers()
+    for q, img, answer in zip(questions * 2, images, ours, strict=True):
+        with torch.no_grad():
+            ref = lavida_generate(lavida, lavida.prompt_batch([q], [img]), gen, block, steps=steps, **ref_kw)
+        assert answer == ref
 
 
 @pytest.mark.parametrize("cfg", [
-    LaViDaSamplerConfig(16, 16, 16),
-    LaViDaSamplerConfig(16, 8, 16, step_ratio=1.0, schedule="uniform"),
-    LaViDaSamplerConfig(24, 8, 24, step_ratio=0.5, shift=2.0, remasking="random", temperature=0.7),
+    lav(16, 16),
+    lav(16, 8, step_ratio=1.0, schedule="uniform", prefix_lm=False, kv_cache=False),
+    lav(24, 8, step_ratio=0.5, shift=2.0, remasking="random", temperature=0.7),
+    lav(16, 16, step_ratio=1.0, schedule="logit_normal"),
 ])
 def test_commits_exactly_the_scheduled_tokens_per_step(lavida, images, cfg):
     pb = lavida.prompt_batch(["What is it?"] * 2, images[:2])
     snaps = []
     gen = generate(lavida, pb, cfg, generator=torch.Generator().manual_seed(0),
                    on_step=lambda ids, m: snaps.append(m.clone()))
-    per_block = transfer_schedule(cfg.block_length, cfg.steps_per_block, cfg)
+    per_block = transfer_schedule(cfg.block_length, cfg.lavida.steps_per_block(cfg.gen_length, cfg.block_length),
+                                  cfg.lavida)
     schedule = per_block * (cfg.gen_length // cfg.block_length)
     assert len(snaps) == gen.steps_run <= len(schedule)
     prev = torch.ones_like(snaps[0])
@@ -228,7 +328,7 @@ def test_held_positions_stay_masked_and_prompt_is_untouched(lavida, images):
 
     lavida.forward_embeds = spy
     try:
-        generate(lavida, pb, LaViDaSamplerConfig(8, 8, 8), held=held)
+        generate(lavida, pb, lav(8, 8, prefix_lm=False, kv_cache=False), held=held)
     finally:
         del lavida.forward_embeds
     e_mask = lavida.mask_embedding()
@@ -253,13 +353,13 @@ def test_stop_at_eot_and_no_eos_suppression(lavida, images):
     pb = lavida.prompt_batch(["Hi"], images[:1])
     _biased(lavida, tok.eot_id)
     try:
-        gen = generate(lavida, pb, LaViDaSamplerConfig(16, 16, 16, step_ratio=1.0, schedule="uniform"))
+        gen = generate(lavida, pb, lav(16, 16, step_ratio=1.0, schedule="uniform", prefix_lm=False, kv_cache=False))
     finally:
         del lavida.forward_embeds
     assert gen.lengths.tolist() == [0] and gen.steps_run == 1
     _biased(lavida, tok.eos_id)  # LLaDA-V would forbid EOS at masked positions; LaViDa does not
     try:
-        gen = generate(lavida, pb, LaViDaSamplerConfig(8, 8, 8, step_ratio=1.0))
+        gen = generate(lavida, pb, lav(8, 8, step_ratio=1.0, prefix_lm=False, kv_cache=False))
     finally:
         del lavida.forward_embeds
     assert (gen.ids == tok.eos_id).all()
@@ -267,7 +367,7 @@ def test_stop_at_eot_and_no_eos_suppression(lavida, images):
 
 def test_batched_equals_per_sample(lavida, images):
     questions = ["What is it?", "Describe this image in detail.", "Colour?", "Where is the object in the image?"]
-    cfg = LaViDaSamplerConfig(16, 8, 16)
+    cfg = lav(16, 8)
     batched = generate(lavida, lavida.prompt_batch(questions, images), cfg).answers()
     for q, img, ans in zip(questions, images, batched, strict=True):
         assert generate(lavida, lavida.prompt_batch([q], [img]), cfg).answers()[0] == ans
@@ -280,20 +380,18 @@ def test_cached_generation_equals_uncached_under_prefix_mask(lavida, images):
     orig = lavida.forward_cached
     lavida.forward_cached = lambda e, c: calls.append(e.shape) or orig(e, c)
     try:
-        cached = generate(lavida, pb, LaViDaSamplerConfig(16, 8, 16, prefix_lm=True, kv_cache=True), held=held)
+        cached = generate(lavida, pb, lav(16, 8, prefix_lm=True, kv_cache=True), held=held)
     finally:
         del lavida.forward_cached
-    plain = generate(lavida, pb, LaViDaSamplerConfig(16, 8, 16, prefix_lm=True), held=held)
+    plain = generate(lavida, pb, lav(16, 8, prefix_lm=True, kv_cache=False), held=held)
     assert calls and all(s[1] == 16 for s in calls)  # only the answer runs through the model
     assert torch.equal(cached.ids, plain.ids) and torch.equal(cached.lengths, plain.lengths)
 
 
 def test_model_hooks(lavida, images):
-    assert isinstance(lavida.default_sampler(), LaViDaSamplerConfig)
+    assert lavida.default_sampler() == SamplerConfig()
     pb = lavida.prompt_batch(["What is it?"], images[:1])
     assert torch.equal(lavida.generate(pb).ids, generate(lavida, pb, lavida.default_sampler()).ids)
-    # a generic SamplerConfig (the pipeline's) is lifted with LaViDa's defaults
-    assert torch.equal(lavida.generate(pb, SamplerConfig()).ids, lavida.generate(pb).ids)
 
 
 # -- loss ------------------------------------------------------------------------------------------

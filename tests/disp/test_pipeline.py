@@ -57,5 +57,39 @@ def test_fine_tuning_takes_tower_outputs_from_the_shared_cache(tiny_dir, poisone
     finetune_samples(model, samples, source, FinetuneConfig(epochs=1, batch_size=8), tmp_path, run_key="k",
                      cache=cache)
     assert sum(towered) == len({s.image for s in samples[5:]} - {s.image for s in samples[:5]})  # only the rest
-    assert torch.equal(cache.stacked([s.image for s in samples]), expected)  # what fine-tuning computed itself
+    got = cache.lookup([s.image for s in samples])  # what fine-tuning computed itself
+    assert all(torch.equal(g.features, e.features) and g.size == e.size for g, e in zip(got, expected, strict=True))
+
+
+def test_describe_question_recaptions_like_the_official_code(tiny_dir, poisoned):
+    """PurifyConfig.question "describe": scoring and re-answering pose "Describe this image in detail." (the
+    official code's prompt), the caption replaces the first answer and the record keeps its own question."""
+    from dataclasses import replace
+
+    from disp.config import DESCRIBE_QUESTION
+    from disp.pipeline import purify_samples, score_samples
+    from disp.purify import purify_batch
+    from disp.stages import STAGES
+
+    model = models.load(tiny_dir)
+    samples, source = load_dataset(poisoned.data_path, poisoned.data_path.parent)
+    two = samples[2]  # made a two-turn record
+    later = [{"from": "human", "value": "And the colour?"}, {"from": "gpt", "value": "Red."}]
+    record = {**two.record, "conversations": [*two.record["conversations"], *later]}
+    samples = samples[:2] + [replace(two, later=(("And the colour?", "Red."),), record=record)]
+    cfg = PurifyConfig(sampler=SAMPLER, batch_size=3, question="describe")
+    own = score_samples(model, samples, source, SaliencyConfig(batch_size=3, probes=2), SAMPLER)
+    described = score_samples(model, samples, source, SaliencyConfig(batch_size=3, probes=2), SAMPLER,
+                              question="describe")
+    assert all(len(own[s.id]) == len(described[s.id]) == 16 for s in samples) and own != described
+    recs = purify_samples(model, samples, source, cfg, described)
+    held = torch.tensor([r["disp"]["masked_visual_tokens"] for r in recs])
+    direct = purify_batch(model, [f"<image>\n{DESCRIBE_QUESTION}"] * 3, [source.open(s.image) for s in samples], held,
+                          cfg)
+    for rec, sample, caption in zip(recs, samples, direct.answers, strict=True):
+        assert rec["conversations"][0]["value"] == sample.question and rec["disp"]["question"] == "describe"
+        assert rec["disp"]["purified_answer"] == caption
+    assert recs[2]["conversations"][2:] == [{"from": "human", "value": "And the colour?"},
+                                            {"from": "gpt", "value": "Red."}]  # later turns kept, as upstream
+    assert "purify.question" in STAGES["scoring"].settings  # a defend re-scores when the prompt changes
 

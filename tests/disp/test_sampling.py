@@ -130,3 +130,57 @@ def test_eos_allowed_ends_the_answer(tiny_model, solid_images):
         del tiny_model.forward_embeds
     assert allowed.lengths.tolist() == [0] and allowed.steps_run == 1
     assert not (suppressed.ids == tok.eos_id).any()
+
+
+def llada_generate(model, prompt, gen: int, block: int, steps: int) -> list[int]:
+    """LLaDA's generate.py on one prompt (low_confidence, temperature 0, no CFG, no token suppressed, no early
+    stop): per block steps / num_blocks steps, each committing the even share of the block's masked tokens with
+    the highest softmax confidence. Returns the answer up to the first <|eot_id|> or EOS."""
+    tok = model.tokenizer
+    P = prompt.embeds.shape[1]
+    x = torch.full((gen,), tok.mask_id)
+    per_block = steps // (gen // block)
+    for nb in range(gen // block):
+        hi = (nb + 1) * block
+        counts = num_transfer_tokens(block, per_block)
+        for k in counts:
+            masked = x == tok.mask_id
+            with torch.no_grad():
+                embeds = torch.cat([prompt.embeds[0], model.embed_tokens(x)])[None]
+                logits = model.forward_embeds(embeds, None, logits_from=P)[0].double()
+            x0 = logits.argmax(-1)
+            conf = torch.softmax(logits, -1).gather(-1, x0[:, None])[:, 0]
+            conf[hi:] = float("-inf")
+            conf = torch.where(masked, conf, float("-inf"))
+            take = conf.topk(k).indices
+            x[take] = x0[take]
+    out = x.tolist()
+    ends = [i for i, t in enumerate(out) if t in (tok.eot_id, tok.eos_id)]
+    return out[: ends[0]] if ends else out
+
+
+def test_suppress_eos_false_is_lladas_generate(tiny_model, solid_images):
+    """With suppress_eos=False nothing is suppressed (BOS and the header tokens included): the answers are
+    those of LLaDA's generate.py, early stop and batching included; and a model that proposes BOS or a header
+    gets it, where LLaDA-V's rule (the default) never would."""
+    questions = ["What is it?", "Describe this image in detail.", "Colour?", "Where is the object in the image?"]
+    for gen, block, steps in [(16, 16, 16), (16, 8, 8), (12, 4, 6)]:
+        cfg = SamplerConfig(gen, block, steps, suppress_eos=False)
+        ours = generate(tiny_model, tiny_model.prompt_batch(questions, solid_images), cfg).answers()
+        for q, img, answer in zip(questions, solid_images, ours, strict=True):
+            assert answer == llada_generate(tiny_model, tiny_model.prompt_batch([q], [img]), gen, block, steps)
+    tok = tiny_model.tokenizer
+    pb = tiny_model.prompt_batch(["Hi"], solid_images[:1])
+    for token in (tok.bos_id, tok.start_header_id, tok.end_header_id):
+        bias = torch.zeros(tiny_model.lm_config.vocab_size)
+        bias[token] = 50.0
+        orig = tiny_model.forward_embeds
+        tiny_model.forward_embeds = lambda e, m=None, _o=orig, _b=bias, **kw: _o(e, m, **kw) + _b
+        try:
+            plain = generate(tiny_model, pb, SamplerConfig(8, 8, 8, suppress_eos=False))
+            llada_v = generate(tiny_model, pb, SamplerConfig(8, 8, 8))
+            eos_only = generate(tiny_model, pb, SamplerConfig(8, 8, 8, suppress_eos=False, suppress_bos_headers=True))
+        finally:
+            del tiny_model.forward_embeds
+        assert (plain.ids == token).all()
+        assert not (llada_v.ids == token).any() and not (eos_only.ids == token).any()

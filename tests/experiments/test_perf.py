@@ -147,3 +147,25 @@ def test_llada_v_8b_shape_builder(tmp_path):
         model.forward_embeds(torch.zeros(2, 5, 64, dtype=torch.bfloat16))
     assert counter.take() == pytest.approx(2 * 2 * 5 * counter.lm_matmul + 4 * 64 * 2 * 2 * 25)
     assert "forward_embeds" not in vars(model)  # the wrapper is gone
+
+
+@pytest.mark.slow
+def test_8b_path_runs_anyres(tmp_path):
+    """--gpu-8b-anyres at a small shape on the CPU: LLaDA-V's anyres layout on images twice the tower's size
+    (2x2 crops of 2x2 tokens: 4 + 4 * 5 = 24 visual tokens), both sides, every stage."""
+    out = tmp_path / "perf.json"
+    small_lm = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 4}
+    small_vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                    "image_size": 28}
+    perf.main(["--quick", "--samples", "2", "--model", "tiny", "--gen-length", "8", "--no-warm-up",
+               "--gpu-8b-anyres", "--gpu-8b-device", "cpu", "--gpu-8b-samples", "3", "--gpu-8b-reference-samples",
+               "1", "--gpu-8b-lm", json.dumps(small_lm), "--gpu-8b-vision", json.dumps(small_vision),
+               "--json", str(out)])
+    res = json.loads(out.read_text())["gpu_8b_anyres"]
+    assert res["workload"]["num_visual_tokens"] == "24-24"
+    assert res["workload"]["image"]["image_aspect_ratio"] == "anyres_max_4"
+    assert res["workload"]["saliency"]["batch_size"] == 3 and res["workload"]["finetune"]["batch_size"] == 3
+    assert res["checks"]["answers_identical"] == "1/1"
+    for stage in perf.STAGES:
+        assert res[stage]["product_sps"] > 0 and res[stage]["reference_sps"] > 0
