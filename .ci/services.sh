@@ -14,8 +14,10 @@ if command -v rabbitmqctl >/dev/null 2>&1 && ! rabbitmqctl -q status >/dev/null 
   echo "starting RabbitMQ"
   rabbitmq-server -detached || true
 fi
-for _ in $(seq 30); do
-  pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null && redis-cli -h 127.0.0.1 ping >/dev/null 2>&1 && exit 0
+# RabbitMQ is the service's broker: the worker and fault tests use it (one vhost per test session).
+for _ in $(seq 60); do
+  pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null && redis-cli -h 127.0.0.1 ping >/dev/null 2>&1 \
+    && rabbitmqctl -q await_startup >/dev/null 2>&1 && exit 0
   sleep 1
 done
-echo "warning: PostgreSQL or Redis is still not answering" >&2
+echo "warning: PostgreSQL, Redis or RabbitMQ is still not answering" >&2

@@ -18,12 +18,15 @@ class CommonSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DISP_", env_file=".env", extra="ignore")
 
     database_url: str = "postgresql+psycopg://postgres@127.0.0.1:5432/disp"
-    broker_url: str = "redis://127.0.0.1:6379/0"
+    # RabbitMQ redelivers a task the moment its worker's connection drops (a killed worker); a Redis broker
+    # only after `visibility_timeout_s`. Task results are not used (jobs live in the database).
+    broker_url: str = "amqp://guest:guest@127.0.0.1:5672//"
     result_backend: str = "redis://127.0.0.1:6379/0"
     broker_transport_options: dict = Field(default_factory=dict)
+    broker_heartbeat_s: int = 30  # AMQP heartbeats: a vanished worker host is noticed within ~2x this
     # Queues: GPU stages, CPU work (validation, webhooks). A prefix isolates test sessions on a shared broker.
     queue_prefix: str = ""
-    # Redis visibility timeout: above the longest stage, else a running stage is delivered twice.
+    # Redis broker only: above the longest stage, else a running stage is delivered twice.
     visibility_timeout_s: int = 6 * 3600
 
     storage_backend: str = "s3"  # "s3" or "local"
@@ -93,6 +96,37 @@ class ApiSettings(CommonSettings):
     upload_expiry_s: int = 24 * 3600
     idempotency_ttl_s: int = 24 * 3600
     page_limit_max: int = 100
+
+    # Load shedding (per API process; `api_workers` processes per host): what cannot start within
+    # `admission_wait_s` is answered 503 with Retry-After at once rather than queued until clients time out.
+    api_workers: int = 2  # uvicorn processes of `python -m api.serve` (one per core)
+    max_concurrent_requests: int = 8  # requests running at once, per process (at most db_pool_size)
+    max_concurrent_uploads: int = 4  # requests with bodies over 1 MiB, per process (own DB sessions)
+    max_streams: int = 200  # open job event streams, per process
+    admission_wait_s: float = 0.25
+    retry_after_s: int = 1  # Retry-After of a 503
+    db_pool_size: int = 12  # connections per process: requests + uploads
+    db_pool_overflow: int = 8  # more, briefly: event-stream polls, idempotency records
+    db_pool_timeout_s: float = 2.0  # waiting longer for a connection is a 503
+    stream_poll_s: float = 1.0  # an event stream looks for new events this often
+    stream_max_s: float = 600.0  # then it ends; clients reconnect with Last-Event-ID
+    # Per-tenant limits (token buckets in Redis shared by all API processes; empty: not limited).
+    rate_limit_redis_url: str | None = "redis://127.0.0.1:6379/0"
+    rate_limit_per_s: float = 50.0  # authenticated requests per second, sustained
+    rate_limit_burst: int = 100
+    job_create_per_min: float = 60.0
+    job_create_burst: int = 20
+    max_active_jobs: int = 50  # jobs not yet finished, per tenant (429 quota_exceeded beyond)
+
+    @model_validator(mode="after")
+    def _pool(self) -> ApiSettings:
+        lanes = self.max_concurrent_requests + self.max_concurrent_uploads
+        if self.max_concurrent_requests > 0 and self.db_pool_size < lanes:
+            raise ValueError(
+                f"db_pool_size ({self.db_pool_size}) must cover max_concurrent_requests + "
+                f"max_concurrent_uploads ({lanes}), else requests wait for connections"
+            )
+        return self
 
 
 @lru_cache

@@ -12,8 +12,9 @@ from sqlalchemy.orm import Session
 
 from api.config import ApiSettings
 from api.db.models import ApiKey, Artifact, Checkpoint, Dataset, Job, Tenant, Upload
-from api.db.session import get_sessionmaker
+from api.db.session import get_reader, get_sessionmaker
 from api.errors import ApiError, not_found
+from api.limits import check_rate
 from api.schemas import ID_PATTERN
 from api.security import hash_api_key
 from api.storage import Storage, get_storage
@@ -26,8 +27,10 @@ def get_settings_dep(request: Request) -> ApiSettings:
 SettingsDep = Annotated[ApiSettings, Depends(get_settings_dep)]
 
 
-def get_session(settings: SettingsDep) -> Iterator[Session]:
-    session = get_sessionmaker(settings.database_url)()
+def get_session(request: Request, settings: SettingsDep) -> Iterator[Session]:
+    """A session per request; GETs only read, so theirs runs without a transaction (fewer round trips)."""
+    maker = get_reader if request.method in ("GET", "HEAD") else get_sessionmaker
+    session = maker(settings.database_url)()
     try:
         yield session
     finally:
@@ -67,12 +70,14 @@ bearer_scheme = HTTPBearer(auto_error=False, description="An API key: `Authoriza
 BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
 
 
-def current_tenant(session: SessionDep, credentials: BearerDep) -> Tenant:
+def current_tenant(session: SessionDep, settings: SettingsDep, credentials: BearerDep) -> Tenant:
+    """The caller's tenant, counted against its request rate limit (429 when exhausted)."""
     tenant = tenant_for_key(session, credentials.credentials if credentials else None)
     if tenant is None:
         raise ApiError(
             401, "unauthorized", "Missing, invalid or revoked API key (use 'Authorization: Bearer ...')"
         )
+    check_rate(settings, tenant.id)
     return tenant
 
 

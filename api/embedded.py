@@ -42,6 +42,7 @@ def embedded_env(data_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8
         "DISP_WORK_DIR": str(data / "work"),
         "DISP_PUBLIC_URL": f"http://{host}:{port}",
         "DISP_WEBHOOK_ALLOW_PRIVATE": "true",
+        "DISP_RATE_LIMIT_REDIS_URL": "",  # one user, no Redis: no per-tenant rate limits
         "DISP_VALIDATION_RETRY_S": "0.5",
         "DISP_PROGRESS_INTERVAL_S": "0.5",
         "DISP_CANCEL_POLL_S": "0.5",
@@ -76,15 +77,17 @@ def start_worker(env: dict[str, str], log_path: Path | None = None) -> subproces
         "--without-mingle",
         "--without-heartbeat",
     ]
+    # From a source tree the child needs the tree on its path; an installed package is found anyway.
     child_env = {
         **os.environ,
         **env,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
+    data_dir = Path(env["DISP_STORAGE_ROOT"]).parent
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115 (the child owns it)
     return subprocess.Popen(
         cmd,
-        cwd=ROOT,
+        cwd=data_dir,
         env=child_env,
         stdout=out,
         stderr=subprocess.STDOUT,

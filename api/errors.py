@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 class ApiError(Exception):
     """An error the API reports to the caller."""
 
+    retry_after: int | None = None  # seconds, sent as Retry-After (429, 503)
+
     def __init__(self, status: int, code: str, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.param = status, code, message, param
@@ -72,7 +74,10 @@ ERROR_DESCRIPTIONS = {
     "and its setting.",
     415: "A pickle weight file: refused unopened (safetensors only).",
     422: "Invalid request; `param` names the field.",
-    503: "The broker or storage is unavailable; retry later.",
+    429: "A rate limit or quota of the tenant is reached (`rate_limited`, `quota_exceeded`); `Retry-After` "
+    "says when to retry.",
+    503: "Overloaded (`overloaded`, `database_busy`), or the database, broker or storage is unavailable; "
+    "`Retry-After` says when to retry.",
 }
 
 
@@ -89,13 +94,37 @@ def error_body(request: Request, code: str, message: str, param: str | None) -> 
 
 
 def _respond(
-    request: Request, status: int, code: str, message: str, param: str | None = None
+    request: Request,
+    status: int,
+    code: str,
+    message: str,
+    param: str | None = None,
+    retry_after: int | None = None,
 ) -> JSONResponse:
-    return JSONResponse(error_body(request, code, message, param), status_code=status)
+    headers = {"Retry-After": str(retry_after)} if retry_after else None
+    return JSONResponse(error_body(request, code, message, param), status_code=status, headers=headers)
 
 
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return _respond(request, exc.status, exc.code, exc.message, exc.param)
+    return _respond(request, exc.status, exc.code, exc.message, exc.param, exc.retry_after)
+
+
+async def _pool_timeout(request: Request, exc: Exception) -> JSONResponse:
+    """No database connection free within the pool timeout: shed, do not queue."""
+    log.debug("database pool exhausted: %s", exc)
+    retry = request.app.state.settings.retry_after_s
+    return _respond(
+        request, 503, "database_busy", "All database connections are busy; retry shortly", None, retry
+    )
+
+
+async def _database_down(request: Request, exc: Exception) -> JSONResponse:
+    """The database refused or dropped the connection (restart, failover)."""
+    log.warning("database unavailable: %s", exc)
+    retry = request.app.state.settings.retry_after_s
+    return _respond(
+        request, 503, "database_unavailable", "The database is unavailable; retry shortly", None, retry
+    )
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -153,7 +182,13 @@ async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
 
 
 def install(app: FastAPI) -> None:
+    from sqlalchemy.exc import DisconnectionError, OperationalError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
     app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(PoolTimeout, _pool_timeout)
+    app.add_exception_handler(OperationalError, _database_down)
+    app.add_exception_handler(DisconnectionError, _database_down)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unhandled)

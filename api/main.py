@@ -9,15 +9,24 @@ from fastapi import APIRouter, FastAPI
 
 from api import errors
 from api.config import ApiSettings, get_settings
+from api.db.session import configure_pool
 from api.idempotency import Idempotency, purge_expired
+from api.limits import Admission
 from api.middleware import RequestContext
 from api.routes import artifacts, checkpoints, datasets, health, jobs, models, tenant, uploads
 
 log = logging.getLogger(__name__)
+SHED = errors.responses(429, 503)  # any /v1 operation may shed load or hit a tenant's limit
 
 
 def create_app(settings: ApiSettings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    configure_pool(
+        settings.database_url,
+        size=settings.db_pool_size,
+        overflow=settings.db_pool_overflow,
+        timeout_s=settings.db_pool_timeout_s,
+    )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
@@ -39,13 +48,15 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     errors.install(app)
-    v1 = APIRouter(prefix="/v1")
+    v1 = APIRouter(prefix="/v1", responses=SHED)
     for module in (datasets, checkpoints, models, uploads, jobs, artifacts, tenant):
         v1.include_router(module.router)
     app.include_router(v1)
     app.include_router(health.router)
-    # Outermost first: request id + body limit + metrics wrap idempotency, which wraps the routes.
+    # Outermost first: request id + body limit + metrics wrap admission control (load shedding), which
+    # wraps idempotency, which wraps the routes.
     app.add_middleware(Idempotency, database_url=settings.database_url, max_body=settings.max_upload_bytes)
+    app.add_middleware(Admission, settings=settings)
     app.add_middleware(
         RequestContext, max_body=settings.max_upload_bytes, max_json_body=settings.max_json_body_bytes
     )

@@ -1,4 +1,5 @@
-"""Apply Alembic migrations programmatically (at API start-up, `disp serve`, and in tests)."""
+"""Apply Alembic migrations programmatically (at API start-up, `disp serve`, and in tests). The migration
+scripts ship inside the package (`api/migrations`), so an installed wheel migrates without a source tree."""
 
 from __future__ import annotations
 
@@ -10,13 +11,16 @@ from sqlalchemy import text
 
 from api.db.session import get_engine
 
-ROOT = Path(__file__).resolve().parents[1]
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 MIGRATION_LOCK = 7_446_131  # pg advisory lock id: one migrator at a time when api replicas start together
 
 
 def alembic_config() -> Config:
-    cfg = Config(str(ROOT / "alembic.ini"))
-    cfg.set_main_option("script_location", str(ROOT / "migrations"))
+    """Alembic's configuration without an alembic.ini: the packaged scripts, the repository's file names."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.set_main_option("file_template", "%%(year)d-%%(month).2d-%%(day).2d_%%(rev)s_%%(slug)s")
+    cfg.set_main_option("path_separator", "os")
     return cfg
 
 

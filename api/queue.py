@@ -31,25 +31,31 @@ QUEUE_OF = {
 
 def celery_config(settings: CommonSettings) -> dict[str, Any]:
     """Broker, result backend and delivery guarantees; the worker adds its own process settings."""
-    transport = {"visibility_timeout": settings.visibility_timeout_s, **settings.broker_transport_options}
+    redis_broker = settings.broker_url.startswith(("redis", "rediss"))
+    transport = dict(settings.broker_transport_options)
+    if redis_broker:
+        transport = {"visibility_timeout": settings.visibility_timeout_s, **transport}
     conf: dict[str, Any] = {
         "broker_url": settings.broker_url,
         "result_backend": settings.result_backend,
+        "task_ignore_result": True,  # job state is in the database; no task waits on another's result
         "broker_transport_options": transport,
         "result_backend_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
         "broker_connection_retry_on_startup": True,
+        "broker_heartbeat": settings.broker_heartbeat_s if settings.broker_url.startswith("amqp") else 0,
         "task_routes": {name: {"queue": settings.queue(q)} for name, q in QUEUE_OF.items()},
         "task_default_queue": settings.queue(CPU),
         "task_serializer": "json",
         "accept_content": ["json"],
         "result_serializer": "json",
         "result_expires": 7 * 24 * 3600,
-        # Redelivery: ack after the task ran, requeue when the worker process dies (tasks are idempotent).
+        # Redelivery: ack after the task ran, requeue when the worker process dies (tasks are idempotent;
+        # a stage's lease keeps a redelivered copy from running beside a live original).
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
     }
-    if settings.broker_url.startswith("redis"):
+    if redis_broker:
         conf["visibility_timeout"] = settings.visibility_timeout_s
     return conf
 

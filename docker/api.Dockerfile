@@ -11,7 +11,6 @@ RUN pip install \
       "boto3>=1.34" "prometheus-client>=0.20" "httpx>=0.27"
 
 COPY pyproject.toml README.md alembic.ini ./
-COPY migrations ./migrations
 COPY disp ./disp
 COPY api ./api
 COPY worker ./worker
@@ -23,5 +22,6 @@ USER disp
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --retries=5 \
   CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"
-# Migrations run in the app's start-up (advisory-locked), so several replicas may start together.
-CMD ["uvicorn", "api.main:app", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers"]
+# Migrations (packaged in api/migrations) run in the app's start-up, advisory-locked, so several replicas
+# may start together. DISP_API_WORKERS processes; each sheds load past its limits (api/limits.py).
+CMD ["python", "-m", "api.serve", "--host", "0.0.0.0", "--port", "8000"]

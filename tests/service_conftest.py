@@ -97,6 +97,30 @@ def redis_url(request) -> str:
     return _once("redis", request, make)
 
 
+AMQP = os.environ.get("DISP_TEST_AMQP", "amqp://guest:guest@127.0.0.1:5672")
+
+
+@pytest.fixture(scope="session")
+def amqp_url(request) -> str:
+    """A RabbitMQ vhost of this session (parallel test runs never share queues); deleted afterwards."""
+
+    def make():
+        vhost = f"disp-test-{RUN}"
+        subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True, capture_output=True)
+        subprocess.run(
+            ["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"],
+            check=True,
+            capture_output=True,
+        )
+
+        def close():
+            subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], check=False, capture_output=True)
+
+        return f"{AMQP}/{vhost}", close
+
+    return _once("amqp", request, make)
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint(request) -> str:
     """moto's S3 server on a free local port."""
@@ -123,20 +147,17 @@ def queue_prefix() -> str:
 
 
 @pytest.fixture(scope="session")
-def service_env(pg_url, redis_url, s3_endpoint, queue_prefix, tmp_path_factory) -> dict[str, str]:
-    """DISP_* settings shared by the in-process API and the worker subprocesses."""
+def service_env(pg_url, redis_url, amqp_url, s3_endpoint, queue_prefix, tmp_path_factory) -> dict[str, str]:
+    """DISP_* settings shared by the in-process API and the worker subprocesses: the shipped broker
+    (RabbitMQ, in this session's vhost) and recovery settings (lease TTL, heartbeats) as deployed."""
     return {
         "DISP_ENVIRONMENT": "test",
         "DISP_SECRET_KEY": "test-secret-key",
         "DISP_DATABASE_URL": pg_url,
-        "DISP_BROKER_URL": redis_url,
+        "DISP_BROKER_URL": amqp_url,
         "DISP_RESULT_BACKEND": redis_url,
         "DISP_QUEUE_PREFIX": queue_prefix,
-        "DISP_VISIBILITY_TIMEOUT_S": "15",
-        "DISP_TASK_TIME_LIMIT_S": "14",
-        "DISP_BROKER_TRANSPORT_OPTIONS": json.dumps(
-            {"unacked_restore_interval": 1, "unacked_restore_throttle": 1}
-        ),
+        "DISP_BROKER_TRANSPORT_OPTIONS": "{}",
         "DISP_STORAGE_BACKEND": "s3",
         "DISP_S3_ENDPOINT_URL": s3_endpoint,
         "DISP_S3_BUCKET": f"disp-test-{RUN}",
@@ -147,11 +168,11 @@ def service_env(pg_url, redis_url, s3_endpoint, queue_prefix, tmp_path_factory) 
         "DISP_PROGRESS_INTERVAL_S": "0.2",
         "DISP_CANCEL_POLL_S": "0.2",
         "DISP_VALIDATION_RETRY_S": "0.5",
-        "DISP_ADVANCE_POLL_S": "1",
         "DISP_WEBHOOK_BACKOFF_S": "0.5",
         "DISP_DEVICE": "cpu",
         "DISP_PUBLIC_URL": "http://testserver",
         "DISP_MAX_UPLOAD_BYTES": str(20 * 1024**2),
+        "DISP_RATE_LIMIT_REDIS_URL": redis_url,
         "DISP_METRICS_TOKEN": METRICS_TOKEN,
     }
 
@@ -204,6 +225,23 @@ def new_tenant(database_url: str, name: str | None = None) -> dict[str, str]:
         tenant = get_or_create_tenant(session=session, name=name or f"tenant-{uuid.uuid4().hex[:8]}")
         _, key = create_api_key(session=session, tenant_id=tenant.id)
     return {"Authorization": f"Bearer {key}"}
+
+
+def ready_inputs(database_url: str, auth: dict[str, str]) -> dict[str, str]:
+    """A dataset and a checkpoint row marked ready for the tenant of `auth` (no upload: for tests of jobs
+    that no worker runs)."""
+    from api.db.models import Checkpoint, Dataset
+    from api.db.session import session_scope
+    from api.deps import bearer_key, tenant_for_key
+
+    with session_scope(database_url) as session:
+        tenant = tenant_for_key(session, bearer_key(auth["Authorization"]))
+        common = dict(tenant_id=tenant.id, status="ready", storage_key="x", bytes=1, sha256="0" * 64)
+        dataset = Dataset(name="d", archive_format="zip", num_records=4, **common)
+        checkpoint = Checkpoint(name="c", kind="full", archive_format="tar", **common)
+        session.add_all([dataset, checkpoint])
+        session.flush()
+        return {"dataset_id": dataset.id, "checkpoint_id": checkpoint.id}
 
 
 @pytest.fixture
@@ -374,7 +412,7 @@ def checkpoint_archive(src_dir: Path, path: Path) -> Path:
 
 # -- workers ---------------------------------------------------------------------------------------
 class WorkerProcess:
-    """`celery -A worker.celery_app worker -P solo -c 1` as a real subprocess."""
+    """`celery -A worker.celery_app worker` (the shipped pool: threads, one at a time) as a real subprocess."""
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
         self.env, self.log_path, self.proc = env, log_path, None
@@ -389,10 +427,6 @@ class WorkerProcess:
             "-A",
             "worker.celery_app",
             "worker",
-            "-P",
-            "solo",
-            "-c",
-            "1",
             "-Q",
             queues,
             "--loglevel",
@@ -408,7 +442,8 @@ class WorkerProcess:
         return self
 
     def kill(self) -> None:
-        """SIGKILL: no warm shutdown, no requeue; redelivery is the broker's job."""
+        """SIGKILL: no warm shutdown, no requeue; redelivery is the broker's job (RabbitMQ: at once, as the
+        connection drops), resumption the lease's (once the dead worker's lease expires)."""
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)

@@ -16,7 +16,9 @@ class WorkerSettings(CommonSettings):
     work_dir: Path = Path("./disp-data/work")
     device: str | None = None  # None: cuda if available
     queues: str = "gpu,cpu"  # consumed when `celery worker` gets no -Q
-    pool: str = "solo"  # CUDA-safe: no fork after the model touches the GPU
+    # threads: CUDA-safe (nothing forks) and the consumer keeps answering broker heartbeats while a stage
+    # runs (the solo pool cannot, so a long stage would look dead to RabbitMQ and be redelivered).
+    pool: str = "threads"
     concurrency: int = 1
     shard_size: int = 256  # records per scoring / purification shard
     cpu_workers: int = 0  # scoring/purification batches at once on CPU threads (disp.parallel); 0: one per core
@@ -24,7 +26,7 @@ class WorkerSettings(CommonSettings):
     progress_interval_s: float = 1.0
     cancel_poll_s: float = 1.0
     validation_retry_s: float = 2.0
-    advance_poll_s: float = 30.0  # re-check of a sharded stage whose chord fired before all shards were in
+    lease_ttl_s: float = 30.0  # a killed worker's stage is taken over this long after its last renewal
     validation_wait_s: float = 6 * 3600  # a job waits this long for its inputs' validation
     webhook_max_attempts: int = 8
     webhook_backoff_s: float = 15.0  # doubled per attempt, with jitter

@@ -1,6 +1,8 @@
-"""Moves a job through its stages. Every stage ends with its output in storage, so `advance_job` can be
-called any number of times (chord callback, redelivery, restart) and always resumes at the first stage
-whose output is missing. Transitions are compare-and-set, so duplicates are harmless."""
+"""Moves a job through its stages. Every stage (shard) ends with its output in storage, so `advance_job` can
+be called any number of times (after each shard, redelivery, restart) and always resumes at the first stage
+whose output is missing. Transitions are compare-and-set, so duplicates are harmless. There are no chords:
+each finished shard calls `advance_job`, and the one that finds every shard stored moves the job on (a shard
+stores its output before it calls, so the last one always sees them all)."""
 
 from __future__ import annotations
 
@@ -8,10 +10,9 @@ import hashlib
 import json
 import logging
 import math
-from datetime import timedelta
 from typing import Any
 
-from celery import chord, signature
+from celery import signature
 
 from api import jobstate
 from api.db.models import (
@@ -22,8 +23,6 @@ from api.db.models import (
     Job,
     JobStatus,
     UploadStatus,
-    as_utc,
-    utcnow,
 )
 from api.db.session import session_scope
 from api.queue import ADVANCE_JOB, DELIVER_WEBHOOK, QUEUE_OF, RUN_STAGE
@@ -113,13 +112,13 @@ def validate_job(app, settings: WorkerSettings, job_id: str) -> str:
 def _dispatch(
     app, settings: WorkerSettings, job: Job, stage: JobStatus, shards: list[int] | None = None
 ) -> None:
-    """Queue the stage's work: a chord of shard tasks then `advance_job` for a sharded stage, one task
-    (which advances the job itself) otherwise."""
+    """Queue the stage's work: one task per shard of a sharded stage, one task otherwise; each advances
+    the job when it is done."""
     if STAGES[stage].sharded:
         todo = shards if shards is not None else list(range(job.num_shards))
         _announce_shards(settings, job, stage, todo)
-        then = _sig(app, settings, ADVANCE_JOB, job_id=job.id)
-        chord([_sig(app, settings, RUN_STAGE, job_id=job.id, stage=str(stage), shard=i) for i in todo])(then)
+        for i in todo:
+            _sig(app, settings, RUN_STAGE, job_id=job.id, stage=str(stage), shard=i).apply_async()
     else:
         _sig(app, settings, RUN_STAGE, job_id=job.id, stage=str(stage), shard=0).apply_async()
 
@@ -148,8 +147,8 @@ def stage_done(storage: Storage, job: Job, stage: JobStatus) -> list[int] | bool
 
 
 def advance(app, settings: WorkerSettings, storage: Storage, job_id: str, *, resume: bool = False) -> None:
-    """Take the job one step; `resume` (after a restart that lost in-flight messages) re-dispatches the
-    current stage's missing work at once instead of waiting for the broker to redeliver it."""
+    """Take the job one step; `resume` (after a restart of a broker that lost its messages: `disp serve`)
+    re-dispatches the current stage's missing work."""
     with session_scope(settings.database_url) as session:
         job = session.get(Job, job_id)
         if job is None or job.status in TERMINAL:
@@ -168,21 +167,11 @@ def advance(app, settings: WorkerSettings, storage: Storage, job_id: str, *, res
     stage = JobStatus(job.status)
     done = stage_done(storage, job, stage)
     if done is not True:
-        entered = as_utc(job.stage_started_at)
-        recent = entered is not None and utcnow() - entered < timedelta(seconds=settings.visibility_timeout_s)
-        if recent and not resume:
-            # The stage's tasks are queued or running (a chord can fire early when a redelivered shard
-            # reports twice): look again later instead of running the work twice.
-            if STAGES[stage].sharded:
-                _sig(app, settings, ADVANCE_JOB, job_id=job_id).apply_async(countdown=settings.advance_poll_s)
-            return
-        log.warning(
-            "job %s: %s output missing past the visibility timeout; dispatching %s",
-            job_id,
-            stage,
-            done or "the stage",
-        )
-        _dispatch(app, settings, job, stage, done if isinstance(done, list) else None)
+        # The stage's other shards are queued or running (the broker holds their messages until they
+        # finish): the last of them moves the job on.
+        if resume:
+            log.warning("job %s: resuming %s (%s)", job_id, stage, done or "the stage")
+            _dispatch(app, settings, job, stage, done if isinstance(done, list) else None)
         return
     if STAGES[stage].sharded:
         from worker.stages import merge_stage

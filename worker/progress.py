@@ -28,6 +28,7 @@ class StageReporter:
         self._last_write = 0.0
         self._last_poll = 0.0
         self._stop = False
+        self.lease = None  # a `worker.lease.StageLease`: a lost lease stops the stage too
 
     def on_progress(self, done: int, total: int) -> None:
         now = time.monotonic()
@@ -38,6 +39,8 @@ class StageReporter:
             jobstate.set_progress(session, self.job_id, self.stage, self.shard, done, total)
 
     def should_stop(self) -> bool:
+        if self.lease is not None and self.lease.lost:
+            return True
         now = time.monotonic()
         if not self._stop and now - self._last_poll >= self.poll:
             self._last_poll = now

@@ -103,12 +103,18 @@ def merge_metrics(parts: list[dict]) -> dict:
     return {k: sum(p.get(k, 0) for p in parts) for k in dict.fromkeys(k for p in parts for k in p)}
 
 
+def output_key(job: Job, stage_name: str, shard: int) -> str:
+    """Where one shard of a stage (the stage, when it is not sharded) stores its output: its 'done' mark."""
+    stage = STAGES[stage_name]
+    return keys.shard(job, stage.name, shard) if stage.sharded else keys.output(job, stage.writes)
+
+
 def run(ctx: StageContext, shard: int) -> None:
     """Run the job's current stage (one shard of it) and store its output and metrics; a stage whose output
     is already stored returns at once."""
     job = ctx.job
     stage = STAGES[job.status]
-    key = keys.shard(job, stage.name, shard) if stage.sharded else keys.output(job, stage.writes)
+    key = output_key(job, stage.name, shard)
     if ctx.storage.exists(key):
         return
     from disp.config import DefenseConfig

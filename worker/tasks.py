@@ -7,6 +7,7 @@ import random
 
 from botocore.exceptions import ConnectionClosedError, EndpointConnectionError
 from celery import shared_task
+from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlalchemy.exc import OperationalError
 
 from api.archive import ArchiveError
@@ -22,14 +23,14 @@ from api.queue import (
     VALIDATE_JOB,
 )
 from api.storage import get_storage
-from disp.stages import STAGES
 from worker import orchestrate, stages, validation
 from worker.config import get_worker_settings
+from worker.lease import LeaseHeld, StageLease
 from worker.webhooks import DeliveryFailed, deliver
 
 log = logging.getLogger(__name__)
 
-TRANSIENT = (EndpointConnectionError, ConnectionClosedError, OperationalError)
+TRANSIENT = (EndpointConnectionError, ConnectionClosedError, OperationalError, RedisConnectionError)
 RETRY = {
     "autoretry_for": TRANSIENT,
     "retry_backoff": 5,
@@ -104,13 +105,14 @@ def advance_job(self, job_id: str, resume: bool = False) -> None:
 
 
 def _run(app, job_id: str, stage: str, shard: int) -> str:
-    """Run one stage (shard); map its outcome onto the job (cancelled, failed) instead of raising, so a chord
-    of shards is never left waiting on an exception. Transient infrastructure errors are retried."""
+    """Run one stage (shard) under its lease; map its outcome onto the job (cancelled, failed) instead of
+    raising. Transient infrastructure errors are retried; `LeaseHeld` (another worker runs it) is raised."""
     from disp.data import DataError
     from disp.models import CheckpointError
     from disp.pipeline import Cancelled
 
     settings = _settings()
+    lease = None
     try:
         if stages.cancel_pending(settings, job_id):  # asked while this task waited in the queue
             orchestrate.cancel(app, settings, job_id)
@@ -118,10 +120,19 @@ def _run(app, job_id: str, stage: str, shard: int) -> str:
         ctx = stages.load_context(settings, get_storage(settings), job_id, stage, shard)
         if ctx is None:
             return "skipped"
+        if ctx.storage.exists(stages.output_key(ctx.job, stage, shard)):
+            return "done"  # a redelivered copy of finished work
+        lease = StageLease(settings.database_url, job_id, stage, shard, ttl=settings.lease_ttl_s)
+        lease.acquire()
+        ctx.reporter.lease = lease
         stages.run(ctx, shard)
     except Cancelled:
+        if lease is not None and lease.lost:
+            return "lease_lost"  # the worker that took the lease over finishes the stage
         orchestrate.cancel(app, settings, job_id)
         return "cancelled"
+    except LeaseHeld:
+        raise
     except TRANSIENT:
         raise
     except (DataError, CheckpointError, ArchiveError) as exc:
@@ -133,14 +144,24 @@ def _run(app, job_id: str, stage: str, shard: int) -> str:
         message = public_message(f"{type(exc).__name__}: {exc}", (settings.work_dir,))
         orchestrate.fail(app, settings, job_id, "stage_failed", message, stage)
         return "failed"
+    finally:
+        if lease is not None:
+            lease.release()
     return "done"
 
 
 @shared_task(name=RUN_STAGE, bind=True, **RETRY)
 def run_stage(self, job_id: str, stage: str, shard: int = 0) -> str:
-    """One stage of `disp.stages` (one shard of a sharded stage, whose chord then advances the job)."""
-    outcome = _run(self.app, job_id, stage, shard)
-    if outcome == "done" and not STAGES[stage].sharded:
+    """One stage of `disp.stages` (one shard of a sharded stage), then `advance_job`. While another worker
+    holds the shard's lease the task comes back when that lease would expire (it never runs beside it)."""
+    try:
+        outcome = _run(self.app, job_id, stage, shard)
+    except LeaseHeld as held:
+        log.info(
+            "job %s: %s shard %d is running elsewhere (%s); checking again later", job_id, stage, shard, held
+        )
+        raise self.retry(countdown=min(held.wait, _settings().lease_ttl_s) + 1, max_retries=None) from None
+    if outcome == "done":
         advance_job.apply_async(kwargs={"job_id": job_id}, queue=_settings().queue("gpu"))
     return outcome
 

@@ -179,6 +179,19 @@ class StageProgress(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class StageLease(Base):
+    """Who runs one shard of one stage, until when (renewed while it runs); `runs` counts its starts."""
+
+    __tablename__ = "stage_leases"
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    stage: Mapped[str] = mapped_column(String(30), primary_key=True)
+    shard: Mapped[int] = mapped_column(Integer, primary_key=True)
+    holder: Mapped[str | None] = mapped_column(String(200), default=None)  # None: released
+    expires_at: Mapped[datetime] = mapped_column()
+    acquired_at: Mapped[datetime] = mapped_column()
+    runs: Mapped[int] = mapped_column(Integer, default=1)
+
+
 class JobEvent(Base):
     __tablename__ = "job_events"
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)

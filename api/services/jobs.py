@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from api import jobstate
@@ -96,6 +96,12 @@ def create_job(*, session: Session, settings: ApiSettings, tenant_id: str, body:
     return job
 
 
+def count_active(*, session: Session, tenant_id: str) -> int:
+    """The tenant's jobs not yet finished (its quota counts these)."""
+    query = select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id, Job.status.not_in(TERMINAL))
+    return int(session.scalar(query) or 0)
+
+
 def list_jobs(
     *, session: Session, tenant_id: str, limit: int, after: str | None, status: str | None
 ) -> tuple[list[Job], bool]:
@@ -109,8 +115,10 @@ def list_jobs(
 
 def job_out(*, session: Session, job: Job) -> JobOut:
     done, total = jobstate.progress(session, job)
-    artifact_ids = list(
-        session.scalars(select(Artifact.id).where(Artifact.job_id == job.id).order_by(Artifact.id))
+    artifact_ids = (  # registered when the job succeeds (worker.orchestrate.finish)
+        list(session.scalars(select(Artifact.id).where(Artifact.job_id == job.id).order_by(Artifact.id)))
+        if job.status == JobStatus.succeeded
+        else []
     )
     return JobOut(
         id=job.id,

@@ -96,7 +96,7 @@ def test_broker_outage_is_503_and_leaves_nothing_pending(api_settings, auth, tmp
     from api.main import create_app
     from tests.service_conftest import dataset_archive
 
-    down = api_settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
+    down = api_settings.model_copy(update={"broker_url": "amqp://guest:guest@127.0.0.1:1//"})
     with TestClient(create_app(down), raise_server_exceptions=False) as tc:
         assert tc.get("/readyz").json()["checks"]["broker"].startswith("error")
         archive = dataset_archive(tmp_path / "d.zip", n=1).read_bytes()

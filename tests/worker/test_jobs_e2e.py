@@ -1,5 +1,6 @@
 """Whole jobs through the API and a real Celery worker on the tiny checkpoint: the happy path (weights
-downloaded, loaded and defending; signed webhooks with a retry), cancel, and a worker SIGKILLed mid-stage."""
+downloaded, loaded and defending; signed webhooks with a retry) and cancel. Workers killed mid-stage:
+test_faults.py."""
 
 from __future__ import annotations
 
@@ -11,35 +12,16 @@ import json
 import httpx
 import pytest
 
-from tests.service_conftest import WebhookReceiver, checkpoint_archive, dataset_archive, new_tenant, wait_for
+from tests.service_conftest import WebhookReceiver, dataset_archive, new_tenant, wait_for
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 SETTINGS = {
     "saliency": {"probes": 1, "batch_size": 4},
     "purify": {"batch_size": 4, "sampler": {"gen_length": 8, "block_length": 8, "steps": 8}},
-    "finetune": {"epochs": 64, "batch_size": 2},  # long enough to kill a worker in the middle
+    "finetune": {"epochs": 16, "batch_size": 2},
 }
 LIFECYCLE = ["validating", "queued", "scoring", "purifying", "finetuning", "evaluating", "succeeded"]
-
-
-@pytest.fixture(scope="module")
-def tenant(pg_url):
-    return new_tenant(pg_url)
-
-
-@pytest.fixture(scope="module")
-def inputs(client, tenant, tmp_path_factory, tiny_dir):
-    tmp = tmp_path_factory.mktemp("e2e")
-    archive = dataset_archive(tmp / "ds.zip", n=8, poisoned=2)
-    dataset = client.post(
-        "/v1/datasets", headers=tenant, files={"file": ("ds.zip", archive.read_bytes())}
-    ).json()
-    ck = checkpoint_archive(tiny_dir, tmp / "ck.tar")
-    checkpoint = client.post(
-        "/v1/checkpoints", headers=tenant, files={"file": ("ck.tar", ck.read_bytes())}
-    ).json()
-    return dataset["id"], checkpoint["id"]
 
 
 def submit(client, tenant, inputs, settings=SETTINGS, **extra):
@@ -55,7 +37,7 @@ def submit(client, tenant, inputs, settings=SETTINGS, **extra):
     return response.json()["id"]
 
 
-def poll(client, tenant, job_id, until, timeout=120, worker=None):
+def poll(client, tenant, job_id, until, timeout=300, worker=None):
     def check():
         job = client.get(f"/v1/jobs/{job_id}", headers=tenant).json()
         if worker is not None and worker.proc.poll() is not None:
@@ -198,38 +180,3 @@ def test_cancel_is_cooperative(client, tenant, inputs, celery_worker):
     job = poll(client, tenant, job_id, lambda j: j["status"] == "cancelled", timeout=30, worker=celery_worker)
     assert job["progress"]["done"] < job["progress"]["total"] and job["artifact_ids"] == []
     assert statuses(client, tenant, job_id)[-1] == "cancelled"
-
-
-def test_worker_killed_mid_stage_resumes_with_same_result(client, tenant, inputs, reference, celery_worker):
-    job_id = submit(client, tenant, inputs)
-    job = poll(
-        client,
-        tenant,
-        job_id,
-        # progress rows are written at most once a second: kill at the first one that shows the stage
-        # under way (the first micro-step or a later one), before the final row
-        lambda j: j["status"] == "finetuning" and 0 < j["progress"]["done"] < (j["progress"]["total"] or 0),
-        worker=celery_worker,
-    )
-    assert job["progress"]["done"] < job["progress"]["total"], "finetuning finished before the kill"
-    celery_worker.kill()
-    celery_worker.start()  # a fresh worker; the broker redelivers after the visibility timeout
-    job = poll(
-        client,
-        tenant,
-        job_id,
-        lambda j: j["status"] in ("succeeded", "failed"),
-        timeout=150,
-        worker=celery_worker,
-    )
-    assert job["status"] == "succeeded", job
-    assert statuses(client, tenant, job_id) == LIFECYCLE  # resumed in finetuning, nothing redone
-    mine = {a["kind"]: a for a in client.get(f"/v1/jobs/{job_id}/artifacts", headers=tenant).json()["data"]}
-    ref = {
-        a["kind"]: a
-        for a in client.get(f"/v1/jobs/{reference[0]['id']}/artifacts", headers=tenant).json()["data"]
-    }
-    assert mine["projector"]["sha256"] == ref["projector"]["sha256"]
-    assert download(client, tenant, mine["projector"]["id"], via_url=False) == download(
-        client, tenant, ref["projector"]["id"], via_url=False
-    )

@@ -4,11 +4,10 @@ the first stage whose output is missing; duplicate calls never redo work or repe
 from __future__ import annotations
 
 import json
-from datetime import timedelta
 
 import pytest
 
-from api.db.models import Checkpoint, Dataset, Job, JobStatus, StageProgress, Tenant, utcnow
+from api.db.models import Checkpoint, Dataset, Job, JobStatus, StageProgress, Tenant
 from api.db.session import session_scope
 from api.storage import LocalStorage
 from worker import keys, orchestrate
@@ -93,19 +92,14 @@ def test_advance_walks_the_stages_and_tolerates_duplicates(env):
     orchestrate.advance(None, settings, storage, job_id)
     orchestrate.advance(None, settings, storage, job_id)  # duplicate: already scoring, nothing redone
     assert status(settings, job_id).status == "scoring"
-    assert calls == [("dispatch", "scoring", None), ("send", "worker.tasks.advance_job", 30.0)]
+    assert calls == [("dispatch", "scoring", None)]
     job = status(settings, job_id)
     storage.put_bytes(
         keys.shard(job, "scoring", 0), json.dumps({"config": {}, "saliency": {"s0": [1.0]}}).encode()
     )
     calls.clear()
-    orchestrate.advance(None, settings, storage, job_id)  # chord fired early: poll, don't re-run shard 1
-    assert calls == [("send", "worker.tasks.advance_job", 30.0)]
-    with session_scope(settings.database_url) as session:  # ...until the stage is older than the timeout
-        session.get(Job, job_id).stage_started_at = utcnow() - timedelta(seconds=120)
-    calls.clear()
-    orchestrate.advance(None, settings, storage, job_id)
-    assert calls == [("dispatch", "scoring", [1])]
+    orchestrate.advance(None, settings, storage, job_id)  # shard 0 done, shard 1 still running: wait for it
+    assert calls == [] and status(settings, job_id).status == "scoring"
     storage.put_bytes(
         keys.shard(job, "scoring", 1), json.dumps({"config": {}, "saliency": {"s1": [2.0]}}).encode()
     )
@@ -157,3 +151,42 @@ def test_resume_after_restart_redispatches_missing_work_at_once(env):
     calls.clear()
     orchestrate.advance(None, settings, storage, job_id, resume=True)
     assert calls == [("dispatch", "scoring", [0])]
+
+
+def test_stage_lease_admits_one_holder_until_it_stops_renewing(env):
+    """A second worker cannot take a live lease; it can once the holder stops renewing for `ttl`; the old
+    holder then finds its lease lost (and would stop at its next batch)."""
+    import time
+
+    from api.db.models import JobEvent
+    from api.db.models import StageLease as LeaseRow
+    from worker.lease import LeaseHeld, StageLease
+
+    settings, _, job_id, _ = env
+    first = StageLease(settings.database_url, job_id, "scoring", 0, ttl=0.6)
+    assert first.acquire() == 1
+    second = StageLease(settings.database_url, job_id, "scoring", 0, ttl=0.6)
+    with pytest.raises(LeaseHeld) as held:
+        second.acquire()
+    assert held.value.holder == first.holder and 0 < held.value.wait <= 0.6
+    time.sleep(0.9)  # first renews every ttl/3: still held
+    with pytest.raises(LeaseHeld):
+        second.acquire()
+    other_shard = StageLease(settings.database_url, job_id, "scoring", 1, ttl=0.6)
+    assert other_shard.acquire() == 1  # shards are independent
+    other_shard.release()
+    first._stop.set()  # the holder dies: no more renewals
+    first._thread.join()
+    time.sleep(0.7)
+    assert second.acquire() == 2
+    assert not first.renew() and first.lost
+    first.release()  # a lost lease is not released over the new holder
+    with session_scope(settings.database_url) as session:
+        row = session.get(LeaseRow, (job_id, "scoring", 0))
+        assert row.holder == second.holder and row.runs == 2
+        resumed = [e for e in session.query(JobEvent).filter_by(job_id=job_id) if e.type == "message"]
+    assert [e.data["start"] for e in resumed] == [2]
+    second.release()
+    third = StageLease(settings.database_url, job_id, "scoring", 0, ttl=0.6)
+    assert third.acquire() == 3  # a released lease is free at once
+    third.release()
