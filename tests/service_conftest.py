@@ -173,6 +173,8 @@ def service_env(pg_url, redis_url, amqp_url, s3_endpoint, queue_prefix, tmp_path
         "DISP_PUBLIC_URL": "http://testserver",
         "DISP_MAX_UPLOAD_BYTES": str(20 * 1024**2),
         "DISP_RATE_LIMIT_REDIS_URL": redis_url,
+        # tests create dozens of jobs per tenant within seconds; test_limits.py checks the limits themselves
+        "DISP_JOB_CREATE_BURST": "200",
         "DISP_METRICS_TOKEN": METRICS_TOKEN,
     }
 
