@@ -138,7 +138,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             if args.checkpoint.startswith("ckpt_"):
                 checkpoint = args.checkpoint
             else:
-                kind = "adapter" if args.base_model else "full"
+                kind = "projector" if args.base_model else "full"
                 checkpoint = client.upload_checkpoint(args.checkpoint, kind=kind, base_model=args.base_model)[
                     "id"
                 ]
@@ -183,9 +183,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     s = jobs.add_parser("submit", help="upload inputs (paths) or reuse them (ids) and start a job")
     s.add_argument("--dataset", required=True, help="zip/tar of a LLaVA JSON and images, or a ds_ id")
     s.add_argument(
-        "--checkpoint", required=True, help="checkpoint dir/archive, adapter .safetensors, or a ckpt_ id"
+        "--checkpoint", required=True, help="checkpoint dir/archive, a projector .safetensors, or a ckpt_ id"
     )
-    s.add_argument("--base-model", help="registered base model: --checkpoint is then a projector adapter")
+    s.add_argument("--base-model", help="registered base model: --checkpoint is then a projector laid over it")
     s.add_argument("--settings", help="JSON file of DiSP settings (same fields as the CLI flags)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="e.g. finetune.epochs=2 (repeatable)")
     s.add_argument("--webhook-url")
@@ -217,7 +217,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     k.add_argument("--tenant")
     p.set_defaults(handler=cmd_keys)
 
-    p = sub.add_parser("models", help="admin: register base models that adapters apply to")
+    p = sub.add_parser("models", help="admin: register base models that projector checkpoints are laid over")
     models = p.add_subparsers(dest="models_command", required=True)
     m = models.add_parser("register", parents=[admin])
     m.add_argument("--name", required=True)

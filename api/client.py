@@ -174,7 +174,7 @@ class DispClient:
     def upload_checkpoint(
         self, path: str | Path, *, kind: str = "full", base_model: str | None = None, name: str | None = None
     ) -> dict:
-        """A checkpoint directory (tarred here), an archive of one, or an adapter .safetensors."""
+        """A checkpoint directory (tarred here), an archive of one, or a projector .safetensors (kind="projector")."""
         path = Path(path)
         if path.is_dir():
             with tempfile.TemporaryDirectory() as tmp:

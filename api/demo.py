@@ -1,5 +1,5 @@
 """The README's main command through the service: start `disp serve` (embedded: SQLite, local files,
-filesystem broker), upload a poisoned dataset and a backdoored projector adapter, run a DiSP job with a
+filesystem broker), upload a poisoned dataset and a backdoored projector (over the registered base), run a DiSP job with a
 progress bar, download the purified projector, and print CP and ASR before and after.
 
 `disp.demo.prepare_inputs` builds the poisoned SHAPES data and the backdoored projector, and
@@ -93,9 +93,9 @@ def run_demo(workdir: str | Path, *, quick: bool = True, n_asr: int | None = Non
         settings = asdict(inputs.defense)
         with DispClient(f"http://127.0.0.1:{port}", key) as client:
             dataset = client.wait_ready("dataset", client.upload_dataset(dataset_zip)["id"])
-            adapter = client.upload_checkpoint(inputs.cell.backdoored, kind="adapter", base_model="demo-base")
-            client.wait_ready("checkpoint", adapter["id"])
-            job = client.create_job(dataset_id=dataset["id"], checkpoint_id=adapter["id"], settings=settings)
+            projector = client.upload_checkpoint(inputs.cell.backdoored, kind="projector", base_model="demo-base")
+            client.wait_ready("checkpoint", projector["id"])
+            job = client.create_job(dataset_id=dataset["id"], checkpoint_id=projector["id"], settings=settings)
             print(f"job {job['id']}: {dataset['num_records']} records")
             job = client.watch(
                 job["id"], on_update=lambda j: print("\r" + progress_line(j).ljust(90), end="", flush=True)

@@ -130,10 +130,10 @@ def precheck_checkpoint(path: Path, filename: str, kind: str, settings: CommonSe
     if looks_like_pickle(head):
         raise ArchiveError("pickle_refused", f"{filename}: the file is a pickle; it was refused unopened")
     fmt = detect_format(path)
-    if kind == "adapter":
+    if kind == "projector":
         if fmt != "safetensors":
             raise ArchiveError(
-                "invalid_safetensors", f"{filename}: an adapter is one projector .safetensors file"
+                "invalid_safetensors", f"{filename}: a projector checkpoint is one .safetensors file"
             )
         try:
             shapes = safetensors_shapes(read_head(path), path.stat().st_size)

@@ -21,6 +21,18 @@ Name = Annotated[str, Field(min_length=1, max_length=300, pattern=NO_NUL)]
 ModelRef = Annotated[str, Field(pattern=MODEL_REF_PATTERN, description="Base model id or name.")]
 MetadataKey = Annotated[str, Field(min_length=1, max_length=64, pattern=NO_NUL)]
 MetadataValue = Annotated[str, Field(max_length=512, pattern=NO_NUL)]
+# A checkpoint is "full" (a whole checkpoint directory) or "projector" (one projector .safetensors laid over a
+# registered base model). "adapter", the kind's former name, is still accepted and stored as "projector".
+CheckpointKind = Literal["full", "projector", "adapter"]
+CHECKPOINT_KIND_HELP = (
+    "full: a whole checkpoint directory (archive); projector: one projector .safetensors laid over a registered "
+    "base model (needs base_model; 'adapter' is accepted as its former name)"
+)
+
+
+def checkpoint_kind(kind: str) -> str:
+    """The stored kind of a requested one ('adapter' -> 'projector')."""
+    return "projector" if kind == "adapter" else kind
 
 
 class _Request(BaseModel):
@@ -184,8 +196,8 @@ class UploadCreate(_Request):
     bytes: int = Field(gt=0, le=BIGINT_MAX, description="Total size; the completed object must match it.")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="Hex SHA-256 of the whole file.")
     name: Name | None = None
-    kind: Literal["full", "adapter"] = "full"
-    base_model: ModelRef | None = Field(None, description="Base model id or name, for adapters.")
+    kind: CheckpointKind = Field("full", description=CHECKPOINT_KIND_HELP)
+    base_model: ModelRef | None = Field(None, description="Base model id or name, for kind=projector.")
     part_size: int | None = Field(
         None, ge=1, le=5 * 1024**3, description="Bytes per part (S3 allows at most 5 GiB); the service picks one if unset."
     )

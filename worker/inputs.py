@@ -1,5 +1,5 @@
 """Local copies of a job's inputs, cached per worker machine: the dataset archive with its JSON pulled
-out, and the checkpoint directory (extracted safely, pickles refused) plus an optional adapter."""
+out, and the checkpoint directory (extracted safely, pickles refused) plus the projector laid over it, if any."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ class DatasetFiles:
 @dataclass(frozen=True)
 class CheckpointFiles:
     model_dir: Path
-    projector: Path | None  # adapter laid over the base model
+    projector: Path | None  # a kind=projector checkpoint laid over the base model
 
 
 def _publish(tmp: Path, final: Path) -> None:
@@ -131,9 +131,9 @@ def checkpoint_files(
     checkpoint: Checkpoint, storage: Storage, settings: WorkerSettings, session
 ) -> CheckpointFiles:
     cache = settings.work_dir / "cache"
-    if checkpoint.kind == "adapter":
+    if checkpoint.kind == "projector":
         model_dir = base_model_dir(session.get(BaseModelEntry, checkpoint.base_model_id), storage, settings)
-        projector = cache / "adapters" / checkpoint.id / "projector.safetensors"
+        projector = cache / "projectors" / checkpoint.id / "projector.safetensors"
         if not projector.is_file():
             storage.download(checkpoint.storage_key, projector)
             check_weights_file(projector, projector.name)

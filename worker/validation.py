@@ -100,8 +100,8 @@ def validate_checkpoint(
             return
         try:
             summary = precheck_checkpoint(raw, Path(checkpoint.storage_key).name, checkpoint.kind, settings)
-            if checkpoint.kind == "adapter":
-                _check_adapter(session, storage, settings, checkpoint, summary.shapes)
+            if checkpoint.kind == "projector":
+                _check_projector(session, storage, settings, checkpoint, summary.shapes)
             else:
                 _check_model(raw, summary, Path(tmp) / "meta", settings)
         except ArchiveError as exc:
@@ -134,7 +134,7 @@ def _check_model(archive: Path, summary, dest: Path, settings: WorkerSettings) -
     models.check(dest, summary.shapes)
 
 
-def _check_adapter(session: Session, storage: Storage, settings: WorkerSettings, checkpoint, shapes) -> None:
+def _check_projector(session: Session, storage: Storage, settings: WorkerSettings, checkpoint, shapes) -> None:
     """Projector tensors only, shaped as the base model's projector."""
     from disp import models
     from worker.inputs import base_model_dir

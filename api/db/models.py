@@ -83,7 +83,7 @@ class ApiKey(Base):
 
 
 class BaseModelEntry(Base):
-    """An operator-registered base checkpoint that adapters (projector-only) apply to."""
+    """An operator-registered base checkpoint that projector checkpoints are laid over."""
 
     __tablename__ = "base_models"
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("mdl"))
@@ -135,7 +135,7 @@ class Checkpoint(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("ckpt"))
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
     name: Mapped[str] = mapped_column(String(300))
-    kind: Mapped[str] = mapped_column(String(20))  # full | adapter
+    kind: Mapped[str] = mapped_column(String(20))  # full | projector
     base_model_id: Mapped[str | None] = mapped_column(ForeignKey("base_models.id"), default=None)
     status: Mapped[str] = mapped_column(String(20), default=UploadStatus.validating)
     archive_format: Mapped[str] = mapped_column(String(20))  # zip | tar | safetensors

@@ -1,9 +1,9 @@
-"""Checkpoints: a full checkpoint directory as an archive, or a projector-only adapter over a base model.
+"""Checkpoints: a full checkpoint directory as an archive, or a projector laid over a registered base model.
 Safetensors only: pickles are refused unopened."""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Response, UploadFile
 from sqlalchemy import select
@@ -14,7 +14,7 @@ from api.deps import CurrentCheckpoint, IdempotencyKey, SessionDep, SettingsDep,
 from api.errors import responses
 from api.queue import VALIDATE_CHECKPOINT
 from api.routes.common import After, FormName, Limit, TempDir, send, spool, upload_filename
-from api.schemas import MODEL_REF_PATTERN, CheckpointList, CheckpointOut
+from api.schemas import CHECKPOINT_KIND_HELP, MODEL_REF_PATTERN, CheckpointKind, CheckpointList, CheckpointOut
 from api.services import files
 
 router = APIRouter(prefix="/checkpoints", tags=["checkpoints"])
@@ -33,9 +33,9 @@ def create_checkpoint(
     storage: StorageDep,
     tenant: TenantDep,
     file: Annotated[UploadFile, File(description="zip/tar of a checkpoint dir, or a projector .safetensors")],
-    kind: Annotated[Literal["full", "adapter"], Form()] = "full",
+    kind: Annotated[CheckpointKind, Form(description=CHECKPOINT_KIND_HELP)] = "full",
     base_model: Annotated[
-        str | None, Form(pattern=MODEL_REF_PATTERN, description="base model id or name (adapters)")
+        str | None, Form(pattern=MODEL_REF_PATTERN, description="base model id or name (kind=projector)")
     ] = None,
     name: FormName = None,
 ) -> Checkpoint:

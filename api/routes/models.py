@@ -1,4 +1,4 @@
-"""Base models the operator registered (`disp models register`); adapters are laid over them."""
+"""Base models the operator registered (`disp models register`); projector checkpoints are laid over them."""
 
 from __future__ import annotations
 

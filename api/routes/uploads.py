@@ -14,7 +14,16 @@ from api.deps import CurrentUpload, IdempotencyKey, SessionDep, SettingsDep, Sto
 from api.errors import ApiError, not_found, responses
 from api.queue import VALIDATE_CHECKPOINT, VALIDATE_DATASET
 from api.routes.common import send
-from api.schemas import ID_PATTERN, PartsRequest, PartUrl, PartUrls, UploadComplete, UploadCreate, UploadOut
+from api.schemas import (
+    ID_PATTERN,
+    PartsRequest,
+    PartUrl,
+    PartUrls,
+    UploadComplete,
+    UploadCreate,
+    UploadOut,
+    checkpoint_kind,
+)
 from api.security import check_url_token, sign_url_token
 from api.services import files
 
@@ -46,7 +55,7 @@ def _out(upload: Upload) -> UploadOut:
 def create_upload(
     body: UploadCreate, session: SessionDep, settings: SettingsDep, storage: StorageDep, tenant: TenantDep
 ) -> UploadOut:
-    options = {"name": body.name, "kind": body.kind, "base_model": body.base_model}
+    options = {"name": body.name, "kind": checkpoint_kind(body.kind), "base_model": body.base_model}
     upload = files.create_upload(
         session=session,
         settings=settings,

@@ -24,6 +24,7 @@ from api.db.models import (
 )
 from api.errors import ApiError, not_found, public_message
 from api.ingest import precheck_checkpoint, precheck_dataset
+from api.schemas import checkpoint_kind
 from api.storage import Storage, StorageError
 
 MAX_PARTS = 10_000
@@ -99,15 +100,16 @@ def create_dataset(
 
 
 def resolve_checkpoint_kind(*, session: Session, kind: str, base_model: str | None) -> str | None:
-    if kind == "adapter":
+    """The id of the base model a kind=projector checkpoint is laid over (None for a full one)."""
+    if checkpoint_kind(kind) == "projector":
         if not base_model:
-            raise ApiError(422, "invalid_request", "an adapter checkpoint needs base_model", "base_model")
+            raise ApiError(422, "invalid_request", "a projector checkpoint needs base_model", "base_model")
         entry = find_base_model(session=session, ref=base_model)
         if entry is None:
             raise not_found("model", base_model, "base_model")
         return entry.id
     if base_model:
-        raise ApiError(422, "invalid_request", "base_model applies only to kind=adapter", "base_model")
+        raise ApiError(422, "invalid_request", "base_model applies only to kind=projector", "base_model")
     return None
 
 
@@ -124,6 +126,7 @@ def create_checkpoint(
     base_model: str | None,
     sha256: str,
 ) -> Checkpoint:
+    kind = checkpoint_kind(kind)
     base_model_id = resolve_checkpoint_kind(session=session, kind=kind, base_model=base_model)
     try:
         summary = precheck_checkpoint(path, filename, kind, settings)
@@ -252,7 +255,7 @@ def complete_upload(
         row = Checkpoint(
             tenant_id=upload.tenant_id,
             name=name,
-            kind=opts.get("kind", "full"),
+            kind=checkpoint_kind(opts.get("kind", "full")),
             base_model_id=opts.get("base_model_id"),
             archive_format="pending",
             storage_key=upload.storage_key,

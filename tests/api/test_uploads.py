@@ -112,13 +112,13 @@ def test_pickle_checkpoints_are_refused_unopened(client, auth, tmp_path, evil, t
     archive = checkpoint_archive(src, tmp_path / "ck.tar")
     response = client.post("/v1/checkpoints", headers=auth, files={"file": ("ck.tar", archive.read_bytes())})
     assert response.status_code == 415 and response.json()["error"]["code"] == "pickle_refused"
-    # a pickle wearing a .safetensors name, as a full checkpoint and as an adapter
+    # a pickle wearing a .safetensors name, as a full checkpoint and as a projector
     response = client.post("/v1/checkpoints", headers=auth, files={"file": ("model.safetensors", payload)})
     assert response.status_code == 415 and response.json()["error"]["code"] == "pickle_refused"
     response = client.post(
         "/v1/checkpoints",
         headers=auth,
-        data={"kind": "adapter", "base_model": "tiny"},
+        data={"kind": "projector", "base_model": "tiny"},
         files={"file": ("projector.safetensors", payload)},
     )
     assert response.status_code == 415 and response.json()["error"]["code"] == "pickle_refused"

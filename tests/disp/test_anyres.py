@@ -182,9 +182,9 @@ def test_image_newline_is_read_from_the_checkpoint(llada_anyres_dir, llada_anyre
         models.load(bad)
 
 
-def test_upload_check_accepts_anyres_checkpoints_and_their_adapters(llada_anyres_dir, tmp_path):
+def test_upload_check_accepts_anyres_checkpoints_and_their_projectors(llada_anyres_dir, tmp_path):
     """`disp.models.check` (the worker's validation at upload) on both families' anyres checkpoints, and on an
-    adapter with and without model.image_newline."""
+    projector with and without model.image_newline."""
     shapes = {k: s for k, (_, s) in tensor_shapes(llada_anyres_dir).items()}
     assert IMAGE_NEWLINE_KEY in shapes and models.check(llada_anyres_dir, shapes) == "llada-v"
     projector = {k: s for k, s in shapes.items() if k.startswith("model.mm_projector.")}

@@ -1,5 +1,5 @@
 """`disp serve` (SQLite, local files, filesystem broker, one worker) driven by the Python client: admin
-commands, a base model and a projector adapter, signed local part URLs, a sharded job, downloads."""
+commands, a base model and a projector laid over it, signed local part URLs, a sharded job, downloads."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def served(tmp_path):
     proc.wait(30)
 
 
-def test_embedded_service_runs_an_adapter_job(served, tmp_path, tiny_dir, monkeypatch):
+def test_embedded_service_runs_a_projector_job(served, tmp_path, tiny_dir, monkeypatch):
     from safetensors.torch import save_file
 
     import api.client
@@ -65,13 +65,13 @@ def test_embedded_service_runs_an_adapter_job(served, tmp_path, tiny_dir, monkey
     assert "registered tiny" in cli(
         "models", "register", "--data-dir", str(data_dir), "--name", "tiny", "--dir", str(tiny_dir)
     )
-    adapter = tmp_path / "projector.safetensors"
-    save_file({k: v.contiguous() for k, v in models.load(tiny_dir).projector_state_dict().items()}, adapter)
+    projector = tmp_path / "projector.safetensors"
+    save_file({k: v.contiguous() for k, v in models.load(tiny_dir).projector_state_dict().items()}, projector)
     monkeypatch.setattr(api.client, "SIMPLE_UPLOAD_LIMIT", 0)  # force presigned multipart (API-signed URLs)
     with DispClient(url, key) as client:
         assert [m["name"] for m in client.models()] == ["tiny"]
         dataset = client.upload_dataset(dataset_archive(tmp_path / "ds.tar", n=6, poisoned=2))
-        checkpoint = client.upload_checkpoint(adapter, kind="adapter", base_model="tiny")
+        checkpoint = client.upload_checkpoint(projector, kind="projector", base_model="tiny")
         assert client.wait_ready("dataset", dataset["id"])["num_images"] == 6
         client.wait_ready("checkpoint", checkpoint["id"])
         settings = {
@@ -90,7 +90,7 @@ def test_embedded_service_runs_an_adapter_job(served, tmp_path, tiny_dir, monkey
     defended = models.load(tiny_dir, projector=files["projector"])
     assert defended.projector_state_dict().keys() == models.load(tiny_dir).projector_state_dict().keys()
     assert len(json.loads(files["purified_dataset"].read_text())) == 6
-    assert json.loads(files["report"].read_text())["inputs"]["checkpoint"]["kind"] == "adapter"
+    assert json.loads(files["report"].read_text())["inputs"]["checkpoint"]["kind"] == "projector"
     env = {"DISP_API_URL": url, "DISP_API_KEY": key}
     watched = cli("jobs", "watch", job["id"], "--out", str(tmp_path / "cli-out"), env=env)
     assert '"answers_changed"' in watched and "projector: " in watched

@@ -73,7 +73,7 @@ def test_checkpoints_validated_and_pickles_never_opened(client, auth, tmp_path, 
         payload,
         purpose="checkpoint",
         filename="projector.safetensors",
-        kind="adapter",
+        kind="adapter",  # the kind's former name, still accepted
         base_model="tiny",
     )
     wrong_sum = client.post(
@@ -85,6 +85,7 @@ def test_checkpoints_validated_and_pickles_never_opened(client, auth, tmp_path, 
     assert settled(client, auth, "checkpoints", full)["status"] == "ready"
     body = settled(client, auth, "checkpoints", disguised)
     assert body["status"] == "invalid" and body["error"]["code"] == "pickle_refused", body
+    assert body["kind"] == "projector"
     assert not marker.exists()
 
 
