@@ -149,7 +149,7 @@ def read_saliency(path: str | Path, samples: Sequence[Sample]) -> dict[str, list
 
 
 def purify_samples(model: MDLM, samples: list[Sample], source: ImageSource, config: PurifyConfig,
-                   scores: dict[str, list[float]] | None, *, masking: str = "saliency",
+                   saliency: dict[str, list[float]] | None, *, masking: str = "saliency",
                    on_progress: Progress | None = None, should_stop: StopCheck | None = None,
                    cache: VisionCache | None = None, workers: int | None = 1) -> list[dict]:
     """Purified LLaVA records with a `disp` field recording what was done, in input order.
@@ -158,7 +158,8 @@ def purify_samples(model: MDLM, samples: list[Sample], source: ImageSource, conf
     question's, whose prompt was scored) from the prompt alone, each later one on the purified turns before
     it; user turns and the system prompt are kept (`disp.data.purified_record`). With `config.question`
     "describe" (the official code) only the first answer is rewritten, as the re-captioning of the image, and
-    the later turns are kept. Each sample's scores must cover exactly the visual tokens its image gives.
+    the later turns are kept. `saliency` maps sample id -> one score per visual token (`score_samples`);
+    each must cover exactly the visual tokens its image gives (it is unused unless `masking` is "saliency").
 
     `workers` batches run at once on CPU threads (`disp.parallel`; None or 0: one per core on a CPU). Each
     batch samples from its own generator, seeded with `config.seed` and its place in the batch order.
@@ -172,7 +173,7 @@ def purify_samples(model: MDLM, samples: list[Sample], source: ImageSource, conf
     sal: list[torch.Tensor | None] = []
     for lo in range(0, len(samples), config.batch_size):
         chunk, n = samples[lo : lo + config.batch_size], counts[lo : lo + config.batch_size]
-        s = _score_rows([scores[x.id] for x in chunk], [x.id for x in chunk], n) if masking == "saliency" else None
+        s = _score_rows([saliency[x.id] for x in chunk], [x.id for x in chunk], n) if masking == "saliency" else None
         held += list(choose_masked(s, n, len(chunk), config.mask_ratio, masking, mask_gen, min_score=config.min_score))
         sal += [row[:c] for row, c in zip(s, n, strict=True)] if s is not None else [None] * len(chunk)
     # every answer is rewritten under the sample's held tokens, turn by turn, each on the purified turns before it
