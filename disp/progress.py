@@ -70,14 +70,17 @@ def is_terminal(file: TextIO) -> bool:
     return hasattr(file, "isatty") and file.isatty()
 
 
-def bar(desc: str, *, file: TextIO | None = None, interval: float = PLAIN_INTERVAL_S) -> Callable[[int, int], None]:
+def bar(
+    desc: str, *, file: TextIO | None = None, interval: float = PLAIN_INTERVAL_S
+) -> Callable[[int, int], None]:
     """An `on_progress(done, total)` that shows `desc`'s progress on `file` (default: stderr)."""
     file = file or sys.stderr
     return _Bar(desc, file) if is_terminal(file) else _Plain(desc, file, interval)
 
 
-def stage_bars(*, file: TextIO | None = None,
-               interval: float = PLAIN_INTERVAL_S) -> Callable[[str, int, int], None]:
+def stage_bars(
+    *, file: TextIO | None = None, interval: float = PLAIN_INTERVAL_S
+) -> Callable[[str, int, int], None]:
     """An `on_progress(stage, done, total)` with one bar per stage."""
     bars: dict[str, Callable[[int, int], None]] = {}
 
