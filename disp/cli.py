@@ -231,8 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size-frac", type=float, default=0.1, help="patch side / shorter image side (default: 0.1)")
     p.add_argument("--blend-ratio", type=float, default=0.2, help="pattern weight of the blended trigger")
     p.add_argument("--source-word", default="dog", help="misclassification: the word replaced (default: dog)")
-    p.add_argument("--target-word", default="boat",
-                   help="insertion and misclassification: the word the backdoor puts in (default: boat)")
+    p.add_argument("--target-word", default="boat", help="misclassification: the word put in its place (default: boat)")
     p.add_argument("--seed", type=int, default=0, help="seed of the poisoned samples' choice (default: 0)")
     p.add_argument("--test-data", type=Path, default=None, help="held-out set: also write clean and triggered copies")
     p.add_argument("--test-images", type=Path, default=None, help="images of --test-data (default: --images)")
@@ -249,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="CP and ASR without/with trigger")
     _common(p, data=False)
     p.add_argument("--target", required=True, choices=TARGETS, help="the backdoor's target behaviour (ASR counts it)")
-    p.add_argument("--target-word", default="boat", help="the inserted word that counts as an attack (default: boat)")
+    p.add_argument("--target-word", default="boat",
+                   help="misclassification: the word that counts as an attack (default: boat)")
     p.add_argument("--clean", type=Path, default=None, help="clean held-out LLaVA JSON")
     p.add_argument("--clean-images", type=Path, default=None, help="(default: the JSON's folder)")
     p.add_argument("--triggered", type=Path, default=None, help="triggered held-out LLaVA JSON")
