@@ -54,11 +54,23 @@ def test_the_documented_function_verifies_a_real_delivery(receiver):
     url, got = receiver
     verify_webhook = doc_verify()
     secret, msg_id = new_webhook_secret(), "msg_0193a6f1c2e4a1b2c3d4e5f6"
-    body = json.dumps({"id": msg_id, "type": "job.succeeded", "created_at": int(time.time()),
-                       "data": {"job_id": "job_1", "status": "succeeded"}}, separators=(",", ":")).encode()
+    body = json.dumps(
+        {
+            "id": msg_id,
+            "type": "job.succeeded",
+            "created_at": int(time.time()),
+            "data": {"job_id": "job_1", "status": "succeeded"},
+        },
+        separators=(",", ":"),
+    ).encode()
     # what worker.webhooks.deliver does for one attempt: sign with api.webhooks, POST with worker.webhooks.post
-    status = post(url, body, {**webhooks.headers(secret, msg_id, body), "user-agent": "disp-webhooks/1"},
-                  timeout=5, public_only=False)
+    status = post(
+        url,
+        body,
+        {**webhooks.headers(secret, msg_id, body), "user-agent": "disp-webhooks/1"},
+        timeout=5,
+        public_only=False,
+    )
     assert status == 204
     ((headers, received),) = got
     assert received == body and headers["webhook-id"] == msg_id
@@ -77,7 +89,9 @@ def test_the_documented_function_verifies_a_real_delivery(receiver):
         verify_webhook(secret, old, body)
     webhooks.verify(secret, body, old, now=int(old["webhook-timestamp"]))  # signed right, only too old
     with pytest.raises(ValueError, match="missing or malformed"):
-        verify_webhook(secret, {k: v for k, v in headers.items() if k.lower() != "webhook-signature"}, received)
+        verify_webhook(
+            secret, {k: v for k, v in headers.items() if k.lower() != "webhook-signature"}, received
+        )
 
 
 def test_the_documented_example_request_verifies():
