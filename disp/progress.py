@@ -43,7 +43,7 @@ class _Plain:
         self.last = now
         t0, d0 = self.start
         rate = (done - d0) / (now - t0) if now > t0 and done > d0 else None
-        left = "" if done >= total else f", {remaining((total - done) / rate if rate else None)} left"
+        left = f", {remaining((total - done) / rate)} left" if rate and done < total else ""
         pct = f" ({100 * done / total:.0f}%)" if total else ""
         print(f"{self.desc} {done}/{total}{pct}{left}", file=self.file, flush=True)
 
