@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
@@ -305,6 +307,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"disp {name}: error: this command needs {exc.name}, which is not installed: "
               f"pip install 'disp[{extra}]'", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # stdout closed early (`disp ... | head`): stop quietly, as other tools do
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (ValueError, OSError) as exc:  # bad input, a missing or unwritable path: one clear line
         print(f"disp {name}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
