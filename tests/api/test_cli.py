@@ -93,19 +93,18 @@ def test_service_errors_are_one_line(served, tmp_path):
 
     with zipfile.ZipFile(tmp_path / "empty.zip", "w") as zf:
         zf.writestr("data.json", "[]")
-    out = disp("jobs", "submit", "--dataset", str(tmp_path / "empty.zip"), "--checkpoint", "ckpt_x",
-               "--api-url", url, "--api-key", key)  # fmt: skip
+    auth = ["--api-url", url, "--api-key", key]
+    out = disp("jobs", "submit", "--dataset", str(tmp_path / "empty.zip"), "--checkpoint", "ckpt_x", *auth)
     one_line_error(out, 1, "422", "empty_dataset", "no records")
 
-    one_line_error(
-        disp("jobs", "watch", "job_nope", "--api-url", url, "--api-key", key), 1, "404", "job_nope"
-    )
+    one_line_error(disp("jobs", "watch", "job_nope", *auth), 1, "404", "job_nope")
 
     one_line_error(disp("jobs", "list", "--api-url", url), 2, "API key", "DISP_API_KEY")
 
     closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there; the client retries, then gives up
-    one_line_error(disp("jobs", "list", "--api-url", closed, "--api-key", key), 1, f"cannot reach {closed}",
-                   "refused")  # fmt: skip
+    one_line_error(
+        disp("jobs", "list", "--api-url", closed, "--api-key", key), 1, f"cannot reach {closed}", "refused"
+    )
 
 
 def test_the_client_installs_and_runs_without_torch(served, tmp_path):
@@ -114,10 +113,21 @@ def test_the_client_installs_and_runs_without_torch(served, tmp_path):
     command names the extra it needs."""
     url, key = served
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w",
-         str(tmp_path / "dist")],
-        check=True, capture_output=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(ROOT),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     (wheel,) = (tmp_path / "dist").glob("disp-*.whl")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
