@@ -185,6 +185,12 @@ def service_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[[ar
             )
             request = f" (request {exc.request_id})" if exc.request_id else ""
             print(f"disp {args.command}: error: {exc}{hint}{request}", file=sys.stderr)
+        except httpx.UnsupportedProtocol:
+            print(
+                f"disp {args.command}: error: --api-url must start with http:// or https://, got "
+                f"{getattr(args, 'api_url', None)!r}",
+                file=sys.stderr,
+            )
         except httpx.TransportError as exc:
             url = getattr(args, "api_url", None) or "the service"
             reason = str(exc).split("] ")[-1] or type(exc).__name__
