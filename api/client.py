@@ -87,6 +87,8 @@ class DispClient:
                     value[1].seek(0)
             try:
                 response = self.http.request(method, path, headers=headers, **kwargs)
+            except httpx.UnsupportedProtocol:  # a wrong base URL: no retry will fix it
+                raise
             except httpx.TransportError:
                 if attempt == self.max_retries:
                     raise
