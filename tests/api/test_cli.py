@@ -101,6 +101,8 @@ def test_service_errors_are_one_line(served, tmp_path):
 
     one_line_error(disp("jobs", "list", "--api-url", url), 2, "API key", "DISP_API_KEY")
 
+    one_line_error(disp("jobs", "list", "--api-url", "127.0.0.1:1", "--api-key", key), 1, "http://")
+
     closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there; the client retries, then gives up
     one_line_error(
         disp("jobs", "list", "--api-url", closed, "--api-key", key), 1, f"cannot reach {closed}", "refused"
