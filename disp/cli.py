@@ -234,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blend-ratio", type=float, default=0.2, help="pattern weight of the blended trigger")
     p.add_argument("--source-word", default="dog", help="misclassification: the word replaced (default: dog)")
     p.add_argument("--target-word", default="boat", help="misclassification: the word put in its place (default: boat)")
-    p.add_argument("--seed", type=int, default=0, help="seed of which samples are poisoned and of the noise and blend patterns (default: 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of which samples are poisoned and of the noise and blend patterns (default: 0)")
     p.add_argument("--test-data", type=Path, default=None, help="held-out set: also write clean and triggered copies")
     p.add_argument("--test-images", type=Path, default=None, help="images of --test-data (default: --images)")
     p.add_argument("--out", required=True, type=Path, help="output directory")
