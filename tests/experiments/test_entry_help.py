@@ -30,6 +30,7 @@ def test_scripts_print_their_usage_for_help_and_run_nothing(script, tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing created, no `-h` folder
 
 
+@pytest.mark.slow  # imports torch in a subprocess: a few seconds
 def test_pretrain_prints_its_help(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "experiments.pretrain", "-h"],
