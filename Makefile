@@ -5,7 +5,7 @@ PY ?= .venv/bin/python
 install:            ## create .venv and install the project with every extra
 	python3 -m venv .venv
 	.venv/bin/pip install -q torch==2.13.0
-	.venv/bin/pip install -q -e ".[service,experiments,dev,data]"
+	.venv/bin/pip install -q -e ".[torch,client,service,experiments,dev,data]"
 
 test:               ## the full test suite (the README's test command)
 	$(PY) -m pytest -q

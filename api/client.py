@@ -4,17 +4,20 @@ reusing one `Idempotency-Key` per POST across its retries; large files go throug
 from __future__ import annotations
 
 import hashlib
-import math
 import os
+import sys
 import tarfile
 import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import httpx
+
+from disp.progress import remaining, stage_bars
 
 TERMINAL = {"succeeded", "failed", "failed_validation", "cancelled"}
 SIMPLE_UPLOAD_LIMIT = 64 * 1024**2
@@ -56,7 +59,7 @@ class DispClient:
         self.base_url = (base_url or os.environ.get("DISP_API_URL", "http://127.0.0.1:8000")).rstrip("/")
         key = api_key or os.environ.get("DISP_API_KEY")
         if not key:
-            raise ValueError("an API key is needed (argument or DISP_API_KEY)")
+            raise ValueError("an API key is needed: --api-key (api_key in Python) or DISP_API_KEY")
         self.max_retries = max_retries
         self.http = httpx.Client(
             base_url=self.base_url,
@@ -84,6 +87,8 @@ class DispClient:
                     value[1].seek(0)
             try:
                 response = self.http.request(method, path, headers=headers, **kwargs)
+            except httpx.UnsupportedProtocol:  # a wrong base URL: no retry will fix it
+                raise
             except httpx.TransportError:
                 if attempt == self.max_retries:
                     raise
@@ -306,11 +311,40 @@ class DispClient:
         }
 
 
-def progress_line(job: dict, width: int = 30) -> str:
-    """`[#####-----] scoring 12/40 (30%) eta 12:01:02` for terminals."""
+def seconds_left(job: dict, now: datetime | None = None) -> float | None:
+    """Seconds until the service's estimate of the job's end (its `eta`), None when it has none."""
+    if not job.get("eta"):
+        return None
+    eta = datetime.fromisoformat(job["eta"].replace("Z", "+00:00"))
+    if eta.tzinfo is None:
+        eta = eta.replace(tzinfo=UTC)
+    return max(0.0, (eta - (now or datetime.now(UTC))).total_seconds())
+
+
+def progress_line(job: dict) -> str:
+    """`scoring 12/40 (30%), 1m20s left`: the job's stage, its progress and the time the service expects
+    it still needs (not a clock time)."""
     p = job.get("progress") or {}
     done, total = p.get("done") or 0, p.get("total") or 0
-    frac = done / total if total else 0.0
-    bar = "#" * math.floor(frac * width) + "-" * (width - math.floor(frac * width))
-    eta = f" eta {job['eta'][11:19]}" if job.get("eta") else ""
-    return f"[{bar}] {job['status']:<17} {done}/{total} ({100 * frac:3.0f}%){eta}"
+    pct = f" ({100 * done / total:.0f}%)" if total else ""
+    left = seconds_left(job)
+    return f"{job['status']} {done}/{total}{pct}" + ("" if left is None else f", {remaining(left)} left")
+
+
+def show_progress(file: TextIO | None = None) -> Callable[[dict], None]:
+    """An `on_update(job)` for `DispClient.watch`: a line per status change, and while a stage runs a bar
+    (a tqdm bar on a terminal, plain periodic lines otherwise; `disp.progress`)."""
+    file = file or sys.stderr
+    bars = stage_bars(file=file)
+    last: list[str | None] = [None]
+
+    def show(job: dict) -> None:
+        p = job.get("progress") or {}
+        running = job.get("stage") is not None and job["status"] == job.get("stage") and p.get("total")
+        if running:
+            bars(job["stage"], p.get("done") or 0, p["total"])
+        elif job["status"] != last[0]:
+            print(f"{job['id']}: {job['status']}", file=file, flush=True)
+        last[0] = job["status"]
+
+    return show

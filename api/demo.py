@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-from api.client import DispClient, progress_line
+from api.client import DispClient, show_progress
 from api.embedded import ROOT
 
 
@@ -97,10 +97,7 @@ def run_demo(workdir: str | Path, *, quick: bool = True, n_asr: int | None = Non
             client.wait_ready("checkpoint", projector["id"])
             job = client.create_job(dataset_id=dataset["id"], checkpoint_id=projector["id"], settings=settings)
             print(f"job {job['id']}: {dataset['num_records']} records")
-            job = client.watch(
-                job["id"], on_update=lambda j: print("\r" + progress_line(j).ljust(90), end="", flush=True)
-            )
-            print()
+            job = client.watch(job["id"], on_update=show_progress())
             if job["status"] != "succeeded":
                 raise RuntimeError(f"job {job['id']} {job['status']}: {job.get('error')}")
             files = client.download_job(job["id"], workdir / "downloaded")

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
+
+from disp import progress
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 # Entry-point groups through which installed packages extend the command line without disp importing them:
@@ -33,6 +37,12 @@ def _print(result: dict, as_json: bool, human: str) -> None:
     print(json.dumps(result, indent=2) if as_json else human)
 
 
+def _out_dir(path: Path, flag: str = "--out") -> None:
+    """An output directory flag must not name an existing file (it would fail deep inside a stage)."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file; give a directory to write into")
+
+
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.1f}%"
 
@@ -41,6 +51,7 @@ def _pct(x: float | None) -> str:
 def cmd_init_tiny(args: argparse.Namespace) -> int:
     from disp.models.tiny import write_tiny_checkpoint
 
+    _out_dir(args.out)
     out = write_tiny_checkpoint(args.out, family=args.family, seed=args.seed)
     print(f"wrote a tiny {args.family} checkpoint to {out}")
     return 0
@@ -71,10 +82,12 @@ def cmd_score(args: argparse.Namespace) -> int:
     from disp.config import SaliencyConfig, SamplerConfig
     from disp.pipeline import score
 
+    if args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a directory; give the path of the scores JSON to write")
     out = score(model_dir=args.checkpoint, data_json=args.data, images=args.images, out_json=args.out,
                 config=SaliencyConfig(**section_kwargs(args, "saliency")),
                 sampler=SamplerConfig(**section_kwargs(args, "sampler")), projector=args.projector,
-                device=args.device, on_progress=_bar("scoring"), workers=args.workers)
+                device=args.device, on_progress=progress.bar("scoring"), workers=args.workers)
     print(f"wrote the saliency of every visual token to {out}")
     return 0
 
@@ -84,6 +97,7 @@ def cmd_poison(args: argparse.Namespace) -> int:
     from disp.attacks import TriggerConfig, poison_dataset, triggered_copy
     from disp.formats import open_dataset
 
+    _out_dir(args.out)
     trigger = TriggerConfig(kind=args.trigger, size_frac=args.size_frac, blend_ratio=args.blend_ratio,
                             seed=args.seed)
     ds = open_dataset(args.data, args.images)
@@ -105,9 +119,10 @@ def cmd_defend(args: argparse.Namespace) -> int:
     from disp.cli_flags import defense_config
     from disp.defend import defend
 
+    _out_dir(args.out)
     report = defend(model_dir=args.checkpoint, data_json=args.data, images=args.images, out_dir=args.out,
                     config=defense_config(args), projector=args.projector, manifest=args.manifest,
-                    device=args.device, on_progress=_stage_bars(), workers=args.workers)
+                    device=args.device, on_progress=progress.stage_bars(), workers=args.workers)
     trained = report["summary"]["num_train"]
     human = (f"{report['defense']}: " + (f"trained on {trained} samples; " if trained is not None else "")
              + "stages " + ", ".join(f"{k} {v:.1f}s" for k, v in report["seconds"].items()) + f"; outputs in {args.out}")
@@ -150,6 +165,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 @command("demo")
 def cmd_demo(args: argparse.Namespace) -> int:
+    _out_dir(args.workdir, "--workdir")
     runners = {ep.name: ep for ep in entry_points(group=DEMO_GROUP)}
     if args.local or "service" not in runners:
         if not args.local:
@@ -159,32 +175,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         run_demo = runners["service"].load()
     run_demo(args.workdir, quick=not args.full)
     return 0
-
-
-def _bar(desc: str):
-    from tqdm import tqdm
-
-    bar = None
-
-    def update(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, desc=desc, leave=False, file=sys.stderr)
-        bar.n = done
-        bar.refresh()
-        if done >= total:
-            bar.close()
-
-    return update
-
-
-def _stage_bars():
-    bars: dict = {}
-
-    def update(stage: str, done: int, total: int) -> None:
-        bars.setdefault(stage, _bar(stage))(done, total)
-
-    return update
 
 
 def _common(p: argparse.ArgumentParser, *, data: bool = True) -> None:
@@ -216,15 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("init-tiny", help="write a tiny random-weight checkpoint in the published layout")
-    p.add_argument("--family", default="llada-v", choices=["llada-v", "lavida"])
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--family", default="llada-v", choices=["llada-v", "lavida"],
+                   help="architecture to write (default: llada-v)")
+    p.add_argument("--out", required=True, type=Path, help="checkpoint directory to write")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
 
     p = sub.add_parser("generate", help="answer a prompt about an image")
     _common(p, data=False)
-    p.add_argument("--image", required=True, type=Path)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--image", required=True, type=Path, help="image file (PNG, JPEG, ...)")
+    p.add_argument("--prompt", required=True, help="the question about the image")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the sampler's noise (default: 1234)")
     add_defense_flags(p, sections=("sampler",), defense=False)
 
     p = sub.add_parser("score", help="Fisher-Jacobian saliency of every visual token (Eq. 3-8)")
@@ -236,18 +227,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("poison", help="write a poisoned copy of a dataset and its ground-truth manifest")
     p.add_argument("--data", required=True, type=Path, help=DATA_HELP)
     p.add_argument("--images", type=Path, default=None, help=IMAGES_HELP)
-    p.add_argument("--target", required=True, choices=TARGETS)
-    p.add_argument("--trigger", required=True, choices=TRIGGERS)
+    p.add_argument("--target", required=True, choices=TARGETS, help="the backdoor's behaviour on triggered images")
+    p.add_argument("--trigger", required=True, choices=TRIGGERS, help="the visual trigger stamped on poisoned images")
     p.add_argument("--ratio", type=float, default=0.2, help="fraction of samples poisoned (default: 0.2)")
     p.add_argument("--size-frac", type=float, default=0.1, help="patch side / shorter image side (default: 0.1)")
     p.add_argument("--blend-ratio", type=float, default=0.2, help="pattern weight of the blended trigger")
-    p.add_argument("--source-word", default="dog")
-    p.add_argument("--target-word", default="boat")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--source-word", default="dog", help="misclassification: the word replaced (default: dog)")
+    p.add_argument("--target-word", default="boat", help="misclassification: the word put in its place (default: boat)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of which samples are poisoned and of the noise and blend patterns (default: 0)")
     p.add_argument("--test-data", type=Path, default=None, help="held-out set: also write clean and triggered copies")
-    p.add_argument("--test-images", type=Path, default=None)
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--test-images", type=Path, default=None, help="images of --test-data (default: --images)")
+    p.add_argument("--out", required=True, type=Path, help="output directory")
+    p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("defend", help="run a defense end to end (DiSP by default)")
     _common(p)
@@ -258,8 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="CP and ASR without/with trigger")
     _common(p, data=False)
-    p.add_argument("--target", required=True, choices=TARGETS)
-    p.add_argument("--target-word", default="boat")
+    p.add_argument("--target", required=True, choices=TARGETS, help="the backdoor's target behaviour (ASR counts it)")
+    p.add_argument("--target-word", default="boat",
+                   help="misclassification: the word that counts as an attack (default: boat)")
     p.add_argument("--clean", type=Path, default=None, help="clean held-out LLaVA JSON")
     p.add_argument("--clean-images", type=Path, default=None, help="(default: the JSON's folder)")
     p.add_argument("--triggered", type=Path, default=None, help="triggered held-out LLaVA JSON")
@@ -285,14 +278,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The extra that installs a missing module (`pip install 'disp[EXTRA]'`), by the module's top-level name.
+EXTRAS = {
+    **dict.fromkeys(["torch", "transformers", "safetensors", "tokenizers", "jinja2"], "torch"),
+    "httpx": "client",
+    **dict.fromkeys(["fastapi", "uvicorn", "multipart", "pydantic", "pydantic_settings", "sqlalchemy", "alembic",
+                     "psycopg", "celery", "redis", "boto3", "botocore", "prometheus_client", "httpcore"], "service"),
+    "pyarrow": "data",
+}
+# Commands whose finished work is kept in their output folder, so running them again picks up from there.
+RESUMABLE = {"defend", "demo"}
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; user errors end in one line on stderr (exit 2), Ctrl-C in exit 130."""
     args = build_parser().parse_args(argv)
     handler = getattr(args, "handler", None) or COMMANDS[args.command]
+    name = " ".join(filter(None, [args.command, getattr(args, "data_command", None)]))
     try:
         return handler(args)
-    except (ValueError, FileNotFoundError) as exc:  # bad input: one clear line, no traceback
-        print(f"disp {args.command}: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        again = "; re-run to resume" if args.command in RESUMABLE else ""
+        print(f"\ndisp {name}: interrupted{again}", file=sys.stderr)
+        return 130
+    except ModuleNotFoundError as exc:
+        extra = EXTRAS.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"disp {name}: error: this command needs {exc.name}, which is not installed: "
+              f"pip install 'disp[{extra}]'", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # stdout closed early (`disp ... | head`): stop quietly, as other tools do
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except (ValueError, OSError) as exc:  # bad input, a missing or unwritable path: one clear line
+        print(f"disp {name}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as a message: OSError's strerror and path rather than `[Errno 2] ...`."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename:
+        return f"{exc.filename}: {exc.strerror.lower()}"
+    return str(exc)
 
 
 if __name__ == "__main__":

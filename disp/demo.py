@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from disp import progress
 from disp.cell import (
     BASE_CHECKPOINT,
     QUICK_CELL,
@@ -87,7 +88,8 @@ def run_demo(workdir: str | Path, *, quick: bool = True, n_asr: int | None = Non
     inputs = prepare_inputs(workdir, quick=quick, n_asr=n_asr, n_cp=n_cp)
     report = defend(model_dir=inputs.model_dir, projector=inputs.cell.backdoored, data_json=inputs.cell.poisoned_json,
                     images=inputs.poisoned_dir, out_dir=workdir / "defended", config=inputs.defense,
-                    device=inputs.config.torch_device(), workers=None)  # one per core, as the service's worker
+                    device=inputs.config.torch_device(), workers=None,  # one per core, as the service's worker
+                    on_progress=progress.stage_bars())
     rows = evaluate_projectors(inputs, {"backdoored": inputs.cell.backdoored,
                                         "DiSP": workdir / "defended" / "projector.safetensors"})
     print_table(rows)

@@ -68,9 +68,23 @@ def check(path: str | Path, shapes: dict[str, tuple[int, ...]], *, projector_onl
 
 
 def resolve_device(device: str | torch.device | None) -> str | torch.device:
-    """None or "auto" → "cuda" when a GPU is visible, else "cpu"; anything else as given."""
+    """None or "auto" → "cuda" when a GPU is visible, else "cpu"; anything else as given, once checked:
+    ValueError naming the device when torch does not know it or this machine does not have it."""
     if device is None or device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {str(device)!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"with CUDA {torch.version.cuda}" if torch.version.cuda else "without CUDA"
+            raise ValueError(f"device {str(device)!r}: no CUDA GPU is available here (torch {torch.__version__}, "
+                             f"built {build}); use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r}: MPS is not available here; use cpu")
     return device
 
 
@@ -83,6 +97,8 @@ def load(path: str | Path, *, projector: str | Path | None = None, device: str |
     float32); on a CPU, float16 weights (the SHAPES bases) are read into float32.
     """
     path = Path(path)
+    if device is not None:
+        resolve_device(device)
     refuse_pickle(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: a checkpoint is a directory with config.json, tokenizer and safetensors")

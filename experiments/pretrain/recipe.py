@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from disp.cli_flags import field_help
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.pretrain", description=__doc__.splitlines()[0])
     parser.add_argument("out", help="checkpoint directory to write")
     for f in PretrainConfig.__dataclass_fields__.values():
         kind = type(f.default) if f.default is not None else str

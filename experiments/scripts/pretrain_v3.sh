@@ -4,6 +4,10 @@
 # "A base that answers every look-up"). Each stage writes its own checkpoint under OUT; OUT/d is the base.
 # 2 CPU cores: about 36 + 15 + 19 + 19 min. Extra flags (e.g. --device cuda, --threads 2) go to every stage.
 # Usage: experiments/scripts/pretrain_v3.sh OUT_DIR [extra flags for every stage]
+if [ $# -eq 0 ] || [[ $1 == -* ]]; then  # -h/--help (or flags before OUT_DIR): print the header above, run nothing
+  sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"
+  [[ ${1:-} == -h || ${1:-} == --help ]]; exit $?
+fi
 set -eu
 out=$1; shift
 py=${PYTHON:-.venv/bin/python}

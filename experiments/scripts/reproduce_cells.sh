@@ -5,6 +5,10 @@
 # and 200 CP samples, as experiments/scripts/reproduce_cpu.sh.
 # Usage: experiments/scripts/reproduce_cells.sh OUT_DIR --defenses D1 D2 ... [extra flags for every part]
 # e.g.   experiments/scripts/reproduce_cells.sh OUT --base experiments/assets/shapes-base-v3 --defenses none disp_isolation disp_isolation_anchor
+if [ $# -eq 0 ] || [[ $1 == -* ]]; then  # -h/--help (or flags before OUT_DIR): print the header above, run nothing
+  sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"
+  [[ ${1:-} == -h || ${1:-} == --help ]]; exit $?
+fi
 set -u
 out=$1; shift
 mkdir -p "$out"

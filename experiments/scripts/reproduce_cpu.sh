@@ -6,6 +6,10 @@
 # Usage: [VARIANTS="disp_occlusion disp_isolation"] experiments/scripts/reproduce_cpu.sh OUT_DIR [extra flags for every part]
 # disp's variants run on the Table 1 (corner) cells, disp_occlusion by default; VARIANTS names the variants
 # instead and runs them on every cell.
+if [ $# -eq 0 ] || [[ $1 == -* ]]; then  # -h/--help (or flags before OUT_DIR): print the header above, run nothing
+  sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"
+  [[ ${1:-} == -h || ${1:-} == --help ]]; exit $?
+fi
 set -u
 out=$1; shift
 mkdir -p "$out"

@@ -2,6 +2,10 @@
 # The full `python -m experiments.reproduce` protocol split into independent parts run side by side (one GPU or
 # many cores), then merged into one results JSON. Each part has its own work dir (its own implant).
 # Usage: experiments/scripts/reproduce_parallel.sh OUT_DIR [extra flags for every part, e.g. --device cuda]
+if [ $# -eq 0 ] || [[ $1 == -* ]]; then  # -h/--help (or flags before OUT_DIR): print the header above, run nothing
+  sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0"
+  [[ ${1:-} == -h || ${1:-} == --help ]]; exit $?
+fi
 set -u
 out=$1; shift
 mkdir -p "$out"
