@@ -282,7 +282,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="admin: register base models that projector checkpoints are laid over")
     models = p.add_subparsers(dest="models_command", required=True)
     m = models.add_parser("register", parents=[admin], help="register a checkpoint directory as a base model")
-    m.add_argument("--name", required=True, help="the name adapters give as --base-model")
+    m.add_argument("--name", required=True, help="the name projector checkpoints give as --base-model")
     m.add_argument("--dir", required=True, type=Path, help="checkpoint directory (safetensors only)")
     models.add_parser("list", parents=[admin], help="list registered base models")
     p.set_defaults(handler=cmd_models)
