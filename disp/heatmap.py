@@ -36,19 +36,20 @@ def token_grid(n: int) -> int:
 
 
 def _ramp(t: float) -> tuple[int, int, int, int]:
-    """Score share t in [0, 1] -> RGBA: transparent at 0, through yellow to opaque red at 1."""
+    """Position t in [0, 1] of a score in its sample's range -> RGBA: clear at 0, through yellow to red at 1."""
     return 255, int(255 * (1 - t) ** 0.5), 0, int(200 * t)
 
 
 def heatmap(
     image: Image.Image | None, scores: Sequence[float], held: Sequence[int] = (), size: int = HEATMAP_SIZE
 ) -> Image.Image:
-    """The image (grey when None) resized to size x size, each visual token's cell tinted by its score / the
-    sample's highest (negative scores count as 0) and each held token's cell outlined: RGB [size, size]."""
+    """The image (grey when None) resized to size x size, each visual token's cell tinted by where its score lies
+    between the sample's lowest and highest (the lowest untinted; equal scores tint nothing: the absolute scale
+    is the report's `saliency.max`) and each held token's cell outlined: RGB [size, size]."""
     g = token_grid(len(scores))
     base = image.convert("RGB") if image is not None else Image.new("RGB", (size, size), (128, 128, 128))
     base = base.resize((size, size), Image.Resampling.BICUBIC).convert("RGBA")
-    top = max(max(scores), 0.0)
+    lo, hi = min(scores), max(scores)
     layer = Image.new("RGBA", (size, size), (0, 0, 0, 0))
     draw = ImageDraw.Draw(layer)
 
@@ -57,7 +58,7 @@ def heatmap(
         return c * size // g, r * size // g, (c + 1) * size // g - 1, (r + 1) * size // g - 1
 
     for i, s in enumerate(scores):
-        t = max(s, 0.0) / top if top > 0 else 0.0
+        t = (s - lo) / (hi - lo) if hi > lo else 0.0
         if t > 0:
             draw.rectangle(cell(i), fill=_ramp(t))
     width = max(1, size // (g * 8))

@@ -35,6 +35,8 @@ def test_the_top_token_is_tinted_red_and_held_tokens_are_outlined():
     edge = a[40 * 3 + 20, 40 * 3 + 1]  # left edge of held token 15 (row 3, column 3)
     assert np.abs(edge.astype(int) - np.array(HELD_COLOUR)).max() < 10
     assert np.abs(a[20, 40 * 0 + 1].astype(int) - 100).max() < 2  # token 0 is not held: no outline
+    flat = np.asarray(heatmap(grey, [0.3] * 16, size=160))  # equal scores: nothing stands out, nothing tinted
+    assert np.abs(flat.astype(int) - 100).max() < 2
 
 
 def test_anyres_counts_and_names():
