@@ -96,6 +96,10 @@ class ApiSettings(CommonSettings):
     upload_expiry_s: int = 24 * 3600
     idempotency_ttl_s: int = 24 * 3600
     page_limit_max: int = 100
+    # The web console (/console) draws heatmaps over the dataset's images: it downloads a dataset archive of at
+    # most this size once per process into this folder (None: the temp dir); larger ones are drawn over grey.
+    console_max_archive_bytes: int = 1024**3
+    console_cache_dir: Path | None = None
 
     # Load shedding (per API process; `api_workers` processes per host): what cannot start within
     # `admission_wait_s` is answered 503 with Retry-After at once rather than queued until clients time out.

@@ -19,6 +19,7 @@ class ApiError(Exception):
     """An error the API reports to the caller."""
 
     retry_after: int | None = None  # seconds, sent as Retry-After (429, 503)
+    headers: dict[str, str] | None = None  # sent with the error (Content-Range of a 416)
 
     def __init__(self, status: int, code: str, message: str, param: str | None = None) -> None:
         super().__init__(message)
@@ -73,6 +74,7 @@ ERROR_DESCRIPTIONS = {
     413: "The body, or what an uploaded archive expands to, is over a limit; the message names the limit "
     "and its setting.",
     415: "A pickle weight file: refused unopened (safetensors only).",
+    416: "The `Range` asks for bytes past the end; `Content-Range: bytes */SIZE` gives the size.",
     422: "Invalid request; `param` names the field.",
     429: "A rate limit or quota of the tenant is reached (`rate_limited`, `quota_exceeded`); `Retry-After` "
     "says when to retry.",
@@ -100,13 +102,16 @@ def _respond(
     message: str,
     param: str | None = None,
     retry_after: int | None = None,
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    headers = {"Retry-After": str(retry_after)} if retry_after else None
-    return JSONResponse(error_body(request, code, message, param), status_code=status, headers=headers)
+    headers = {**(headers or {}), **({"Retry-After": str(retry_after)} if retry_after else {})}
+    return JSONResponse(
+        error_body(request, code, message, param), status_code=status, headers=headers or None
+    )
 
 
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return _respond(request, exc.status, exc.code, exc.message, exc.param, exc.retry_after)
+    return _respond(request, exc.status, exc.code, exc.message, exc.param, exc.retry_after, exc.headers)
 
 
 async def _pool_timeout(request: Request, exc: Exception) -> JSONResponse:

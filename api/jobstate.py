@@ -4,6 +4,7 @@ and (with a webhook URL) a webhook delivery row; progress per shard; the webhook
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -64,9 +65,11 @@ def transition(
     message: str | None = None,
     error: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
+    events: Sequence[dict[str, Any]] = (),
 ) -> str | None:
     """Move a job from one of `expect` to `to`; return a webhook delivery id ('' if none), or None if
     the job was no longer in an expected state (another worker or a cancel got there first).
+    `events` (`add_event` keywords) are recorded before the status event, only when the job moves.
     The caller commits, then enqueues the delivery."""
     expected = [expect] if isinstance(expect, str) else list(expect)
     now = utcnow()
@@ -91,6 +94,8 @@ def transition(
         return None
     job = session.get(Job, job_id)
     session.refresh(job)
+    for event in events:
+        add_event(session, job_id, **event)
     level = "error" if to in (JobStatus.failed, JobStatus.failed_validation) else "info"
     add_event(
         session,

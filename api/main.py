@@ -13,7 +13,7 @@ from api.db.session import configure_pool
 from api.idempotency import Idempotency, purge_expired
 from api.limits import Admission
 from api.middleware import RequestContext
-from api.routes import artifacts, checkpoints, datasets, health, jobs, models, tenant, uploads
+from api.routes import artifacts, checkpoints, console, datasets, health, jobs, models, tenant, uploads
 
 log = logging.getLogger(__name__)
 SHED = errors.responses(429, 503)  # any /v1 operation may shed load or hit a tenant's limit
@@ -53,6 +53,7 @@ def create_app(settings: ApiSettings | None = None) -> FastAPI:
         v1.include_router(module.router)
     app.include_router(v1)
     app.include_router(health.router)
+    app.include_router(console.router)
     # Outermost first: request id + body limit + metrics wrap admission control (load shedding), which
     # wraps idempotency, which wraps the routes.
     app.add_middleware(Idempotency, database_url=settings.database_url, max_body=settings.max_upload_bytes)

@@ -35,7 +35,8 @@ class Storage:
     def download(self, key: str, dest: Path) -> Path:
         raise NotImplementedError
 
-    def iter_chunks(self, key: str) -> Iterator[bytes]:
+    def iter_chunks(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        """The object's bytes `start`..`end` (inclusive; None: to the end), in chunks."""
         raise NotImplementedError
 
     def read_bytes(self, key: str) -> bytes:
@@ -119,12 +120,17 @@ class LocalStorage(Storage):
         shutil.copyfile(src, dest)
         return dest
 
-    def iter_chunks(self, key: str) -> Iterator[bytes]:
+    def iter_chunks(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
         src = self.path(key)
         if not src.is_file():
             raise StorageError(f"no object {key!r}")
         with open(src, "rb") as fh:
-            while chunk := fh.read(CHUNK):
+            fh.seek(start)
+            left = None if end is None else end - start + 1
+            while (left is None or left > 0) and (
+                chunk := fh.read(CHUNK if left is None else min(CHUNK, left))
+            ):
+                left = None if left is None else left - len(chunk)
                 yield chunk
 
     def size(self, key: str) -> int | None:
@@ -249,11 +255,14 @@ class S3Storage(Storage):
             tmp.unlink(missing_ok=True)
         return dest
 
-    def iter_chunks(self, key: str) -> Iterator[bytes]:
+    def iter_chunks(self, key: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
         from botocore.exceptions import ClientError
 
+        ranged = (
+            {} if start == 0 and end is None else {"Range": f"bytes={start}-{'' if end is None else end}"}
+        )
         try:
-            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+            body = self.client.get_object(Bucket=self.bucket, Key=key, **ranged)["Body"]
         except ClientError as exc:
             raise StorageError(f"no object {key!r}") from exc
         yield from body.iter_chunks(CHUNK)

@@ -123,6 +123,10 @@ def cmd_defend(args: argparse.Namespace) -> int:
     report = defend(model_dir=args.checkpoint, data_json=args.data, images=args.images, out_dir=args.out,
                     config=defense_config(args), projector=args.projector, manifest=args.manifest,
                     device=args.device, on_progress=progress.stage_bars(), workers=args.workers)
+    if args.heatmaps:
+        from disp.heatmap import write_heatmaps
+
+        report["heatmaps"] = write_heatmaps(args.out, args.data, args.images)
     trained = report["summary"]["num_train"]
     human = (f"{report['defense']}: " + (f"trained on {trained} samples; " if trained is not None else "")
              + "stages " + ", ".join(f"{k} {v:.1f}s" for k, v in report["seconds"].items()) + f"; outputs in {args.out}")
@@ -245,7 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     _workers_flag(p)
     p.add_argument("--out", required=True, type=Path, help="output directory")
-    p.add_argument("--manifest", type=Path, default=None, help="attack manifest (oracle_filter only)")
+    p.add_argument("--manifest", type=Path, default=None,
+                   help="attack manifest: oracle_filter's ground truth; adds precision/recall to the report")
+    p.add_argument("--heatmaps", action="store_true",
+                   help="also write each reported sample's saliency heatmap to OUT/heatmaps/*.png")
     add_defense_flags(p)
 
     p = sub.add_parser("evaluate", help="CP and ASR without/with trigger")

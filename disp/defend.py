@@ -16,7 +16,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from disp.data import (
 )
 from disp.formats import open_dataset
 from disp.models.base import MDLM
+from disp.models.checkpoint import read_state_dict
 from disp.pipeline import (
     Progress,
     StopCheck,
@@ -48,6 +49,7 @@ from disp.pipeline import (
     save_projector,
     score_samples,
 )
+from disp.report import SATURATED_P, build_report, first_answer_changed
 from disp.stages import (
     DEFENSES,
     PROJECTOR_FILE,
@@ -106,11 +108,12 @@ class StageRun:
 
 def _scoring(run: StageRun, out: Path) -> dict:
     cfg = run.config
+    top1: dict[str, float] = {}
     saliency = score_samples(run.model, run.selected, run.source, cfg.saliency, cfg.purify.sampler,
                              on_progress=run.on_progress, should_stop=run.should_stop, cache=run.cache,
-                             workers=run.workers, question=cfg.purify.question)
-    write_json(out, {"config": asdict(cfg.saliency), "saliency": saliency})
-    return {}
+                             workers=run.workers, question=cfg.purify.question, confidence=top1)
+    write_json(out, {"config": asdict(cfg.saliency), "saliency": saliency, "first_step_top1": top1})
+    return {"num_scored": len(saliency), "num_saturated": sum(p >= SATURATED_P for p in top1.values())}
 
 
 def _purifying(run: StageRun, out: Path) -> dict:
@@ -156,26 +159,53 @@ def _exporting(run: StageRun, out: Path) -> dict:
     return {}
 
 
+def _unmasked_answers(run: StageRun, purified: dict[str, dict]) -> dict[str, str]:
+    """The purified model's (the stage's projector laid over the checkpoint) unmasked first answer to each sample
+    whose first answer the purification changed: {id: answer}. Regenerated as purification generates (its
+    sampler and seed) with no visual token held, to each sample's own first question."""
+    changed = first_answer_changed(run.samples, purified)
+    if not changed or PROJECTOR_FILE not in run.files:
+        return {}
+    model = run.model
+    model.load_projector_state_dict(read_state_dict(run.files[PROJECTOR_FILE]))
+    records = purify_samples(model, [replace(s, later=()) for s in changed], run.source,
+                             replace(run.config.purify, question="sample"), None, masking="none",
+                             on_progress=run.on_progress, should_stop=run.should_stop, cache=run.cache,
+                             workers=run.workers)
+    return {s.id: r["disp"]["purified_answer"] for s, r in zip(changed, records, strict=True)}
+
+
 def _evaluating(run: StageRun, out: Path) -> dict:
-    """The report: settings, what each stage did, and which answers the defense changed."""
+    """The report: settings, what each stage did, per sample what the defense saw and changed, the suspected
+    samples, the residual backdoor of the purified model and the first step's saturation (`disp.report`)."""
     if run.on_progress:
         run.on_progress(0, 1)
     records = load_records(run.files[PURIFIED_FILE]) if PURIFIED_FILE in run.files else []
     changed = [r["id"] for r in records if not answers_kept(r)]  # any of a record's answers changed
+    scored = json.loads(run.files[SALIENCY_FILE].read_text()) if SALIENCY_FILE in run.files else {}
+    purified = {str(r["id"]): r for r in records if not is_text_only(r)} if PURIFIED_FILE in run.files else None
+    unmasked = _unmasked_answers(run, purified) if purified else {}
+    truth = read_manifest(run.manifest)["poisoned_ids"] if run.manifest is not None else None
+    detail = build_report(run.samples, purified=purified, saliency=scored.get("saliency"),
+                          top1=scored.get("first_step_top1"), unmasked=unmasked,
+                          method=(scored.get("config") or {}).get("method"), poisoned_ids=truth)
     n = len(run.samples)
     finetune = run.metrics.get("finetuning", {})
     losses = finetune.get("epoch_losses") or []
     summary = {"num_samples": n, "num_text_only": len(run.records) - n if run.records else 0,
                "num_train": sum(not is_text_only(r) for r in records) if PURIFIED_FILE in run.files else None,
                "answers_changed": len(changed), "answers_changed_fraction": round(len(changed) / n, 6) if n else 0.0,
-               "final_loss": losses[-1] if losses else None, "finetune_steps": finetune.get("steps")}
+               "final_loss": losses[-1] if losses else None, "finetune_steps": finetune.get("steps"),
+               **detail.pop("summary")}
     report = {"defense": run.config.defense, "config": run.config.to_dict(), "summary": summary,
-              "stages": run.metrics, "changed_ids": changed[:10_000]}
+              "stages": run.metrics, "changed_ids": changed[:10_000], **detail}
     write_json(out, report)
     if run.on_progress:
         run.on_progress(1, 1)
-    return {}
+    return summary
 
+
+MANIFEST_READERS = ("filtering", "evaluating")  # stages whose output depends on the attack's manifest, if given
 
 STAGE_BODIES: dict[str, Callable[[StageRun, Path], dict]] = {
     "scoring": _scoring, "purifying": _purifying, "filtering": _filtering, "finetuning": _finetuning,
@@ -238,7 +268,8 @@ def defend(*, model_dir, data_json, images=None, out_dir, config: DefenseConfig 
            should_stop: StopCheck | None = None, workers: int | None = 1) -> dict:
     """Run one defense end to end; writes every stage's output under out_dir and returns the report.
 
-    `on_progress(stage, done, total)`; `manifest` is read only by "oracle_filter". `workers`: scoring and
+    `on_progress(stage, done, total)`; `manifest` (the attack's ground truth) is read by "oracle_filter" and by
+    the report, which then gives the suspected samples' precision and recall. `workers`: scoring and
     purification batches at once on CPU threads (`disp.parallel`; None or 0: one per core on a CPU); no
     output depends on it. Fine-tuning uses torch's own threads.
     """
@@ -256,7 +287,8 @@ def defend(*, model_dir, data_json, images=None, out_dir, config: DefenseConfig 
     for stage in plan(config.defense):
         out = out_dir / stage.writes
         run.files = {f: out_dir / f for f in inputs_of(stage, config.defense)}
-        fp = fingerprint(stage, config, inputs, run.files, before)
+        reads = inputs | {"manifest": file_hash(manifest)} if manifest and stage.name in MANIFEST_READERS else inputs
+        fp = fingerprint(stage, config, reads, run.files, before)
         if not record.fresh(stage.name, fp, out):
             run.run_key = fp
             run.on_progress = (lambda done, total, s=stage.name: on_progress(s, done, total)) if on_progress else None

@@ -29,18 +29,18 @@ from disp.constants import IMAGE_PLACEHOLDER
 from disp.data import ImageSource, Sample, answers_kept, is_text_only, purified_record, write_json
 from disp.finetune import Cancelled, finetune_projector, result_dict
 from disp.formats import Dataset, open_dataset
-from disp.models.base import MDLM
+from disp.models.base import MDLM, PromptBatch
 from disp.models.checkpoint import write_state_dict
 from disp.parallel import map_ordered, resolve_workers
 from disp.purify import PurifiedBatch, choose_masked, purify_batch
-from disp.saliency import input_grads_only, per_sample, visual_saliency
+from disp.saliency import first_step_inputs, input_grads_only, per_sample, visual_saliency
 from disp.stages import PROJECTOR_FILE
 
 Progress = Callable[[int, int], None]
 StopCheck = Callable[[], bool]
 
-__all__ = ["Cancelled", "score", "score_samples", "purify_samples", "finetune_samples", "merge_shards", "file_hash",
-           "load_model", "read_saliency"]
+__all__ = ["Cancelled", "score", "score_samples", "purify_samples", "finetune_samples", "first_step_top1",
+           "merge_shards", "file_hash", "load_model", "read_saliency"]
 
 
 # -- inputs -------------------------------------------------------------------------------------
@@ -97,12 +97,23 @@ def question_of(sample: Sample, question: str) -> str:
     return sample.question if question == "sample" else f"{IMAGE_PLACEHOLDER}\n{DESCRIBE_QUESTION}"
 
 
+@torch.no_grad()
+def first_step_top1(model: MDLM, prompt: PromptBatch, sampler: SamplerConfig) -> torch.Tensor:
+    """The first denoising step's top-1 probability at the first answer position (every answer token masked):
+    [B] float64. Near 1 the step is saturated and the Fisher form of Eq. 3-8 is blind (docs/findings.md)."""
+    embeds, mask = first_step_inputs(model, prompt, sampler.gen_length)
+    logits = model.forward_embeds(embeds, mask, logits_from=prompt.embeds.shape[1])[:, 0]
+    return torch.softmax(logits.double(), -1).max(-1).values.cpu()
+
+
 def score_samples(model: MDLM, samples: list[Sample], source: ImageSource, config: SaliencyConfig,
                   sampler: SamplerConfig, *, on_progress: Progress | None = None,
                   should_stop: StopCheck | None = None, cache: VisionCache | None = None,
-                  workers: int | None = 1, question: str = "sample") -> dict[str, list[float]]:
+                  workers: int | None = 1, question: str = "sample",
+                  confidence: dict[str, float] | None = None) -> dict[str, list[float]]:
     """Saliency of every visual token of every sample: {id: [N_b floats]}, in the order of `samples`; N_b is
     the number of visual tokens of the sample's image (the same for every image unless the model is anyres).
+    With a dict `confidence`, also fills it with each sample's `first_step_top1` (one more forward per batch).
 
     A sample's scores do not depend on the batch it is scored in (the probe noise is seeded per batch).
     `workers` batches run at once on CPU threads (`disp.parallel`; None or 0: one per core on a CPU).
@@ -114,16 +125,19 @@ def score_samples(model: MDLM, samples: list[Sample], source: ImageSource, confi
     # the exact form switches SDPA kernels process-wide, so it runs on one thread
     workers = 1 if config.exact else resolve_workers(workers, model.device)
 
-    def run(batch: list[int]) -> list[torch.Tensor]:
+    def run(batch: list[int]) -> tuple[list[torch.Tensor], list[float]]:
         prompt = model.build_prompts([ids[i] for i in batch], cache.embeds(model, [samples[i].image for i in batch]))
-        return per_sample(visual_saliency(model, prompt, config, sampler).cpu(), prompt)
+        top1 = first_step_top1(model, prompt, sampler).tolist() if confidence is not None else []
+        return per_sample(visual_saliency(model, prompt, config, sampler).cpu(), prompt), top1
 
     out: dict[str, list[float]] = {}
     lengths = [len(x) - 1 + n for x, n in zip(ids, counts, strict=True)]
     batches = loaded_batches(model, samples, source, length_buckets(lengths, config.batch_size), cache)
     with input_grads_only(model):  # set once here: worker threads share the parameters' flags
-        for batch, scores in map_ordered(run, batches, workers):
+        for batch, (scores, top1) in map_ordered(run, batches, workers):
             out.update({samples[i].id: row.tolist() for i, row in zip(batch, scores, strict=True)})
+            if confidence is not None:
+                confidence.update({samples[i].id: p for i, p in zip(batch, top1, strict=True)})
             _tick(should_stop, on_progress, len(out), len(samples))
     return {s.id: out[s.id] for s in samples}
 
@@ -231,15 +245,18 @@ def _stack_padded(rows: list[torch.Tensor]) -> torch.Tensor:
 
 
 def merge_shards(*, shard_jsons: Sequence[str | Path], out_json: str | Path) -> Path:
-    """Concatenate shard outputs in the order given: scoring shards merge their dicts, purifying shards their
-    lists."""
+    """Concatenate shard outputs in the order given: scoring shards merge their dicts (scores and first-step
+    top-1 probabilities), purifying shards their lists."""
     parts = [json.loads(Path(p).read_text()) for p in shard_jsons]
     if all(isinstance(p, list) for p in parts):
         return write_json(out_json, [r for p in parts for r in p])
     merged: dict[str, list[float]] = {}
+    top1: dict[str, float] = {}
     for p in parts:
         merged.update(p["saliency"])
-    return write_json(out_json, {"config": parts[0].get("config"), "saliency": merged})
+        top1.update(p.get("first_step_top1") or {})
+    out = {"config": parts[0].get("config"), "saliency": merged}
+    return write_json(out_json, out | {"first_step_top1": top1} if top1 else out)
 
 
 def save_projector(model: MDLM, path: Path) -> Path:

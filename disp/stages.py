@@ -9,7 +9,8 @@ workers) both read. Pure data: the service imports it without torch.
     finetuning  purified.json                  projector.safetensors    no     projector-only SFT on the purified set
     pruning     -                              projector.safetensors    no     smallest-magnitude projector weights zeroed
     exporting   -                              projector.safetensors    no     the checkpoint's projector as it is
-    evaluating  every earlier output           report.json              no     the defense's report
+    evaluating  every earlier output           report.json              no     the report (`disp.report`); changed
+                                                                                samples re-answered unmasked
 
 A new stage is an entry in STAGES plus its body in `disp.defend.STAGE_BODIES`; a new defense is an entry in
 DEFENSES (its name is then valid in `DefenseConfig.defense`, the CLI and the API).
@@ -58,8 +59,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("pruning", (), PROJECTOR_FILE, False, ("prune_ratio",),
           "the smallest-magnitude projector weights zeroed"),
     Stage("exporting", (), PROJECTOR_FILE, False, (), "the checkpoint's projector, unchanged"),
-    Stage("evaluating", (SALIENCY_FILE, PURIFIED_FILE, PROJECTOR_FILE), REPORT_FILE, False, (),
-          "the defense's report"),
+    Stage("evaluating", (SALIENCY_FILE, PURIFIED_FILE, PROJECTOR_FILE), REPORT_FILE, False, ("purify",),
+          "the defense's report; the changed samples re-answered unmasked by the purified model"),
 )}
 
 

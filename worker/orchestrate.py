@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from celery import signature
@@ -181,8 +182,51 @@ def advance(app, settings: WorkerSettings, storage: Storage, job_id: str, *, res
         finish(app, settings, storage, job)
         return
     nxt = stages[stages.index(stage) + 1]
-    if move(app, settings, job_id, nxt, expect=stage, message=f"{stage} done; started: {nxt}"):
+    if move(
+        app,
+        settings,
+        job_id,
+        nxt,
+        expect=stage,
+        message=f"{stage} done; started: {nxt}",
+        events=stage_events(str(stage), stored_metrics(storage, job, stage)),
+    ):
         _dispatch(app, settings, job, nxt)
+
+
+def stored_metrics(storage: Storage, job: Job, stage: str) -> dict:
+    """A finished stage's metrics (its shards' merged); {} where none are stored."""
+    from worker.stages import merge_metrics
+
+    shards = range(job.num_shards) if STAGES[stage].sharded else range(1)
+    found = [k for k in (keys.metrics(job, stage, i) for i in shards) if storage.exists(k)]
+    return merge_metrics([json.loads(storage.read_bytes(k)) for k in found]) if found else {}
+
+
+def stage_events(stage: str, metrics: dict, warnings: Sequence[str] = ()) -> list[dict]:
+    """The events a finished stage leaves: one per fine-tuning epoch with its loss, one with the stage's metrics,
+    and one warning event per warning of the report."""
+    events = []
+    losses = metrics.get("epoch_losses") or []
+    for i, loss in enumerate(losses, 1):
+        events.append(
+            {
+                "type": "metrics",
+                "message": f"{stage} epoch {i}/{len(losses)}: loss {loss:.4f}",
+                "data": {"stage": stage, "epoch": i, "epochs": len(losses), "loss": loss},
+            }
+        )
+    if metrics:
+        shown = ", ".join(f"{k}={v}" for k, v in metrics.items() if isinstance(v, int | float | str))
+        events.append(
+            {
+                "type": "metrics",
+                "message": f"{stage}: {shown}"[:2000],
+                "data": {"stage": stage, "metrics": metrics},
+            }
+        )
+    events += [{"type": "message", "level": "warn", "message": w, "data": {"stage": stage}} for w in warnings]
+    return events
 
 
 def finish(app, settings: WorkerSettings, storage: Storage, job: Job) -> None:
@@ -212,6 +256,7 @@ def finish(app, settings: WorkerSettings, storage: Storage, job: Job) -> None:
         expect=job_plan(job)[-1],
         metrics=report.get("summary", {}),
         message="succeeded",
+        events=stage_events("evaluating", report.get("summary", {}), report.get("warnings", [])),
     )
 
 

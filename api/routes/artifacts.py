@@ -1,11 +1,13 @@
-"""Artifacts: purified projector, purified dataset, report; a presigned URL or a streamed download."""
+"""Artifacts: purified projector, purified dataset, report; a presigned URL or a streamed download. Both honour
+`Range` (S3 answers a presigned URL's ranges itself; the streamed download reads only the range from storage)."""
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query
+from fastapi import APIRouter, Header, Path, Query
 from fastapi.responses import StreamingResponse
 
 from api.config import ApiSettings
@@ -35,10 +37,44 @@ def get_artifact(artifact: CurrentArtifact, settings: SettingsDep, storage: Stor
     return artifact_out(artifact, settings, storage)
 
 
+_RANGE = re.compile(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", re.IGNORECASE)
+
+
+def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The one byte range a `Range` header asks of an object of `size` bytes, as (first, last) inclusive and
+    clipped to the object (RFC 9110 §14.1.2: `bytes=a-b`, `bytes=a-`, `bytes=-n`); None, so the whole object
+    is sent, for no header, one that is not a single byte range, or a range with b < a. A range that starts
+    past the end (or a suffix of 0 bytes) is refused with 416 and `Content-Range: bytes */size`."""
+    match = _RANGE.fullmatch(header or "")
+    if match is None or not any(match.groups()):
+        return None
+    first, last = match.groups()
+    if not first:  # a suffix: the last n bytes (none of them: unsatisfiable)
+        start, end = (max(0, size - int(last)), size - 1) if int(last) else (size, size - 1)
+    elif last and int(last) < int(first):
+        return None
+    else:
+        start, end = int(first), min(int(last), size - 1) if last else size - 1
+    if start >= size:
+        error = ApiError(
+            416, "range_not_satisfiable", f"Range {header!r} starts past the object's {size} bytes"
+        )
+        error.headers = {"Content-Range": f"bytes */{size}"}
+        raise error
+    return start, end
+
+
 @router.get(
     "/{artifact_id}/content",
     response_class=StreamingResponse,
-    responses={200: {"content": {"application/octet-stream": {}}}, **responses(401, 403, 404, 422)},
+    responses={
+        200: {"content": {"application/octet-stream": {}}, "description": "The whole artifact"},
+        206: {
+            "content": {"application/octet-stream": {}},
+            "description": "The byte range asked for (`Range`)",
+        },
+        **responses(401, 403, 404, 416, 422),
+    },
 )
 def download(
     artifact_id: Annotated[str, Path(pattern=ID_PATTERN)],
@@ -54,8 +90,12 @@ def download(
             description="signed-URL token instead of an API key",
         ),
     ] = None,
+    range_: Annotated[str | None, Header(alias="Range", include_in_schema=False)] = None,
+    if_range: Annotated[str | None, Header(alias="If-Range", include_in_schema=False)] = None,
 ) -> StreamingResponse:
-    """Stream the artifact's bytes (API key, or the token of its download URL)."""
+    """Stream the artifact's bytes (API key, or the token of its download URL). Resumable: `Range: bytes=a-b`
+    (also `a-` and `-n`) gives 206 with `Content-Range`, a range past the end 416; with `If-Range` holding
+    an `ETag` other than the artifact's, the whole artifact is sent."""
     artifact = session.get(Artifact, artifact_id)
     if token is not None:
         if not check_url_token(settings.secret_key, f"/v1/artifacts/{artifact_id}/content", token):
@@ -68,11 +108,27 @@ def download(
             artifact = None
     if artifact is None:
         raise not_found("artifact", artifact_id, "artifact_id")
+    etag = f'"{artifact.sha256}"'
     headers = {
         "Content-Disposition": f'attachment; filename="{artifact.filename}"',
         "Content-Length": str(artifact.bytes),
         "X-Checksum-SHA256": artifact.sha256,
+        "Accept-Ranges": "bytes",
+        "ETag": etag,
+    }
+    wanted = byte_range(range_, artifact.bytes) if if_range is None or if_range.strip() == etag else None
+    if wanted is None:
+        return StreamingResponse(
+            storage.iter_chunks(artifact.storage_key), media_type="application/octet-stream", headers=headers
+        )
+    start, end = wanted
+    headers |= {
+        "Content-Length": str(end - start + 1),
+        "Content-Range": f"bytes {start}-{end}/{artifact.bytes}",
     }
     return StreamingResponse(
-        storage.iter_chunks(artifact.storage_key), media_type="application/octet-stream", headers=headers
+        storage.iter_chunks(artifact.storage_key, start, end),
+        status_code=206,
+        media_type="application/octet-stream",
+        headers=headers,
     )

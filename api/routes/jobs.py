@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import time
 from typing import Annotated
 
@@ -17,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from api.db.models import TERMINAL, Job, JobStatus
 from api.db.session import session_scope
 from api.deps import CurrentJob, IdempotencyKey, SessionDep, SettingsDep, StorageDep, TenantDep
-from api.errors import responses
+from api.errors import ApiError, responses
 from api.limits import check_active_jobs, check_rate
 from api.queue import VALIDATE_JOB
 from api.routes.artifacts import artifact_out
@@ -38,6 +39,30 @@ def conditional(request: Request, model: BaseModel) -> Response:
     if etag in [t.strip().removeprefix("W/") for t in sent.split(",")] or sent.strip() == "*":
         return Response(status_code=304, headers=headers)
     return Response(body, media_type="application/json", headers=headers)
+
+
+_METADATA_PARAM = re.compile(r"metadata(?:\.(.+)|\[(.+)\])", re.DOTALL)
+
+
+def metadata_filters(request: Request) -> list[tuple[str, str]]:
+    """The `metadata.KEY=VALUE` / `metadata[KEY]=VALUE` query parameters, checked as job metadata is."""
+    out = []
+    for name, value in request.query_params.multi_items():
+        match = _METADATA_PARAM.fullmatch(name)
+        if match is None:
+            continue
+        key = match.group(1) or match.group(2)
+        if len(key) > 64 or len(value) > 512 or "\x00" in key + value:
+            raise ApiError(
+                422,
+                "invalid_request",
+                "a metadata filter's key is 1-64 characters, its value at most 512",
+                name,
+            )
+        out.append((key, value))
+    if len(out) > 16:
+        raise ApiError(422, "invalid_request", f"at most 16 metadata filters, got {len(out)}", "metadata")
+    return out
 
 
 @router.post(
@@ -67,8 +92,16 @@ def list_jobs(
     after: After = None,
     status: Annotated[JobStatus | None, Query()] = None,
 ) -> Response:
+    """The tenant's jobs, newest first. Filter by `status` and by metadata: `metadata.KEY=VALUE` (or
+    `metadata[KEY]=VALUE`) keeps the jobs whose metadata holds KEY with exactly VALUE; several filters must
+    all hold (at most 16)."""
     rows, has_more = jobs.list_jobs(
-        session=session, tenant_id=tenant.id, limit=limit, after=after, status=status
+        session=session,
+        tenant_id=tenant.id,
+        limit=limit,
+        after=after,
+        status=status,
+        metadata=metadata_filters(request),
     )
     data = [jobs.job_out(session=session, job=j) for j in rows]
     page = JobList(data=data, has_more=has_more, next_cursor=data[-1].id if has_more else None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import func, select
@@ -98,18 +99,29 @@ def create_job(*, session: Session, settings: ApiSettings, tenant_id: str, body:
 
 def count_active(*, session: Session, tenant_id: str) -> int:
     """The tenant's jobs not yet finished (its quota counts these)."""
-    query = select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id, Job.status.not_in(TERMINAL))
+    query = (
+        select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id, Job.status.not_in(TERMINAL))
+    )
     return int(session.scalar(query) or 0)
 
 
 def list_jobs(
-    *, session: Session, tenant_id: str, limit: int, after: str | None, status: str | None
+    *,
+    session: Session,
+    tenant_id: str,
+    limit: int,
+    after: str | None,
+    status: str | None,
+    metadata: Sequence[tuple[str, str]] = (),
 ) -> tuple[list[Job], bool]:
+    """A page of the tenant's jobs, newest first; `metadata`: (key, value) pairs the job's metadata must hold."""
     query = select(Job).where(Job.tenant_id == tenant_id).order_by(Job.id.desc()).limit(limit + 1)
     if after:
         query = query.where(Job.id < after)
     if status:
         query = query.where(Job.status == status)
+    for key, value in metadata:
+        query = query.where(Job.metadata_[key].as_string() == value)
     return page(list(session.scalars(query)), limit)
 
 

@@ -118,7 +118,9 @@ def test_finishing_registers_artifacts_once(env):
     job = status(settings, job_id)
     storage.put_bytes(keys.output(job, "projector.safetensors"), b"weights")
     storage.put_bytes(keys.output(job, "purified.json"), b"[]")
-    storage.put_bytes(keys.output(job, "report.json"), json.dumps({"summary": {"answers_changed": 3}}).encode())
+    storage.put_bytes(
+        keys.output(job, "report.json"), json.dumps({"summary": {"answers_changed": 3}}).encode()
+    )
     orchestrate.advance(None, settings, storage, job_id)
     orchestrate.advance(None, settings, storage, job_id)
     job = status(settings, job_id)
@@ -190,3 +192,37 @@ def test_stage_lease_admits_one_holder_until_it_stops_renewing(env):
     third = StageLease(settings.database_url, job_id, "scoring", 0, ttl=0.6)
     assert third.acquire() == 3  # a released lease is free at once
     third.release()
+
+
+def test_finished_stages_leave_their_metrics_epoch_losses_and_report_warnings_as_events(env):
+    from api.db.models import JobEvent
+
+    settings, storage, job_id, calls = env
+    with session_scope(settings.database_url) as session:
+        session.get(Job, job_id).status = JobStatus.finetuning
+    job = status(settings, job_id)
+    storage.put_bytes(keys.output(job, "projector.safetensors"), b"weights")
+    stored = {"num_train": 8, "steps": 4, "epoch_losses": [0.9, 0.5, 0.25]}
+    storage.put_bytes(keys.metrics(job, "finetuning", 0), json.dumps(stored).encode())
+    orchestrate.advance(None, settings, storage, job_id)
+    orchestrate.advance(None, settings, storage, job_id)  # duplicate: no second set of events
+    assert status(settings, job_id).status == "evaluating"
+    warning = "11 of 12 samples (92%) have a saturated first denoising step ..."
+    report = {"summary": {"suspected": 3, "residual_backdoor_rate": 0.5}, "warnings": [warning]}
+    storage.put_bytes(keys.output(job, "report.json"), json.dumps(report).encode())
+    orchestrate.advance(None, settings, storage, job_id)
+    with session_scope(settings.database_url) as session:
+        events = [
+            (e.type, e.level, e.data)
+            for e in session.query(JobEvent).filter_by(job_id=job_id).order_by(JobEvent.id)
+        ]
+    epochs = [d for t, _, d in events if t == "metrics" and "epoch" in d]
+    assert [(d["epoch"], d["epochs"], d["loss"]) for d in epochs] == [(1, 3, 0.9), (2, 3, 0.5), (3, 3, 0.25)]
+    stage_metrics = {d["stage"]: d["metrics"] for t, _, d in events if t == "metrics" and "metrics" in d}
+    assert stage_metrics == {"finetuning": stored, "evaluating": report["summary"]}
+    assert [(lvl, d["stage"]) for t, lvl, d in events if t == "message"] == [("warn", "evaluating")]
+    statuses = [d["status"] for t, _, d in events if t == "status"]
+    assert statuses == ["evaluating", "succeeded"]
+    # the epochs come before the status event of the transition they belong to
+    order = [t if t == "status" else "epoch" if "epoch" in d else t for t, _, d in events]
+    assert order[:5] == ["epoch", "epoch", "epoch", "metrics", "status"]
