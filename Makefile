@@ -7,8 +7,8 @@ install:            ## create .venv and install the project with every extra
 	.venv/bin/pip install -q torch==2.13.0
 	.venv/bin/pip install -q -e ".[torch,client,service,experiments,dev,data]"
 
-test:               ## the full test suite (the README's test command)
-	$(PY) -m pytest -q
+test:               ## the full test suite (the README's test command): two processes, whole files each
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-fast:          ## tests that need no services
 	$(PY) -m pytest -q -m "not services and not slow"
