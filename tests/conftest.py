@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
+
+# `make test` runs two test processes on the machine's cores: one torch thread each (inherited by the workers
+# and subprocesses they start), so they do not oversubscribe the cores; torch's OpenMP threads spin badly then.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")
