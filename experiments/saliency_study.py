@@ -1,0 +1,195 @@
+"""Saliency methods on a reproduction cell: where each ranks the trigger, and what it costs (docs/saliency.md).
+
+    python -m experiments.saliency_study rank CELL [--base DIR] [--n 40] [--json OUT]
+    python -m experiments.saliency_study table RUN.json [RUN.json ...]
+
+`rank` scores the first n poisoned training samples of CELL (`<work>/<target>-<trigger>-p<ratio>/` as
+`python -m experiments.reproduce` leaves it) under the backdoored projector with the paper's Fisher form (M = 6),
+isolation and split_isolation, and reports per method: the median rank of the best trigger token, how often all
+of the trigger's main tokens are in the top floor(0.3·N_v) (`experiments.diagnostics.trigger_rank`'s measures),
+the sequence copies run per sample (counted at the model's forward) and the language-model FLOPs per sample
+(`measure.FlopCounter`), with the FLOP model's figures at 729 and 3,699 visual tokens
+(`experiments.benchmarks.saliency_cost`).
+
+`table` joins the reproduction JSON (`--json` of `experiments.reproduce`) and the `rank` JSON of each cell
+(RUN.json and RUN.json with `-rank` before `.json`) into one markdown table: CP, ASR w/o, ASR w/t, the
+purified-still-backdoored rate, the trigger's rank and the forwards per sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from disp.attacks import TriggerConfig
+from disp.config import SaliencyConfig
+from disp.models import load
+from disp.models.llada_v import vision_config_from
+from disp.pipeline import load_dataset
+from disp.saliency import visual_saliency
+from experiments.benchmarks.measure import FlopCounter
+from experiments.benchmarks.saliency_cost import LMShape, scoring_flops
+from experiments.diagnostics.trigger_rank import SAMPLER, trigger_coverage
+
+METHODS = {
+    "fisher": SaliencyConfig(),
+    "isolation": SaliencyConfig(method="isolation"),
+    "split_isolation": SaliencyConfig(method="split_isolation"),
+}
+DEFENSE_METHOD = {
+    "disp": "fisher",
+    "disp_isolation": "isolation",
+    "disp_isolation_anchor": "isolation",
+    "disp_split": "split_isolation",
+    "disp_split_anchor": "split_isolation",
+}
+
+
+def rank_cell(cell: Path, base: Path, n: int = 40, batch: int = 8) -> dict:
+    """Per method: trigger ranks (as trigger_rank) and the forwards and FLOPs per sample."""
+    from disp.models.llada_lm import LLaDAConfig
+
+    manifest = json.loads((cell / "poisoned" / "manifest.json").read_text())
+    model = load(base, projector=cell / "backdoored" / "projector.safetensors")
+    vcfg = vision_config_from(model.config)
+    coverage = trigger_coverage(TriggerConfig(**manifest["trigger"]), vcfg["image_size"], vcfg["patch_size"])
+    touched = np.flatnonzero(coverage > 0)
+    main = np.flatnonzero(coverage >= min(0.5, coverage.max()))
+    samples, source = load_dataset(cell / "poisoned" / "data.json", cell / "poisoned")
+    chosen = [s for s in samples if s.id in set(manifest["poisoned_ids"])][:n]
+    counter = FlopCounter(model)
+    ranks: dict[str, list[np.ndarray]] = {m: [] for m in METHODS}
+    copies, flops = dict.fromkeys(METHODS, 0), dict.fromkeys(METHODS, 0.0)
+    text = []
+    for lo in range(0, len(chosen), batch):
+        part = chosen[lo : lo + batch]
+        prompt = model.prompt_batch([s.question for s in part], [source.open(s.image) for s in part])
+        text += [
+            int(m) - c for m, c in zip(prompt.attention_mask.sum(1), prompt.visual_counts(), strict=True)
+        ]
+        for name, cfg in METHODS.items():
+            counter.backwards_per_grad_forward = cfg.probes
+            seen = [0]
+            with counter.counting():
+                inner = model.forward_embeds
+
+                def forward_embeds(embeds, *args, _inner=inner, _seen=seen, **kw):
+                    _seen[0] += embeds.shape[0]
+                    return _inner(embeds, *args, **kw)
+
+                model.forward_embeds = forward_embeds
+                try:
+                    scores = visual_saliency(model, prompt, cfg, SAMPLER)
+                finally:
+                    model.forward_embeds = inner
+            copies[name] += seen[0]
+            flops[name] += counter.take()
+            ranks[name] += [np.argsort(row) for row in scores.argsort(dim=1, descending=True).numpy()]
+    n_v = len(coverage)
+    shape = LMShape.of(LLaDAConfig())
+    out = {
+        "cell": str(cell),
+        "base": str(base),
+        "samples": len(chosen),
+        "trigger": manifest["trigger"],
+        "trigger_tokens": touched.tolist(),
+        "main_trigger_tokens": main.tolist(),
+        "n_visual": n_v,
+        "text_tokens_median": statistics.median(text),
+        "methods": {},
+    }
+    for name, rs in ranks.items():
+        best = np.array([r[touched].min() for r in rs])
+        worst_main = np.array([r[main].max() for r in rs])
+        cfg = METHODS[name]
+        out["methods"][name] = {
+            "median_best_rank": float(np.median(best)),
+            "trigger_first": float(np.mean(best == 0)),
+            "main_in_top_rho0.3": float(np.mean(worst_main < int(0.3 * n_v))),
+            "forwards_per_sample": copies[name] / len(chosen),
+            "backwards_per_sample": cfg.probes if name == "fisher" else 0,
+            "flops_per_sample": flops[name] / len(chosen),
+            "llada_v_8b_tflops": {
+                str(v): scoring_flops(shape, name, v, 100, 32, cfg) / 1e12 for v in (729, 3699)
+            },
+        }
+    return out
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def table(runs: list[Path]) -> str:
+    """The markdown table of the reproduction rows joined with each cell's `rank` report."""
+    lines = [
+        "| cell | defense | CP | ASR w/o | ASR w/t | still backdoored | trigger rank (median; main in top 30%) "
+        "| forwards/sample |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        result = json.loads(run.read_text())
+        rank_path = run.with_name(run.stem + "-rank.json")
+        rank = json.loads(rank_path.read_text())["methods"] if rank_path.is_file() else {}
+        base = Path(result["base"]).name
+        for r in result["rows"]:
+            m = rank.get(DEFENSE_METHOD.get(r["defense"], ""), {})
+            rank_s = f"{m['median_best_rank']:g}; {_pct(m['main_in_top_rho0.3'])}" if m else "-"
+            passes = (
+                (
+                    f"{m['forwards_per_sample']:g}F"
+                    + (f"+{m['backwards_per_sample']}B" if m["backwards_per_sample"] else "")
+                )
+                if m
+                else "-"
+            )
+            lines.append(
+                f"| {base} {r['target']}/{r['trigger']} seed {result['config']['seed']} | {r['defense']} | "
+                f"{_pct(r['cp'])} | {_pct(r['asr_wo'])} | {_pct(r['asr_wt'])} | "
+                f"{_pct(r.get('purified_backdoor_rate'))} | {rank_s} | {passes} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m experiments.saliency_study", description=__doc__.split("\n\n")[0]
+    )
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("rank", help="trigger ranks and cost per method on one cell")
+    r.add_argument("cell", type=Path)
+    r.add_argument(
+        "--base", type=Path, default=None, help="base checkpoint (default: the shipped SHAPES base)"
+    )
+    r.add_argument("--n", type=int, default=40, help="poisoned training samples scored")
+    r.add_argument("--json", type=Path)
+    t = sub.add_parser("table", help="markdown table of reproduction runs and their rank reports")
+    t.add_argument("runs", type=Path, nargs="+")
+    args = ap.parse_args(argv)
+    if args.cmd == "table":
+        print(table(args.runs))
+        return 0
+    if not (args.cell / "backdoored" / "projector.safetensors").is_file():
+        print(f"error: {args.cell} holds no backdoored/projector.safetensors", file=sys.stderr)
+        return 2
+    from disp.cell import BASE_CHECKPOINT
+
+    res = rank_cell(args.cell, args.base or BASE_CHECKPOINT, args.n)
+    for name, m in res["methods"].items():
+        print(
+            f"{name:<16} median rank {m['median_best_rank']:>5.1f}  main in top 30% {m['main_in_top_rho0.3']:.2f}  "
+            f"forwards/sample {m['forwards_per_sample']:.1f}  GFLOPs/sample {m['flops_per_sample'] / 1e9:.2f}"
+        )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
