@@ -50,8 +50,21 @@ DEFENSE_METHOD = {
 }
 
 
-def rank_cell(cell: Path, base: Path, n: int = 40, batch: int = 8) -> dict:
-    """Per method: trigger ranks (as trigger_rank) and the forwards and FLOPs per sample."""
+def split_variant(spec: str) -> tuple[str, SaliencyConfig]:
+    """'GROUPS:BEAM:BUDGET' → a named split_isolation config."""
+    try:
+        groups, beam, budget = (int(x) for x in spec.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--split wants GROUPS:BEAM:BUDGET, got {spec!r}") from None
+    cfg = SaliencyConfig(method="split_isolation", split_groups=groups, split_beam=beam, split_budget=budget)
+    return f"split_isolation {spec}", cfg
+
+
+def rank_cell(
+    cell: Path, base: Path, n: int = 40, batch: int = 8, extra: dict[str, SaliencyConfig] | None = None
+) -> dict:
+    """Per method (METHODS and `extra`): trigger ranks (as trigger_rank) and the forwards and FLOPs per sample."""
+    methods = {**METHODS, **(extra or {})}
     from disp.models.llada_lm import LLaDAConfig
 
     manifest = json.loads((cell / "poisoned" / "manifest.json").read_text())
@@ -63,8 +76,8 @@ def rank_cell(cell: Path, base: Path, n: int = 40, batch: int = 8) -> dict:
     samples, source = load_dataset(cell / "poisoned" / "data.json", cell / "poisoned")
     chosen = [s for s in samples if s.id in set(manifest["poisoned_ids"])][:n]
     counter = FlopCounter(model)
-    ranks: dict[str, list[np.ndarray]] = {m: [] for m in METHODS}
-    copies, flops = dict.fromkeys(METHODS, 0), dict.fromkeys(METHODS, 0.0)
+    ranks: dict[str, list[np.ndarray]] = {m: [] for m in methods}
+    copies, flops = dict.fromkeys(methods, 0), dict.fromkeys(methods, 0.0)
     text = []
     for lo in range(0, len(chosen), batch):
         part = chosen[lo : lo + batch]
@@ -72,7 +85,7 @@ def rank_cell(cell: Path, base: Path, n: int = 40, batch: int = 8) -> dict:
         text += [
             int(m) - c for m, c in zip(prompt.attention_mask.sum(1), prompt.visual_counts(), strict=True)
         ]
-        for name, cfg in METHODS.items():
+        for name, cfg in methods.items():
             counter.backwards_per_grad_forward = cfg.probes
             seen = [0]
             with counter.counting():
@@ -106,16 +119,16 @@ def rank_cell(cell: Path, base: Path, n: int = 40, batch: int = 8) -> dict:
     for name, rs in ranks.items():
         best = np.array([r[touched].min() for r in rs])
         worst_main = np.array([r[main].max() for r in rs])
-        cfg = METHODS[name]
+        cfg = methods[name]
         out["methods"][name] = {
             "median_best_rank": float(np.median(best)),
             "trigger_first": float(np.mean(best == 0)),
             "main_in_top_rho0.3": float(np.mean(worst_main < int(0.3 * n_v))),
             "forwards_per_sample": copies[name] / len(chosen),
-            "backwards_per_sample": cfg.probes if name == "fisher" else 0,
+            "backwards_per_sample": cfg.probes if cfg.method == "fisher" else 0,
             "flops_per_sample": flops[name] / len(chosen),
             "llada_v_8b_tflops": {
-                str(v): scoring_flops(shape, name, v, 100, 32, cfg) / 1e12 for v in (729, 3699)
+                str(v): scoring_flops(shape, cfg.method, v, 100, 32, cfg) / 1e12 for v in (729, 3699)
             },
         }
     return out
@@ -168,6 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     r.add_argument("--n", type=int, default=40, help="poisoned training samples scored")
     r.add_argument("--json", type=Path)
+    r.add_argument(
+        "--split",
+        type=split_variant,
+        nargs="*",
+        default=[],
+        help="further split_isolation settings to rank, each GROUPS:BEAM:BUDGET",
+    )
     t = sub.add_parser("table", help="markdown table of reproduction runs and their rank reports")
     t.add_argument("runs", type=Path, nargs="+")
     args = ap.parse_args(argv)
@@ -179,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from disp.cell import BASE_CHECKPOINT
 
-    res = rank_cell(args.cell, args.base or BASE_CHECKPOINT, args.n)
+    res = rank_cell(args.cell, args.base or BASE_CHECKPOINT, args.n, extra=dict(args.split))
     for name, m in res["methods"].items():
         print(
             f"{name:<16} median rank {m['median_best_rank']:>5.1f}  main in top 30% {m['main_in_top_rho0.3']:.2f}  "
