@@ -11,6 +11,11 @@ the sequence copies run per sample (counted at the model's forward) and the lang
 (`measure.FlopCounter`), with the FLOP model's figures at 729 and 3,699 visual tokens
 (`experiments.benchmarks.saliency_cost`).
 
+`rows` rebuilds a reproduction JSON from the rows a run logged (one JSON object per line on stderr), for a run
+stopped before it wrote its `--json`:
+
+    python -m experiments.saliency_study rows LOG --base DIR --seed 1 --json OUT
+
 `table` joins the reproduction JSON (`--json` of `experiments.reproduce`) and the `rank` JSON of each cell
 (RUN.json and RUN.json with `-rank` before `.json`) into one markdown table: CP, ASR w/o, ASR w/t, the
 purified-still-backdoored rate, the trigger's rank and the forwards per sample.
@@ -190,7 +195,29 @@ def main(argv: list[str] | None = None) -> int:
     )
     t = sub.add_parser("table", help="markdown table of reproduction runs and their rank reports")
     t.add_argument("runs", type=Path, nargs="+")
+    w = sub.add_parser("rows", help="a reproduction JSON from the rows a stopped run logged")
+    w.add_argument("log", type=Path)
+    w.add_argument("--base", required=True, help="the run's base checkpoint")
+    w.add_argument("--seed", type=int, required=True, help="the run's seed")
+    w.add_argument("--json", type=Path, required=True)
     args = ap.parse_args(argv)
+    if args.cmd == "rows":
+        rows = [
+            json.loads(line) for line in args.log.read_text().splitlines() if line.startswith('{"target"')
+        ]
+        args.json.write_text(
+            json.dumps(
+                {
+                    "base": args.base,
+                    "config": {"seed": args.seed},
+                    "rows": rows,
+                    "note": f"rows logged by a run stopped before its --json ({args.log.name})",
+                },
+                indent=2,
+            )
+        )
+        print(f"{len(rows)} rows")
+        return 0
     if args.cmd == "table":
         print(table(args.runs))
         return 0
