@@ -175,7 +175,7 @@ class SaliencyConfig:
     occlusion_rows: int = _help("Rows (sample x visual token or range) per forward of the occlusion, isolation and "
                                 "split_isolation methods.", 64)
     split_groups: int = _help("split_isolation: contiguous ranges (raster order) the visual tokens are first cut "
-                              "into.", 4)
+                              "into; 8 ranked the trigger first on more samples than 4 (docs/saliency.md).", 8)
     split_beam: int = _help("split_isolation: ranges halved per round, the highest-scoring first.", 2)
     split_budget: int = _help("split_isolation: forwards per sample spent on ranges (the all-masked reference "
                               "not counted); 20 keeps scoring within 3x the Fisher form's FLOPs (docs/saliency.md).",

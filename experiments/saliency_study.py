@@ -143,20 +143,29 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def table(runs: list[Path]) -> str:
-    """The markdown table of the reproduction rows joined with each cell's `rank` report."""
+def table(
+    runs: list[Path],
+    rank_file: Path | None = None,
+    split_key: str = "split_isolation",
+    suffix: str = "",
+    header: bool = True,
+) -> str:
+    """The markdown table of the reproduction rows joined with each cell's `rank` report (`rank_file`, or the
+    run's own `-rank.json`); split_isolation rows take the rank entry `split_key`, their defense name `suffix`."""
     lines = [
         "| cell | defense | CP | ASR w/o | ASR w/t | still backdoored | trigger rank (median; main in top 30%) "
         "| forwards/sample |",
         "|---|---|---|---|---|---|---|---|",
-    ]
+    ][: 2 if header else 0]
     for run in runs:
         result = json.loads(run.read_text())
-        rank_path = run.with_name(run.stem + "-rank.json")
+        rank_path = rank_file or run.with_name(run.stem + "-rank.json")
         rank = json.loads(rank_path.read_text())["methods"] if rank_path.is_file() else {}
         base = Path(result["base"]).name
         for r in result["rows"]:
-            m = rank.get(DEFENSE_METHOD.get(r["defense"], ""), {})
+            method = DEFENSE_METHOD.get(r["defense"], "")
+            m = rank.get(split_key if method == "split_isolation" else method, {})
+            name = r["defense"] + (suffix if method == "split_isolation" else "")
             rank_s = f"{m['median_best_rank']:g}; {_pct(m['main_in_top_rho0.3'])}" if m else "-"
             passes = (
                 (
@@ -167,7 +176,7 @@ def table(runs: list[Path]) -> str:
                 else "-"
             )
             lines.append(
-                f"| {base} {r['target']}/{r['trigger']} seed {result['config']['seed']} | {r['defense']} | "
+                f"| {base} {r['target']}/{r['trigger']} seed {result['config']['seed']} | {name} | "
                 f"{_pct(r['cp'])} | {_pct(r['asr_wo'])} | {_pct(r['asr_wt'])} | "
                 f"{_pct(r.get('purified_backdoor_rate'))} | {rank_s} | {passes} |"
             )
@@ -195,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     t = sub.add_parser("table", help="markdown table of reproduction runs and their rank reports")
     t.add_argument("runs", type=Path, nargs="+")
+    t.add_argument("--rank", type=Path, help="rank report of every run (default: each run's own -rank.json)")
+    t.add_argument("--split-key", default="split_isolation", help="rank entry of the split_isolation rows")
+    t.add_argument("--suffix", default="", help="appended to the split_isolation rows' defense name")
+    t.add_argument("--no-header", action="store_true")
     w = sub.add_parser("rows", help="a reproduction JSON from the rows a stopped run logged")
     w.add_argument("log", type=Path)
     w.add_argument("--base", required=True, help="the run's base checkpoint")
@@ -219,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(rows)} rows")
         return 0
     if args.cmd == "table":
-        print(table(args.runs))
+        print(table(args.runs, args.rank, args.split_key, args.suffix, not args.no_header))
         return 0
     if not (args.cell / "backdoored" / "projector.safetensors").is_file():
         print(f"error: {args.cell} holds no backdoored/projector.safetensors", file=sys.stderr)

@@ -320,4 +320,4 @@ def test_bad_split_settings_are_named():
     with pytest.raises(ValueError, match="split_beam must be >= 1, got -1"):
         SaliencyConfig(split_beam=-1)
     with pytest.raises(ValueError, match=r"split_budget must be >= split_groups \(4\).*got 3"):
-        SaliencyConfig(split_budget=3)
+        SaliencyConfig(split_groups=4, split_budget=3)
