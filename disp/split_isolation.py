@@ -15,11 +15,11 @@ and only the groups that say most are split further, as in adaptive group testin
 
 A token's score is its share of the divergence of the smallest range scored that holds it, s(S) / |S|: the
 full divergence when the descent reached it alone, a per-token share when it stayed in a range. A trigger that
-sets the backdoor off on its own makes every range that holds it score like the trigger alone (80-290 nats on
-SHAPES, a clean token alone up to about 10), so the descent follows it in O(beam · log N_v) forwards and it
-keeps its full divergence, while clean content left in large ranges is credited a small share; a trigger spread
-over the whole image makes every range score high, and the top-ρ rule then holds a share of it, as isolation
-does.
+sets the backdoor off alone moves the first step about as much in any range that holds it (107-146 nats on the
+SHAPES quick cells, a clean token alone up to about 10), so the descent follows it in O(beam · log N_v)
+forwards and it keeps its full divergence. The divergence of clean content grows with the range, though: with
+ranges of 9 clean tokens it sometimes beat the trigger's range in the first round (docs/saliency.md), so the
+first ranges should be small enough that the trigger outweighs their content.
 
 Cost per sample: 1 + at most `split_budget` forwards of the full sequence, whatever N_v (the copies of all the
 batch's samples run `occlusion_rows` at a time). Not the paper's method: disp's.
