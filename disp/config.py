@@ -17,7 +17,7 @@ REMASKING = ("low_confidence", "random")
 SCHEDULES = ("uniform", "shift", "logit_normal")
 QUESTIONS = ("sample", "describe")
 DESCRIBE_QUESTION = "Describe this image in detail."  # the official DiSP code's purification prompt
-SALIENCY_METHODS = ("fisher", "occlusion", "isolation")
+SALIENCY_METHODS = ("fisher", "occlusion", "isolation", "split_isolation")
 DEFENSES = tuple(stages.DEFENSES)
 
 
@@ -151,8 +151,15 @@ class SaliencyConfig:
             exact KL divergence that Eq. 4 expands, one forward per masked visual token (disp's variant);
             "isolation", not the paper's either: the KL between the first step with visual token i shown
             alone (every other one masked) and with all of them masked (disp's variant for triggers that
-            span several tokens).
-        occlusion_rows: rows (sample × visual token) per forward pass of the occlusion and isolation methods.
+            span several tokens); "split_isolation", disp's too: the same KL for contiguous ranges of visual
+            tokens shown alone, halving only the highest-scoring ranges, at most `split_budget` forwards
+            (`disp.split_isolation`).
+        occlusion_rows: rows (sample × visual token, or sample × range) per forward pass of the occlusion,
+            isolation and split_isolation methods.
+        split_groups: ranges the visual tokens are first cut into (split_isolation).
+        split_beam: ranges halved per round, the highest-scoring first (split_isolation).
+        split_budget: forwards per sample spent on ranges, the all-masked reference not counted
+            (split_isolation).
         batch_size: samples scored per forward/backward pass.
         seed: seed of the probe noise.
     """
@@ -165,7 +172,14 @@ class SaliencyConfig:
                         "Eq. 4, one forward per visual token) or 'isolation' (disp's variant: the KL of showing "
                         "visual token i alone against showing none, one forward per visual token).", "fisher",
                         SALIENCY_METHODS)
-    occlusion_rows: int = _help("Rows (sample x visual token) per forward of the occlusion and isolation methods.", 64)
+    occlusion_rows: int = _help("Rows (sample x visual token or range) per forward of the occlusion, isolation and "
+                                "split_isolation methods.", 64)
+    split_groups: int = _help("split_isolation: contiguous ranges (raster order) the visual tokens are first cut "
+                              "into; 8 ranked the trigger first on more samples than 4 (docs/saliency.md).", 8)
+    split_beam: int = _help("split_isolation: ranges halved per round, the highest-scoring first.", 2)
+    split_budget: int = _help("split_isolation: forwards per sample spent on ranges (the all-masked reference "
+                              "not counted); 20 keeps scoring within 3x the Fisher form's FLOPs (docs/saliency.md).",
+                              20)
     batch_size: int = _help("Samples per scoring pass.", 8)
     seed: int = _help("Seed of the probe noise.", 1234)
 
@@ -175,6 +189,11 @@ class SaliencyConfig:
         _check(self.factor > 0, f"factor must be positive, got {self.factor}")
         _check(self.method in SALIENCY_METHODS, f"method must be one of {SALIENCY_METHODS}, got {self.method!r}")
         _check(self.occlusion_rows >= 1, f"occlusion_rows must be >= 1, got {self.occlusion_rows}")
+        _check(self.split_groups >= 1, f"split_groups must be >= 1, got {self.split_groups}")
+        _check(self.split_beam >= 1, f"split_beam must be >= 1, got {self.split_beam}")
+        _check(self.split_budget >= self.split_groups,
+               f"split_budget must be >= split_groups ({self.split_groups}): the first ranges alone take that "
+               f"many forwards, got {self.split_budget}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
 
 

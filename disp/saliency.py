@@ -33,7 +33,8 @@ between the first step with visual token i alone visible (every other visual tok
 embedding) and the first step with every visual token masked. A trigger drawn over several tokens, each of
 which sets the backdoor off alone, survives the occlusion of any one of them, so neither the Fisher form
 nor occlusion ranks all of them high; shown alone, each one does (docs/reproduction.md). Cost: N_v + 1
-forward passes per sample.
+forward passes per sample. `disp.split_isolation` finds the same tokens by showing groups of them and
+splitting only the groups that matter, at a fixed number of forwards (docs/saliency.md).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def per_sample(scores: torch.Tensor, prompt: PromptBatch) -> list[torch.Tensor]:
     return [row[:n] for row, n in zip(scores, prompt.visual_counts(), strict=True)]
 
 
-def _padded(scores: torch.Tensor, prompt: PromptBatch) -> torch.Tensor:
+def padded_scores(scores: torch.Tensor, prompt: PromptBatch) -> torch.Tensor:
     """float32 scores with −inf on the entries that are not visual tokens."""
     return scores.float().masked_fill(~prompt.visual_mask(), float("-inf"))
 
@@ -172,7 +173,7 @@ def hutchinson_saliency(model: MDLM, prompt: PromptBatch, config: SaliencyConfig
         for g in _probe_grads(z, embeds, q, chunk):
             g_vis = g.gather(2, cols.expand(len(g), -1, -1, -1))  # (m, B, N_v, D)
             energy += ((g_vis.double() * delta).sum(-1) ** 2).sum(0)  # Σ_m (q_mᵀ J_i δ_i)²
-    return _padded(config.factor * energy / (config.probes * temperature**2), prompt)
+    return padded_scores(config.factor * energy / (config.probes * temperature**2), prompt)
 
 
 def exact_saliency(model: MDLM, prompt: PromptBatch, config: SaliencyConfig, sampler: SamplerConfig) -> torch.Tensor:
@@ -204,7 +205,7 @@ def exact_saliency(model: MDLM, prompt: PromptBatch, config: SaliencyConfig, sam
             jd = jd.double()
             quad = (p * jd.pow(2)).sum(-1) - (p * jd).sum(-1).pow(2)  # (Jδ)ᵀ(diag p − ppᵀ)(Jδ)
             scores[:, i] = config.factor * quad.sum(-1)
-    return _padded(scores, prompt)
+    return padded_scores(scores, prompt)
 
 
 def top_k_kl(ref: torch.Tensor, idx: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -229,7 +230,7 @@ def _one_token_edits(model: MDLM, prompt: PromptBatch, base: torch.Tensor, mask:
         x[torch.arange(len(b), device=x.device), prompt.image_positions[b, i]] = values[b, i]
         logits = model.forward_embeds(x, mask[b], logits_from=P)[:, :G]
         scores[b, i] = score(b, logits)
-    return _padded(scores, prompt)
+    return padded_scores(scores, prompt)
 
 
 @torch.no_grad()
@@ -250,12 +251,11 @@ def occlusion_saliency(model: MDLM, prompt: PromptBatch, config: SaliencyConfig,
 
 
 @torch.no_grad()
-def isolation_saliency(model: MDLM, prompt: PromptBatch, config: SaliencyConfig,
-                       sampler: SamplerConfig) -> torch.Tensor:
-    """s_i = KL(p_{i} ‖ p_∅) over p_{i}'s top-k entries of the first block: p_{i} with visual token i the only
-    one visible, p_∅ with every visual token held as the mask embedding: prompt of B samples → scores [B, N]
-    (float32). The Σ_b N_b isolated copies run `config.occlusion_rows` at a time.
-    """
+def isolation_reference(model: MDLM, prompt: PromptBatch, config: SaliencyConfig, sampler: SamplerConfig):
+    """What every isolated copy is built from and scored against: (blank [B, L, D], the first-step input with
+    every visual token held as the mask embedding; its attention mask [B, L]; shown [B, N, D], each visual
+    token's own embedding; kl(b [n], logits [n, G, V]) → [n], the top-k KL of a copy of sample b against the
+    all-masked first step; P; G). Runs the all-masked forward (one copy per sample)."""
     B, P, D = prompt.embeds.shape
     G = min(sampler.block_length, sampler.gen_length)
     embeds, mask = first_step_inputs(model, prompt, sampler.gen_length)
@@ -270,17 +270,33 @@ def isolation_saliency(model: MDLM, prompt: PromptBatch, config: SaliencyConfig,
         top = logits.topk(config.topk, dim=-1).indices
         return top_k_kl(logits.gather(-1, top), top, none_shown[b])
 
-    return _one_token_edits(model, prompt, blank, mask, shown, config.occlusion_rows, G, kl_to_none_shown)
+    return blank, mask, shown, kl_to_none_shown, P, G
+
+
+@torch.no_grad()
+def isolation_saliency(model: MDLM, prompt: PromptBatch, config: SaliencyConfig,
+                       sampler: SamplerConfig) -> torch.Tensor:
+    """s_i = KL(p_{i} ‖ p_∅) over p_{i}'s top-k entries of the first block: p_{i} with visual token i the only
+    one visible, p_∅ with every visual token held as the mask embedding: prompt of B samples → scores [B, N]
+    (float32). The Σ_b N_b isolated copies run `config.occlusion_rows` at a time.
+    """
+    blank, mask, shown, kl, _, G = isolation_reference(model, prompt, config, sampler)
+    return _one_token_edits(model, prompt, blank, mask, shown, config.occlusion_rows, G, kl)
 
 
 def visual_saliency(model: MDLM, prompt: PromptBatch, config: SaliencyConfig, sampler: SamplerConfig,
                     *, generator: torch.Generator | None = None) -> torch.Tensor:
     """Scores [B, N] by the configured method: the paper's Fisher form (Hutchinson by default, exact with
-    config.exact) or disp's occlusion or isolation variant; −inf past a sample's own visual tokens."""
+    config.exact) or disp's occlusion, isolation or split-isolation variant; −inf past a sample's own visual
+    tokens."""
     if config.method == "occlusion":
         return occlusion_saliency(model, prompt, config, sampler)
     if config.method == "isolation":
         return isolation_saliency(model, prompt, config, sampler)
+    if config.method == "split_isolation":
+        from disp.split_isolation import split_isolation_saliency  # it builds on this module's isolation
+
+        return split_isolation_saliency(model, prompt, config, sampler)
     if config.exact:
         return exact_saliency(model, prompt, config, sampler)
     return hutchinson_saliency(model, prompt, config, sampler, generator=generator)

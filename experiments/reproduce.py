@@ -38,7 +38,9 @@ from experiments.environment import environment
 # is >= ISOLATION_MIN_NATS (a clean SHAPES token shown alone scores up to about 10 nats, a trigger token 80-290,
 # docs/findings.md);
 # disp_isolation_anchor: disp_isolation, and a recovery with the feature anchor (FinetuneConfig.anchor_weight)
-# on the samples whose answer the rewrite kept.
+# on the samples whose answer the rewrite kept;
+# disp_split, disp_split_anchor: the same with coarse-to-fine isolation (`disp.split_isolation`, a fixed forward
+# budget per sample instead of N_v + 1), its scores in the same nats as isolation's.
 # Each entry: (DefenseConfig.defense, SaliencyConfig, PurifyConfig and FinetuneConfig overrides).
 OCCLUSION_MIN_NATS = 1.0
 ISOLATION_MIN_NATS = 20.0
@@ -47,7 +49,10 @@ VARIANTS = {"disp_occlusion": ("disp", {"method": "occlusion"}, {"min_score": OC
             "disp_occlusion_top": ("disp", {"method": "occlusion"}, {}, {}),
             "disp_isolation": ("disp", {"method": "isolation"}, {"min_score": ISOLATION_MIN_NATS}, {}),
             "disp_isolation_anchor": ("disp", {"method": "isolation"}, {"min_score": ISOLATION_MIN_NATS},
-                                      {"anchor_weight": ANCHOR_WEIGHT})}
+                                      {"anchor_weight": ANCHOR_WEIGHT}),
+            "disp_split": ("disp", {"method": "split_isolation"}, {"min_score": ISOLATION_MIN_NATS}, {}),
+            "disp_split_anchor": ("disp", {"method": "split_isolation"}, {"min_score": ISOLATION_MIN_NATS},
+                                  {"anchor_weight": ANCHOR_WEIGHT})}
 DEFENSES_ALL = ("none", "disp", "random_drop", "pruning", "oracle_filter", "no_mask", "random_mask", *VARIANTS)
 TARGETS_ALL = ("insertion", "refusal", "misclassification")
 TRIGGERS_ALL = ("corner", "center", "noise", "multi", "blended")

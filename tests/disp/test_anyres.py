@@ -224,6 +224,7 @@ QUESTIONS = ["What is it?", "Describe this image in detail.", "Colour?", "Where 
     ("fisher", "llada-v", [0, 1, 2, 3]),
     ("occlusion", "llada-v", [0, 3]),
     ("isolation", "llada-v", [0, 3]),
+    ("split_isolation", "llada-v", [0, 1, 3]),
     ("exact", "lavida", [0, 2]),  # one Jacobian-vector product per token: the model with the fewest
 ])
 def test_mixed_size_batch_scores_equal_one_by_one(llada_anyres, lavida_anyres_model, images, method, family, which):

@@ -210,3 +210,114 @@ def test_probe_chunk_counts_the_rows_of_the_sequence_on_a_cpu():
     assert probe_chunk(6, logits, 4, cpu, rows=2 * 100) == 6
     assert probe_chunk(6, logits, 4, cpu, rows=10_000) == 1
     assert probe_chunk(6, logits, 4, torch.device("cuda"), rows=10_000) == 6  # GPU: the logit cotangent's bytes
+
+
+def _counting_forwards(model):
+    """Wrap model.forward_embeds to count the sequence copies it runs: returns the one-element count list."""
+    seen = [0]
+    inner = model.forward_embeds
+
+    def forward_embeds(embeds, *args, **kw):
+        seen[0] += embeds.shape[0]
+        return inner(embeds, *args, **kw)
+
+    model.forward_embeds = forward_embeds
+    return seen
+
+
+def _planted(model, pb, token: int, steps: int = 200):
+    """pb (one row) with visual token `token` replaced by an embedding trained to move the first step when it is
+    shown alone (a planted trigger): a few Adam steps on Σ_g KL(softmax z_alone ‖ softmax z_none)."""
+    P, col = pb.embeds.shape[1], int(pb.image_positions[0, token])
+    embeds, mask = first_step_inputs(model, pb, SAMPLER.gen_length)
+    blank = embeds.detach().clone()
+    blank[0, pb.image_positions[0]] = model.mask_embedding().detach()
+    with torch.no_grad():
+        log_none = torch.log_softmax(model.forward_embeds(blank, mask, logits_from=P)[:, :16], -1)
+    v = embeds[0, col].detach().clone().requires_grad_(True)
+    opt = torch.optim.Adam([v], lr=0.2)
+    for _ in range(steps):
+        x = blank.clone()
+        x[0, col] = v
+        log_alone = torch.log_softmax(model.forward_embeds(x, mask, logits_from=P)[:, :16], -1)
+        loss = -(log_alone.exp() * (log_alone - log_none)).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    pb.embeds[0, col] = v.detach()
+    return pb
+
+
+@pytest.mark.parametrize("token", [6])
+def test_split_isolation_ranks_a_planted_token_first_within_its_budget(tiny_dir, scene, token):
+    model = models.load(tiny_dir)
+    pb = _planted(model, model.prompt_batch(["What is it?"], [scene]), token)
+    cfg = SaliencyConfig(method="split_isolation", split_groups=2, split_beam=1, split_budget=8)
+    seen, forwards = _counting_forwards(model), []
+    from disp.split_isolation import split_isolation_saliency
+
+    scores = split_isolation_saliency(model, pb, cfg, SAMPLER, forwards=forwards)[0]
+    assert int(scores.argmax()) == token
+    # 16 tokens: 2 ranges of 8, then one halving per round (8 -> 4 -> 2 -> 1): 2 + 3 * 2 = 8 ranges, + the reference
+    assert seen[0] == forwards[0] == 1 + 8
+    iso = isolation_saliency(model, pb, SaliencyConfig(), SAMPLER)[0]
+    torch.testing.assert_close(scores[token], iso[token], rtol=1e-4, atol=0)  # its own range is the token alone
+
+
+def test_split_isolation_never_passes_its_budget(tiny_dir, scene, solid_images):
+    model = models.load(tiny_dir)
+    pb = model.prompt_batch(["What is it?", "Colour?", "Describe this image in detail."],
+                            [scene, solid_images[0], solid_images[1]])
+    # 16 tokens. (4, 2, 9): 4 ranges of 4, two halved (8), one forward left; (3, 3, 5): 3 ranges, one halved;
+    # (1, 4, 20): 16 -> 2 x 8 -> 4 x 4 -> 8 x 2 (15 so far), then 5 left pay for 2 halvings (19)
+    for (groups, beam, budget), spent in (((4, 2, 9), 8), ((3, 3, 5), 5), ((1, 4, 20), 19)):
+        seen, forwards = _counting_forwards(model), []
+        from disp.split_isolation import split_isolation_saliency
+
+        split_isolation_saliency(model, pb, SaliencyConfig(method="split_isolation", split_groups=groups,
+                                                           split_beam=beam, split_budget=budget),
+                                 SAMPLER, forwards=forwards)
+        assert seen[0] == forwards[0] == 3 * (1 + spent), (groups, beam, budget)
+        del model.forward_embeds
+
+
+def test_split_isolation_with_one_token_ranges_is_isolation(tiny_model, scene):
+    pb = tiny_model.prompt_batch(["What is it?"], [scene])
+    n = tiny_model.num_image_tokens
+    split = visual_saliency(tiny_model, pb, SaliencyConfig(method="split_isolation", split_groups=n, split_budget=n),
+                            SAMPLER)
+    torch.testing.assert_close(split, isolation_saliency(tiny_model, pb, SaliencyConfig(), SAMPLER),
+                               rtol=1e-5, atol=1e-9)
+
+
+def test_split_isolation_batched_equals_one_by_one(tiny_model, scene, solid_images):
+    images = [scene, solid_images[0], solid_images[2]]
+    questions = ["What is it?", "Describe this image in detail.", "Colour?"]
+    cfg = SaliencyConfig(method="split_isolation", split_groups=3, split_beam=2, split_budget=11, occlusion_rows=5)
+    batched = visual_saliency(tiny_model, tiny_model.prompt_batch(questions, images), cfg, SAMPLER)
+    for b, (q, img) in enumerate(zip(questions, images, strict=True)):
+        single = visual_saliency(tiny_model, tiny_model.prompt_batch([q], [img]),
+                                 SaliencyConfig(method="split_isolation", split_groups=3, split_beam=2,
+                                                split_budget=11), SAMPLER)[0]
+        torch.testing.assert_close(batched[b], single, rtol=1e-4, atol=1e-9)
+
+
+def test_split_ranges_and_rounds():
+    from disp.split_isolation import halves, initial_ranges, plan_round
+
+    assert initial_ranges(10, 4) == [(0, 2), (2, 5), (5, 8), (8, 10)]
+    assert initial_ranges(3, 8) == [(0, 1), (1, 2), (2, 3)]
+    assert halves(4, 9) == [(4, 7), (7, 9)]
+    frontier = {(0, 4): 5.0, (4, 5): 99.0, (5, 8): 7.0, (8, 12): 7.0}
+    assert plan_round(frontier, 2, 10) == [(5, 8), (8, 12)]  # one-token ranges are never split; ties: earlier first
+    assert plan_round(frontier, 2, 3) == [(5, 8)]  # 3 forwards left pay for one pair of halves
+    assert plan_round(frontier, 2, 1) == []
+
+
+def test_bad_split_settings_are_named():
+    with pytest.raises(ValueError, match="split_groups must be >= 1, got 0"):
+        SaliencyConfig(split_groups=0)
+    with pytest.raises(ValueError, match="split_beam must be >= 1, got -1"):
+        SaliencyConfig(split_beam=-1)
+    with pytest.raises(ValueError, match=r"split_budget must be >= split_groups \(4\).*got 3"):
+        SaliencyConfig(split_groups=4, split_budget=3)

@@ -1,0 +1,49 @@
+"""The saliency study's table: reproduction rows joined with the rank report of their cell."""
+
+from __future__ import annotations
+
+import json
+
+from experiments.saliency_study import main
+
+
+def test_table_joins_each_defense_with_its_methods_rank_and_cost(tmp_path, capsys):
+    rows = [
+        {
+            "target": "insertion",
+            "trigger": "corner",
+            "defense": d,
+            "cp": cp,
+            "asr_wo": 0.0,
+            "asr_wt": wt,
+            **({"purified_backdoor_rate": pb} if pb is not None else {}),
+        }
+        for d, cp, wt, pb in (
+            ("none", 0.9, 1.0, None),
+            ("disp", 0.71, 1.0, 0.98),
+            ("disp_split_anchor", 0.88, 0.0, 0.0),
+        )
+    ]
+    (tmp_path / "v3.json").write_text(
+        json.dumps({"base": "/x/shapes-base-v3", "config": {"seed": 1}, "rows": rows})
+    )
+    methods = {
+        "fisher": {
+            "median_best_rank": 25.0,
+            "main_in_top_rho0.3": 0.025,
+            "forwards_per_sample": 1.0,
+            "backwards_per_sample": 6,
+        },
+        "split_isolation": {
+            "median_best_rank": 0.0,
+            "main_in_top_rho0.3": 1.0,
+            "forwards_per_sample": 19.0,
+            "backwards_per_sample": 0,
+        },
+    }
+    (tmp_path / "v3-rank.json").write_text(json.dumps({"methods": methods}))
+    assert main(["table", str(tmp_path / "v3.json")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2] == "| shapes-base-v3 insertion/corner seed 1 | none | 90.0% | 0.0% | 100.0% | - | - | - |"
+    assert lines[3].endswith("| disp | 71.0% | 0.0% | 100.0% | 98.0% | 25; 2.5% | 1F+6B |")
+    assert lines[4].endswith("| disp_split_anchor | 88.0% | 0.0% | 0.0% | 0.0% | 0; 100.0% | 19F |")
