@@ -138,8 +138,9 @@ def saturation(top1: Mapping[str, float] | None, method: str | None) -> tuple[di
     return stats, [
         f"{k} of {len(top1)} samples ({share:.0%}) have a saturated first denoising step (top-1 "
         f"probability >= {SATURATED_P}): there F = diag(p) - pp^T is near 0 and the paper's Fisher form "
-        "is known to miss the trigger (docs/findings.md). Saliency method 'isolation' (`--method "
-        "isolation`, API settings.saliency.method) is more reliable on such a model."
+        "is known to miss the trigger (docs/findings.md). Saliency method 'split_isolation' (`--method "
+        "split_isolation`, API settings.saliency.method; about 3x the Fisher form's cost) or 'isolation' (one "
+        "forward per visual token) is more reliable on such a model (docs/saliency.md)."
     ]
 
 

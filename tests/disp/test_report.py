@@ -91,7 +91,7 @@ def test_saturation_warns_above_five_percent_with_the_fisher_form_only():
     top1["s5"] = 1.0
     stats, warnings = saturation(top1, "fisher")
     assert stats["saturated"] == 6 and stats["share"] == 0.06
-    assert len(warnings) == 1 and "Fisher" in warnings[0] and "'isolation'" in warnings[0]
+    assert len(warnings) == 1 and "Fisher" in warnings[0] and "'split_isolation'" in warnings[0]
     assert saturation(top1, "isolation")[1] == []
     rep = build_report(
         SAMPLES, saliency=SALIENCY, top1={"s0": 0.9999, "s1": 0.2, "s2": 0.3, "s3": 0.1}, method="fisher"
