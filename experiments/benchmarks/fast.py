@@ -140,3 +140,104 @@ def best_fast(runs: list[dict[str, Any]], result: dict[str, Any], peak_flops: fl
     return fast_entries(
         result, seconds, flops, peaks, {"sampler": first["sampler"], "parity": parity}, peak_flops
     )
+
+
+# -- predicted figures at LLaDA-V's 8B shape, from the FLOP model and the H100 run of the exact product ------------
+H100_RUN = Path(__file__).resolve().parents[1] / "results" / "perf-h100.json"
+
+
+def lm_flops(lm: dict[str, int], vocab: int) -> tuple[float, float]:
+    """`FlopCounter`'s LM constants: (matmul parameters incl. the lm head, attention FLOPs per query-key pair)."""
+    D, I, layers = lm["hidden_size"], lm["intermediate_size"], lm["num_hidden_layers"]
+    kv = lm["num_key_value_heads"] * D // lm["num_attention_heads"]
+    return layers * (2 * D * D + 2 * D * kv + 3 * D * I) + D * vocab, 4 * D * layers
+
+
+def purification_flops(
+    lm: dict[str, int], vocab: int, prompt: int, gen: int = 32, steps: int = 32, refresh: int = 0
+) -> tuple[float, float]:
+    """Model FLOPs of purifying one sample (one block): (full forwards, answer-only cached forwards)."""
+    mm, attn = lm_flops(lm, vocab)
+    L = prompt + gen
+    n_full = -(-steps // refresh) if refresh else steps
+    full = n_full * (2 * L * mm + attn * L * L)
+    cached = (steps - n_full) * (2 * gen * mm + attn * gen * L)
+    return full, cached
+
+
+def predict_8b(run: dict[str, Any], refresh: int, cached_mfu: float, prompt: int) -> dict[str, float]:
+    """Seconds per sample of each stage of the fast product at the 8B shape: saliency and fine-tuning as the exact
+    product measured them; purification's full forwards at the measured purification MFU, its cached forwards at
+    `cached_mfu` (an assumption: answer-only forwards are 256 tokens a batch, below the tensor cores' appetite)."""
+    from experiments.benchmarks.workloads import LLADA_V_8B_LM, LLADA_V_VOCAB
+
+    g = run["gpu_8b"]
+    per = {s: g[s]["product_s"] / g[s]["product_samples"] for s in ("saliency", "purification", "finetune")}
+    ref = g["end_to_end"]["reference_s"] / g["end_to_end"]["reference_samples"]
+    peak = g["purification"]["product_achieved_flops_per_s"] / g["purification"]["product_mfu"]
+    full, cached = purification_flops(LLADA_V_8B_LM, LLADA_V_VOCAB, prompt, refresh=refresh)
+    exact_full, _ = purification_flops(LLADA_V_8B_LM, LLADA_V_VOCAB, prompt)
+    fast_pur = full / (g["purification"]["product_mfu"] * peak) + cached / (cached_mfu * peak)
+    exact_pur = exact_full / (g["purification"]["product_mfu"] * peak)
+    e2e = per["saliency"] + fast_pur + per["finetune"]
+    return {
+        "prompt_tokens": prompt,
+        "refresh": refresh,
+        "cached_mfu": cached_mfu,
+        "purification_flops_exact": exact_full,
+        "purification_flops_fast": full + cached,
+        "flops_ratio": exact_full / (full + cached),
+        "purification_s_exact_model": exact_pur,
+        "purification_s_fast": fast_pur,
+        "purification_speedup": exact_pur / fast_pur,
+        "end_to_end_s_fast": e2e,
+        "end_to_end_s_reference": ref,
+        "end_to_end_speedup": ref / e2e,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+
+    from experiments.benchmarks.workloads import LLADA_V_8B_LM, LLADA_V_VOCAB
+
+    p = argparse.ArgumentParser(
+        description="Predicted fast-product figures at LLaDA-V's 8B shape (FLOP model + the "
+        "H100 run of the exact product, experiments/results/perf-h100.json)."
+    )
+    p.add_argument("--run", type=Path, default=H100_RUN)
+    args = p.parse_args(argv)
+    run = json.loads(args.run.read_text())
+    print("purification FLOPs per sample, 32 steps over 32 answer tokens (FlopCounter's model):")
+    print(f"{'prompt':>8}{'exact':>12}" + "".join(f"{f'refresh {r}':>20}" for r in (4, 8, 16, 32)))
+    for prompt in (800, 3770):
+        exact = sum(purification_flops(LLADA_V_8B_LM, LLADA_V_VOCAB, prompt))
+        row = "".join(
+            f"{f:>12.3e} ({exact / f:4.1f}x)"
+            for f in (
+                sum(purification_flops(LLADA_V_8B_LM, LLADA_V_VOCAB, prompt, refresh=r))
+                for r in (4, 8, 16, 32)
+            )
+        )
+        print(f"{prompt:>8}{exact:>12.3e}{row}")
+    print(
+        "\nper sample at the measured 8B shape (800-token prompts), saliency and fine-tuning as measured on the H100:"
+    )
+    print(
+        f"{'refresh':>8}{'cached MFU':>11}{'purify exact s':>15}{'purify fast s':>14}{'x':>6}{'e2e fast s':>11}"
+        f"{'e2e ref s':>10}{'e2e x':>7}"
+    )
+    for refresh in (8, 32):
+        for mfu in (0.456, 0.15):
+            r = predict_8b(run, refresh, mfu, 800)
+            print(
+                f"{refresh:>8}{100 * mfu:>10.1f}%{r['purification_s_exact_model']:>15.3f}{r['purification_s_fast']:>14.3f}"
+                f"{r['purification_speedup']:>5.1f}x{r['end_to_end_s_fast']:>11.3f}{r['end_to_end_s_reference']:>10.3f}"
+                f"{r['end_to_end_speedup']:>6.2f}x"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
