@@ -148,9 +148,9 @@ H100_RUN = Path(__file__).resolve().parents[1] / "results" / "perf-h100.json"
 
 def lm_flops(lm: dict[str, int], vocab: int) -> tuple[float, float]:
     """`FlopCounter`'s LM constants: (matmul parameters incl. the lm head, attention FLOPs per query-key pair)."""
-    D, I, layers = lm["hidden_size"], lm["intermediate_size"], lm["num_hidden_layers"]
+    D, inter, layers = lm["hidden_size"], lm["intermediate_size"], lm["num_hidden_layers"]
     kv = lm["num_key_value_heads"] * D // lm["num_attention_heads"]
-    return layers * (2 * D * D + 2 * D * kv + 3 * D * I) + D * vocab, 4 * D * layers
+    return layers * (2 * D * D + 2 * D * kv + 3 * D * inter) + D * vocab, 4 * D * layers
 
 
 def purification_flops(
