@@ -233,6 +233,24 @@ def test_cache_refreshed_every_step_is_the_exact_sampler_bit_for_bit(tiny_model,
     assert all(torch.equal(x, y) for x, y in zip(exact.full, every.full, strict=True))
 
 
+def test_cached_forward_matches_the_full_forward_on_the_same_answer(tiny_model, solid_images):
+    """Right after a refresh (the answer unchanged) the answer-only forward sees exactly the full forward's keys and
+    values: the same logits up to float rounding, left padding included."""
+    pb = tiny_model.prompt_batch(QUESTIONS, solid_images)
+    P = pb.embeds.shape[1]
+    ids = torch.randint(0, 300, (4, 8), generator=torch.Generator().manual_seed(0))
+    answer = tiny_model.embed_tokens(ids)
+    attn = torch.cat([pb.attention_mask, torch.ones(4, 8, dtype=torch.bool)], 1)
+    with torch.no_grad():
+        full, cache = tiny_model.forward_and_cache(torch.cat([pb.embeds, answer], 1), attn, P)
+        cached = tiny_model.forward_cached(answer, cache)
+        rows = torch.tensor([1, 3])
+        subset = tiny_model.forward_cached(answer[rows], cache.rows(rows))
+    assert full.shape == cached.shape == (4, 8, tiny_model.lm_config.vocab_size)
+    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(subset, full[rows], rtol=1e-5, atol=1e-5)
+
+
 def test_cache_runs_the_prompt_once_per_refresh(tiny_model, solid_images):
     pb = tiny_model.prompt_batch(QUESTIONS, solid_images)
     exact, cached = Calls(tiny_model), Calls(tiny_model)
