@@ -54,8 +54,11 @@ def _answer(record: dict) -> str:
     return record["disp"]["purified_answer"]
 
 
-def run(base: Path, work: Path, names: list[str], *, log=print) -> dict[str, Any]:
-    """The cell, then every setting of `names` (exact first); returns {"config", "rows", ...}."""
+def run(
+    base: Path, work: Path, names: list[str], *, exact: dict | None = None, out: Path | None = None, log=print
+) -> dict[str, Any]:
+    """The cell, then every setting of `names` (exact first, unless `exact`, the exact row of an earlier run of
+    the same cell, is given); returns {"config", "rows", ...}, also written to `out` after every row."""
     cfg = ReproduceConfig.quick(base=str(base))
     shapes = config_of_checkpoint(base)
     cell = prepare_cell(work, base, TARGET, TRIGGER, cfg.poison_ratio, cfg, shapes, log=log)
@@ -78,9 +81,19 @@ def run(base: Path, work: Path, names: list[str], *, log=print) -> dict[str, Any
     )
     log(f"scored {len(samples)} samples in {time.perf_counter() - t:.0f}s")
     projector0 = {k: v.detach().clone() for k, v in model.projector.state_dict().items()}
-    rows: list[dict[str, Any]] = []
-    exact_answers: list[str] | None = None
-    for name in ["exact", *[n for n in names if n != "exact"]]:
+    rows: list[dict[str, Any]] = [exact] if exact else []
+    exact_answers: list[str] | None = exact["answers"] if exact else None
+    result = {
+        "base": str(base),
+        "cell": f"{TARGET}/{TRIGGER}/p{cfg.poison_ratio:g}",
+        "config": asdict(cfg),
+        "defense": dcfg.to_dict(),
+        "tolerance": TOLERANCE,
+        "threads": torch.get_num_threads(),
+        "environment": environment(),
+        "rows": rows,
+    }
+    for name in ([] if exact else ["exact"]) + [n for n in names if n != "exact"]:
         pcfg = replace(dcfg.purify, sampler=replace(dcfg.purify.sampler, **SETTINGS[name]))
         counter = FlopCounter(model)
         with counter.counting():
@@ -112,6 +125,7 @@ def run(base: Path, work: Path, names: list[str], *, log=print) -> dict[str, Any
             "purification_flops": counter.take(),
             "finetune_s": round(ft_seconds, 2),
             "cp_correct": ev["cp_correct"],
+            "answers": answers,
         }
         ref = rows[0] if rows else row
         row["flops_ratio"] = ref["purification_flops"] / row["purification_flops"]
@@ -120,18 +134,12 @@ def run(base: Path, work: Path, names: list[str], *, log=print) -> dict[str, Any
             abs(row["asr_wt"] - ref["asr_wt"]) <= TOLERANCE + 1e-9
             and abs(row["cp"] - ref["cp"]) <= TOLERANCE + 1e-9
         )
-        log(json.dumps({k: v for k, v in row.items() if k != "cp_correct"}))
+        log(json.dumps({k: v for k, v in row.items() if k not in ("cp_correct", "answers")}))
         rows.append(row)
-    return {
-        "base": str(base),
-        "cell": f"{TARGET}/{TRIGGER}/p{cfg.poison_ratio:g}",
-        "config": asdict(cfg),
-        "defense": dcfg.to_dict(),
-        "tolerance": TOLERANCE,
-        "threads": torch.get_num_threads(),
-        "environment": environment(),
-        "rows": rows,
-    }
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=1) + "\n")
+    return result
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -156,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         "--base", type=Path, default=BASE_CHECKPOINT, help="base checkpoint (default: the shipped base)"
     )
     p.add_argument("--work", type=Path, required=True, help="work directory (the cell is cached there)")
-    p.add_argument("--json", type=Path, help="write the rows here")
+    p.add_argument("--json", type=Path, help="write the rows here (after every row)")
     p.add_argument(
         "--settings",
         nargs="+",
@@ -164,12 +172,20 @@ def main(argv: list[str] | None = None) -> int:
         choices=list(SETTINGS),
         help="sampler settings of the purification (exact always runs first)",
     )
+    p.add_argument(
+        "--exact-from",
+        type=Path,
+        help="take the exact row from this earlier --json of the same cell instead of re-running it",
+    )
     args = p.parse_args(argv)
-    result = run(args.base, args.work, args.settings)
+    exact = None
+    if args.exact_from:
+        earlier = json.loads(args.exact_from.read_text())
+        if earlier["base"] != str(args.base):
+            p.error(f"--exact-from {args.exact_from} is of base {earlier['base']}, not {args.base}")
+        exact = earlier["rows"][0]
+    result = run(args.base, args.work, args.settings, exact=exact, out=args.json)
     print(format_table(result))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 
