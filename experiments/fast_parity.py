@@ -107,12 +107,12 @@ def run(
             [{k: r[k] for k in ("id", "image", "conversations")} for r in records], "purified"
         )
         model.projector.load_state_dict(projector0)
-        out = work / "fast" / name
+        ft_dir = work / "fast" / name
         t = time.perf_counter()
-        finetune_samples(model, train, source, dcfg.finetune, out, run_key=f"fast-{name}", cache=cache)
+        finetune_samples(model, train, source, dcfg.finetune, ft_dir, run_key=f"fast-{name}", cache=cache)
         ft_seconds = time.perf_counter() - t
         model.projector.load_state_dict(projector0)
-        ev = evaluate_cell(base, out / "projector.safetensors", cell, TARGET, cfg)
+        ev = evaluate_cell(base, ft_dir / "projector.safetensors", cell, TARGET, cfg)
         row = {
             "setting": name,
             "sampler": SETTINGS[name],
