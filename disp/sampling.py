@@ -10,6 +10,14 @@ before it is filled, which leaves its answer as running every step would.
 
 Prompt positions listed in `held` stay the mask embedding for the whole generation; this is how DiSP's
 purification (paper Eq. 10–11) feeds masked visual tokens to the model.
+
+Two approximations, off by default, trade exactness for fewer FLOPs (`SamplerConfig`):
+- `confidence_threshold` (Fast-dLLM's parallel decoding): a step commits, beyond its scheduled count, every
+  open position whose confidence exceeds the threshold, so a block may finish in fewer steps.
+- `prompt_cache_refresh` N (dLLM-Cache / Fast-dLLM's prefix cache): step i of a block runs the full
+  [prompt | answer] forward only when i % N == 0 and keeps the prompt's keys/values; the other steps run
+  the answer's G positions alone against them. The held positions are part of the cached prompt, so they
+  stay masked. Under bidirectional attention the reused keys/values are stale by the tokens committed since.
 """
 
 from __future__ import annotations
@@ -56,6 +64,8 @@ def commit_step(logits: torch.Tensor, ids: torch.Tensor, is_mask: torch.Tensor, 
         conf = torch.rand((B, G), generator=generator, device=ids.device, dtype=torch.float64)
     conf = torch.where(open_, conf, float("-inf"))
     take = torch.clamp(open_.sum(1), max=k)  # (B,)
+    if config.confidence_threshold < 1:  # parallel decoding: also everything confident enough
+        take = torch.maximum(take, (conf > config.confidence_threshold).sum(1))
     order = conf.argsort(dim=1, descending=True, stable=True)
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(G, device=ids.device).expand(B, G))
@@ -119,7 +129,8 @@ def generate(
 
     Args:
         prompt: left-padded prompt embeddings [B, P, D] with attention mask [B, P].
-        config: gen_length, block_length, steps, temperature, remasking.
+        config: gen_length, block_length, steps, temperature, remasking; the approximations
+            confidence_threshold and prompt_cache_refresh (module docstring).
         held: [B, P] bool, prompt positions replaced by the mask embedding throughout.
         generator: source of Gumbel noise and random remasking.
         on_step: called after each step with (ids [B, G], is_mask [B, G]); for tests and tracing.
@@ -135,21 +146,31 @@ def generate(
     stop_also = None if config.suppress_eos else tok.eos_id
     n_blocks = G // config.block_length
     steps_per_block = config.steps // n_blocks
+    refresh = config.prompt_cache_refresh
+    cache, cache_rows = None, None
     steps_run = 0
     for b in range(n_blocks):
         lo, hi = b * config.block_length, (b + 1) * config.block_length
         in_block = torch.zeros(G, dtype=torch.bool, device=dev)
         in_block[lo:hi] = True
         schedule = num_transfer_tokens(config.block_length, steps_per_block)
-        for k in schedule:
+        for i, k in enumerate(schedule):
             # rows that stopped (or have nothing left in this block) drop out of the forward pass
             running = ~stop_lengths(ids, is_mask, tok.eot_id, stop_also)[1] & (is_mask & in_block).any(1)
             rows = running.nonzero().flatten()
             if rows.numel() == 0:
                 break
             r_ids, r_mask = ids[rows], is_mask[rows]
-            embeds = torch.cat([prompt_embeds[rows], model.embed_tokens(r_ids).to(prompt_embeds.dtype)], dim=1)
-            logits = model.forward_embeds(embeds, attn[rows], logits_from=P).double()  # (B', G, V)
+            answer = model.embed_tokens(r_ids).to(prompt_embeds.dtype)
+            if refresh and i % refresh:  # answer only, against the prompt keys/values of the last refresh
+                logits = model.forward_cached(answer, cache.rows(torch.searchsorted(cache_rows, rows))).double()
+            elif refresh:
+                embeds = torch.cat([prompt_embeds[rows], answer], dim=1)
+                logits, cache = model.forward_and_cache(embeds, attn[rows], P)
+                logits, cache_rows = logits.double(), rows
+            else:
+                embeds = torch.cat([prompt_embeds[rows], answer], dim=1)
+                logits = model.forward_embeds(embeds, attn[rows], logits_from=P).double()  # (B', G, V)
             logits[..., suppressed] = torch.where(r_mask[..., None], float("-inf"), logits[..., suppressed])
             r_ids, r_mask = commit_step(logits, r_ids, r_mask, r_mask & in_block, k, config, generator)
             ids, is_mask = ids.index_copy(0, rows, r_ids), is_mask.index_copy(0, rows, r_mask)

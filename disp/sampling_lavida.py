@@ -92,6 +92,9 @@ def generate(
         Generation with ids [B, G] and per-row answer lengths (tokens before <|eot_id|>).
     """
     opts = config.lavida
+    if config.prompt_cache_refresh:
+        raise ValueError(f"prompt_cache_refresh {config.prompt_cache_refresh}: LaViDa reuses the prompt's keys/values "
+                         "with lavida.kv_cache (exact under lavida.prefix_lm); set prompt_cache_refresh 0")
     per_block = opts.steps_per_block(config.gen_length, config.block_length)
     if per_block < 1:
         raise ValueError(f"LaViDa's step_ratio {opts.step_ratio} leaves no step in a block of {config.block_length}")

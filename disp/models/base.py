@@ -154,6 +154,12 @@ class MDLM(nn.Module, ABC):
         attends and is attended to, a family may just skip the work for rows nobody reads.
         """
 
+    def forward_and_cache(self, embeds: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int):
+        """Full forward of [prompt | answer] → (answer logits [B, G, V], the prompt's keys/values), for the
+        approximate prompt cache (`SamplerConfig.prompt_cache_refresh`); families without one refuse it."""
+        raise NotImplementedError(f"the {self.family} family has no approximate prompt key/value cache "
+                                  "(SamplerConfig.prompt_cache_refresh)")
+
     # -- shared behaviour ----------------------------------------------------------------------
     @property
     def device(self) -> torch.device:

@@ -33,7 +33,6 @@ counts padding), and padding keys are masked (upstream's MDM attention ignores t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -43,7 +42,9 @@ from torch import nn
 from disp.models.base import MDLM, ImageProcessing, PromptBatch, build_projector
 from disp.models.checkpoint import CheckpointError
 from disp.models.llada_lm import (
+    KV,
     LLaDAConfig,
+    PrefixCache,
     RMSNorm,
     apply_rope,
     bidirectional_attention,
@@ -133,9 +134,6 @@ def pooled_side(side: int, stride: int, mode: str) -> int:
     return math.ceil(side / stride) if mode == "bilinear" else side // stride
 
 
-KV = tuple[torch.Tensor, torch.Tensor]
-
-
 class LLaDALlamaBlock(nn.Module):
     """One LLaDA block under its OLMo names: pre-norm attention and SwiGLU MLP, no biases.
 
@@ -177,14 +175,6 @@ class LLaDALlamaBlock(nn.Module):
         x = x + self.attn_out(y.transpose(1, 2).reshape(B, L, -1))
         h = self.ff_norm(x)
         return x + self.ff_out(F.silu(self.ff_proj(h)) * self.up_proj(h)), (k, v)
-
-
-@dataclass
-class PrefixCache:
-    """Per-layer rotary keys/values [B, H_kv, P, hd] of a prompt, and its attention mask [B, P]."""
-
-    layers: list[KV]
-    attention_mask: torch.Tensor
 
 
 class _Inner(nn.Module):

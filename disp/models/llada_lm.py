@@ -91,6 +91,24 @@ def bidirectional_attention(q, k, v, key_mask: torch.Tensor | None) -> torch.Ten
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False)
 
 
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class PrefixCache:
+    """Per-layer rotary keys/values [B, H_kv, P, hd] of a prompt, and its attention mask [B, P]."""
+
+    layers: list[KV]
+    attention_mask: torch.Tensor
+
+    def rows(self, index: torch.Tensor) -> PrefixCache:
+        """The cache of the batch rows `index` [B'] (a generation drops rows that have stopped)."""
+        if index.numel() == self.attention_mask.shape[0] and bool(
+                (index == torch.arange(index.numel(), device=index.device)).all()):
+            return self
+        return PrefixCache([(k[index], v[index]) for k, v in self.layers], self.attention_mask[index])
+
+
 class SelfAttention(nn.Module):
     def __init__(self, cfg: LLaDAConfig):
         super().__init__()
@@ -100,14 +118,23 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, key_mask, q_start: int = 0):
-        """x [B, L, D] → [B, L − q_start, D]: every position is a key, queries only from q_start on."""
+    def forward(self, x, cos, sin, key_mask, q_start: int = 0, *, past: KV | None = None,
+                kv_sink: list[KV] | None = None):
+        """x [B, L, D] → [B, L − q_start, D]: every position is a key, queries only from q_start on.
+
+        past: keys/values [B, H_kv, P, hd] of earlier positions (a cached prompt) that x's queries also attend
+        to; key_mask then covers [B, P + L]. kv_sink: receives this call's rotary keys/values [B, H_kv, L, hd].
+        """
         B, L, _ = x.shape
         xq = x[:, q_start:]
         q = self.q_proj(xq).view(B, L - q_start, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, Lq, hd)
         k = self.k_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, L, hd)
         v = self.v_proj(x).view(B, L, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos[:, :, q_start:], sin[:, :, q_start:]), apply_rope(k, cos, sin)
+        if kv_sink is not None:
+            kv_sink.append((k, v))
+        if past is not None:
+            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
         y = bidirectional_attention(q, k, v, key_mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, L - q_start, -1))
 
@@ -131,9 +158,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x, cos, sin, key_mask, q_start: int = 0):
-        """x [B, L, D] → [B, L − q_start, D] (the last layer need only compute the rows that are read)."""
-        x = x[:, q_start:] + self.self_attn(self.input_layernorm(x), cos, sin, key_mask, q_start)
+    def forward(self, x, cos, sin, key_mask, q_start: int = 0, *, past: KV | None = None,
+                kv_sink: list[KV] | None = None):
+        """x [B, L, D] → [B, L − q_start, D] (the last layer need only compute the rows that are read);
+        `past` and `kv_sink` as in `SelfAttention.forward`."""
+        x = x[:, q_start:] + self.self_attn(self.input_layernorm(x), cos, sin, key_mask, q_start, past=past,
+                                            kv_sink=kv_sink)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

@@ -23,7 +23,15 @@ from transformers import SiglipVisionConfig, SiglipVisionModel
 from disp.models.anyres import ImageLayout
 from disp.models.base import MDLM, ImageProcessing, build_projector
 from disp.models.checkpoint import CheckpointError
-from disp.models.llada_lm import DecoderLayer, LLaDAConfig, RMSNorm, positions_from_mask, rope_cos_sin
+from disp.models.llada_lm import (
+    KV,
+    DecoderLayer,
+    LLaDAConfig,
+    PrefixCache,
+    RMSNorm,
+    positions_from_mask,
+    rope_cos_sin,
+)
 from disp.tokenizer import ChatTokenizer
 
 ARCHITECTURE = "LlavaLLaDAModelLM"
@@ -139,15 +147,41 @@ class LLaDAV(MDLM):
         return self.model.embed_tokens(ids)
 
     def forward_embeds(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                       logits_from: int = 0) -> torch.Tensor:
+                       logits_from: int = 0, kv_sink: list[KV] | None = None) -> torch.Tensor:
+        """`MDLM.forward_embeds`; `kv_sink` receives each layer's rotary keys/values [B, H_kv, L, hd]."""
         B, L, _ = embeds.shape
         pos = positions_from_mask(attention_mask, B, L, embeds.device)
         cos, sin = rope_cos_sin(pos, self.lm_config.head_dim, self.lm_config.rope_theta, embeds.dtype)
         h = embeds
         last = len(self.model.layers) - 1
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, cos, sin, attention_mask, logits_from if i == last else 0)
+            h = layer(h, cos, sin, attention_mask, logits_from if i == last else 0, kv_sink=kv_sink)
         return self.lm_head(self.model.norm(h))  # (B, L − logits_from, V)
+
+    # -- approximate prompt key/value reuse (disp.sampling, SamplerConfig.prompt_cache_refresh) ---------
+    def forward_and_cache(self, embeds: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int
+                          ) -> tuple[torch.Tensor, PrefixCache]:
+        """A full forward of [prompt | answer] ([B, P + G, D], mask [B, P + G]) → the answer's logits
+        [B, G, V] (the same numbers as `forward_embeds(..., logits_from=P)`) and the prompt's keys/values."""
+        sink: list[KV] = []
+        logits = self.forward_embeds(embeds, attention_mask, logits_from=prompt_length, kv_sink=sink)
+        P = prompt_length
+        return logits, PrefixCache([(k[:, :, :P], v[:, :, :P]) for k, v in sink], attention_mask[:, :P])
+
+    def forward_cached(self, embeds: torch.Tensor, cache: PrefixCache) -> torch.Tensor:
+        """Answer embeddings [B, G, D] → logits [B, G, V], attending to the cached prompt keys/values.
+
+        Not exact under LLaDA-V's bidirectional attention: the prompt's keys/values are those of the
+        forward that made the cache, when the answer held other tokens (dLLM-Cache / Fast-dLLM's prefix cache).
+        """
+        B, G, _ = embeds.shape
+        mask = torch.cat([cache.attention_mask, torch.ones(B, G, dtype=torch.bool, device=embeds.device)], 1)
+        pos = positions_from_mask(mask, B, mask.shape[1], embeds.device)[:, -G:]
+        cos, sin = rope_cos_sin(pos, self.lm_config.head_dim, self.lm_config.rope_theta, embeds.dtype)
+        h = embeds
+        for layer, past in zip(self.model.layers, cache.layers, strict=True):
+            h = layer(h, cos, sin, mask, past=past)
+        return self.lm_head(self.model.norm(h))  # (B, G, V)
 
 
 def read_config(path: Path) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from disp.config import FinetuneConfig
 from disp.data import parse_samples
 from disp.models.base import MDLM
 from disp.pipeline import VisionCache, finetune_samples, purify_samples, score_samples
+from experiments.benchmarks.fast import best_fast, fast_entries, run_fast
 from experiments.benchmarks.measure import FlopCounter, StagePeaks, _sync
 from experiments.benchmarks.reference import reference_finetune, reference_score_and_purify
 from experiments.benchmarks.workloads import Workload
@@ -71,9 +72,11 @@ def run_workload(
     peak_flops: float | None = None,
     official_quirks: bool = False,
     workers: int | None = 1,
+    fast: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Reference then product on `w`; returns per-stage figures and the checks.
+    """Reference then product on `w`; returns per-stage figures and the checks. `fast`: SamplerConfig
+    overrides of a third side, the fast product (`experiments/benchmarks/fast.py`), reported under "fast".
 
     `official_quirks`: the reference reproduces the official code's two numerical quirks (see
     `experiments/benchmarks/reference.py`); the checks then measure their effect and are not enforced."""
@@ -178,6 +181,10 @@ def run_workload(
             flops["product"]["finetune"] = counter.take()
         peaks["product"].update(mem.peaks)
         _restore_projector(model, projector0)
+        if fast is not None:
+            log(f"fast product: purifying with {fast}, then fine-tuning ...")
+            fast_run = run_fast(w, tmp, sampler=fast, scores=scores, cache=cache, exact_records=records,
+                                counter=counter, workers=workers, restore=lambda: _restore_projector(model, projector0))
 
     # checks
     prod_answers = [r["conversations"][1]["value"] for r in records[:n_ref]]
@@ -254,6 +261,8 @@ def run_workload(
             entry["product_mfu"] = entry["product_achieved_flops_per_s"] / peak_flops
             entry["reference_mfu"] = entry["reference_achieved_flops_per_s"] / peak_flops
         result[stage] = entry
+    if fast is not None:
+        result["fast"] = fast_entries(result, *fast_run, peak_flops)
     visual = visual_counts(model, samples, w.source)
     prompt_lens = [
         len(model.tokenizer.encode_prompt(s.question)) - 1 + n for s, n in zip(samples, visual, strict=True)
@@ -311,6 +320,10 @@ def best_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     e2e["reference_peak_mem_bytes"] = max(result[s]["reference_peak_mem_bytes"] for s in STAGES[:3])
     e2e["speedup"] = e2e["product_sps"] / e2e["reference_sps"]
     result["end_to_end"] = e2e
+    if "fast" in runs[0]:
+        mfu = runs[0]["saliency"].get("product_mfu")
+        peak = runs[0]["saliency"]["product_achieved_flops_per_s"] / mfu if mfu else None
+        result["fast"] = best_fast(runs, result, peak)
     return result
 
 

@@ -81,6 +81,8 @@ class FlopCounter:
     """Model FLOPs of LM forwards/backwards and vision-tower forwards, counted by wrapping the model's calls.
 
     LM forward: 2·tokens·(matmul parameters incl. lm_head) + 4·B·L²·D·layers (scores and values).
+    Cached forward (`forward_cached`, G answer tokens against P cached prompt keys/values):
+    2·B·G·(matmul parameters) + 4·B·G·(P + G)·D·layers.
     Backward to the inputs only (scoring probes; fine-tuning, whose only trainable weights are the
     projector's): the same matmul FLOPs and twice the attention FLOPs. Each forward taken with grad
     enabled is charged `backwards_per_grad_forward` backward passes (M probes when scoring, 1 when training).
@@ -136,11 +138,23 @@ class FlopCounter:
             self.flops += self.per_image * pixels.shape[0]
             return vis(pixels)
 
+        cached = getattr(model, "forward_cached", None)
+
+        def forward_cached(embeds, cache):
+            B, G = embeds.shape[:2]
+            self.flops += 2.0 * B * G * self.lm_matmul + float(self.lm_attn) * B * G * (
+                cache.attention_mask.shape[1] + G)
+            return cached(embeds, cache)
+
         model.forward_embeds, model.vision_features = forward_embeds, vision_features
+        if cached is not None:
+            model.forward_cached = forward_cached
         try:
             yield self
         finally:
             del model.forward_embeds, model.vision_features  # back to the class's methods
+            if cached is not None:
+                del model.forward_cached
 
     def take(self) -> float:
         out, self.flops = self.flops, 0.0

@@ -1,6 +1,6 @@
 """Throughput of DiSP's stages: the published per-sample procedure against the product, in one process.
 
-    python -m experiments.benchmarks.perf [--quick] [--json OUT] [--samples N] [--threads N] [--workers N] [--repeat N] [--gpu-8b] [--gpu-8b-anyres]
+    python -m experiments.benchmarks.perf [--quick] [--json OUT] [--samples N] [--threads N] [--workers N] [--repeat N] [--gpu-8b] [--gpu-8b-anyres] [--fast]
 
 Both sides run on the same model object and the same data, one after the other: the reference
 (`experiments/benchmarks/reference.py`: batch 1, sequential probes, float64 Fisher, unbatched generation, tower per
@@ -27,6 +27,12 @@ and purified with batches of 8, and reports model-FLOPs utilisation against the 
 `--gpu-8b-anyres` runs that shape with LLaDA-V's published anyres_max_4 layout on 768 px images (3699 visual
 tokens per sample), scored in batches of 3 and fine-tuned in micro-batches of 3 (what fits 80 GB,
 `experiments.benchmarks.memory_8b`).
+
+`--fast` adds a third side to every workload, the fast product: purification with the approximate sampler
+(`--fast-cache-refresh`, `--fast-threshold`; `experiments/benchmarks/fast.py`) and fine-tuning on its rewrite,
+scoring shared with the exact product. Its figures go under `fast` in the JSON, with `parity` (answer agreement
+with exact decoding against `AGREEMENT_TOLERANCE`); a parity miss is reported, and fails the run only with
+`--fast-strict`.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from typing import Any
 import torch
 
 from experiments.benchmarks.compare import STAGES, best_of, passed, run_workload  # noqa: F401  (STAGES re-exported for the tests)
+from experiments.benchmarks.fast import FAST_SAMPLER
 from experiments.benchmarks.measure import (  # noqa: F401  (some re-exported for the tests)
     FlopCounter,
     device_description,
@@ -99,6 +106,21 @@ def format_table(result: dict[str, Any], title: str) -> str:
         else f"{c['finetune_loss_max_rel_diff']:.1e} (tolerance {c['finetune_loss_tolerance']:.0e})"
     )
     why = "official quirks" if c["official_quirks"] else "bf16"
+    if "fast" in result:
+        fast = result["fast"]
+        lines.append(f"  fast product {fast['sampler']} (saliency shared with the exact product):")
+        lines.append(f"  {'stage':<13}{'fast/s':>12}{'vs ref':>9}{'vs exact':>10}{'FLOPs saved':>13}{'peak mem':>12}"
+                     + (f"{'MFU':>8}" if mfu else ""))
+        for stage in STAGES:
+            e = fast[stage]
+            row = (f"  {stage:<13}{e['product_sps']:>12.2f}{e['speedup']:>8.2f}x{e['speedup_vs_exact']:>9.2f}x"
+                   f"{100 * e['flops_saved_vs_exact']:>12.1f}%{_mib(e['peak_mem_bytes']):>12}")
+            if mfu:
+                row += f"{100 * e['product_mfu']:>7.1f}%"
+            lines.append(row)
+        p = fast["parity"]
+        lines.append(f"  fast parity: answer agreement with exact {100 * p['agreement']:.1f}% (tolerance "
+                     f"{100 * p['tolerance']:.0f}%): {'passed' if p['passed'] else 'FAILED'}")
     lines.append(
         f"  checks{'' if c['strict'] else f' ({why}: reported, not enforced)'}: purified answers identical "
         f"{c['answers_identical']}, masked sets identical {c['masked_sets_identical']}, saliency max rel. "
@@ -157,6 +179,13 @@ def main(argv: list[str] | None = None) -> int:
         help="reference with the official code's undetached probes and float32 confidences "
         "(reports how much they change the outputs; checks not enforced)",
     )
+    ap.add_argument("--fast", action="store_true",
+                    help="also run the fast product (approximate purification) and report its parity")
+    ap.add_argument("--fast-cache-refresh", type=int, default=FAST_SAMPLER.get("prompt_cache_refresh", 0),
+                    help="the fast product's SamplerConfig.prompt_cache_refresh (default %(default)s)")
+    ap.add_argument("--fast-threshold", type=float, default=FAST_SAMPLER.get("confidence_threshold", 1.0),
+                    help="the fast product's SamplerConfig.confidence_threshold (default %(default)s; 1 = off)")
+    ap.add_argument("--fast-strict", action="store_true", help="exit 1 when the fast product misses parity")
     ap.add_argument("--no-warm-up", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", choices=("shapes-base", "tiny"), default="shapes-base", help=argparse.SUPPRESS)
     ap.add_argument("--gen-length", type=int, default=32, help=argparse.SUPPRESS)  # = steps = block (tests)
@@ -165,6 +194,16 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--repeat must be at least 1, got {args.repeat}")
     if args.workers < 0:
         ap.error(f"--workers must be at least 0 (0: automatic), got {args.workers}")
+    args.fast_sampler = None
+    if args.fast:
+        from disp.config import SamplerConfig
+
+        args.fast_sampler = {"prompt_cache_refresh": args.fast_cache_refresh,
+                             "confidence_threshold": args.fast_threshold}
+        try:
+            SamplerConfig(**args.fast_sampler)
+        except ValueError as err:
+            ap.error(f"--fast-cache-refresh / --fast-threshold: {err}")
     saved = (torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -188,6 +227,7 @@ def _repeated(w: Workload, tmp: Path, device: torch.device, args: argparse.Names
             peak_flops=gpu_peak_flops(device, args.peak_tflops),
             official_quirks=args.official_quirks,
             workers=args.workers,
+            fast=args.fast_sampler,
         )
         for r in range(args.repeat)
     ])
@@ -213,6 +253,8 @@ def _run(args: argparse.Namespace, argv: list[str] | None) -> int:
         out.update(res)
         if not passed(res):
             failures.append("outputs differ or a tolerance was exceeded (see checks)")
+        if args.fast_strict and "fast" in res and not res["fast"]["parity"]["passed"]:
+            failures.append("the fast product misses answer-agreement parity (see fast.parity)")
         del w
         for key, anyres in (("gpu_8b", False), ("gpu_8b_anyres", True)):
             if getattr(args, key):

@@ -184,3 +184,127 @@ def test_suppress_eos_false_is_lladas_generate(tiny_model, solid_images):
             del tiny_model.forward_embeds
         assert (plain.ids == token).all()
         assert not (llada_v.ids == token).any() and not (eos_only.ids == token).any()
+
+
+# -- approximate sampling: confidence_threshold and prompt_cache_refresh ----------------------------------------
+class Calls:
+    """Records the model's full forwards (their logits) and its answer-only cached forwards (their input shapes)."""
+
+    def __init__(self, model):
+        self.model, self.full, self.cached, self.prompts = model, [], [], []
+
+    def __enter__(self):
+        full, cached = self.model.forward_embeds, self.model.forward_cached
+
+        def forward_embeds(embeds, mask=None, **kw):
+            self.prompts.append(embeds[:, : embeds.shape[1] - self.gen].clone())
+            out = full(embeds, mask, **kw)
+            self.full.append(out.clone())
+            return out
+
+        def forward_cached(embeds, cache):
+            self.cached.append(tuple(embeds.shape))
+            return cached(embeds, cache)
+
+        self.model.forward_embeds, self.model.forward_cached = forward_embeds, forward_cached
+        return self
+
+    def __call__(self, pb, cfg, **kw):
+        self.gen = cfg.gen_length
+        with self:
+            return generate(self.model, pb, cfg, **kw)
+
+    def __exit__(self, *exc):
+        del self.model.forward_embeds, self.model.forward_cached
+
+
+QUESTIONS = ["What is it?", "Describe this image in detail.", "Colour?", "Where is the object in the image?"]
+
+
+@pytest.mark.parametrize("shape", [(16, 16, 16), (16, 8, 8)])
+def test_cache_refreshed_every_step_is_the_exact_sampler_bit_for_bit(tiny_model, solid_images, shape):
+    pb = tiny_model.prompt_batch(QUESTIONS, solid_images)  # left-padded prompts of different lengths
+    exact, every = Calls(tiny_model), Calls(tiny_model)
+    a = exact(pb, SamplerConfig(*shape, temperature=0.5), generator=torch.Generator().manual_seed(3))
+    b = every(pb, SamplerConfig(*shape, temperature=0.5, prompt_cache_refresh=1, confidence_threshold=1.0),
+              generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.lengths, b.lengths) and a.steps_run == b.steps_run
+    assert len(exact.full) == len(every.full) == a.steps_run and not every.cached
+    assert all(torch.equal(x, y) for x, y in zip(exact.full, every.full, strict=True))
+
+
+def test_cached_forward_matches_the_full_forward_on_the_same_answer(tiny_model, solid_images):
+    """Right after a refresh (the answer unchanged) the answer-only forward sees exactly the full forward's keys and
+    values: the same logits up to float rounding, left padding included."""
+    pb = tiny_model.prompt_batch(QUESTIONS, solid_images)
+    P = pb.embeds.shape[1]
+    ids = torch.randint(0, 300, (4, 8), generator=torch.Generator().manual_seed(0))
+    answer = tiny_model.embed_tokens(ids)
+    attn = torch.cat([pb.attention_mask, torch.ones(4, 8, dtype=torch.bool)], 1)
+    with torch.no_grad():
+        full, cache = tiny_model.forward_and_cache(torch.cat([pb.embeds, answer], 1), attn, P)
+        cached = tiny_model.forward_cached(answer, cache)
+        rows = torch.tensor([1, 3])
+        subset = tiny_model.forward_cached(answer[rows], cache.rows(rows))
+    assert full.shape == cached.shape == (4, 8, tiny_model.lm_config.vocab_size)
+    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(subset, full[rows], rtol=1e-5, atol=1e-5)
+
+
+def test_cache_runs_the_prompt_once_per_refresh(tiny_model, solid_images):
+    pb = tiny_model.prompt_batch(QUESTIONS, solid_images)
+    exact, cached = Calls(tiny_model), Calls(tiny_model)
+    exact(pb, SamplerConfig(16, 8, 16))
+    gen = cached(pb, SamplerConfig(16, 8, 16, prompt_cache_refresh=4))
+    assert len(exact.full) == 16
+    # each 8-step block: full forwards at steps 0 and 4, the answer's 16 positions alone at the other 6
+    assert len(cached.full) == 4 and len(cached.cached) == 12 == gen.steps_run - 4
+    assert all(shape[1:] == (16, tiny_model.lm_config.hidden_size) for shape in cached.cached)
+    assert not (gen.ids == tiny_model.tokenizer.mask_id).any()
+
+
+def test_cache_never_reads_held_visual_tokens(tiny_model, solid_images):
+    pb = tiny_model.prompt_batch(QUESTIONS[:2], solid_images[:2])
+    held = torch.zeros_like(pb.attention_mask)
+    held[0, pb.image_positions[0, :5]] = True
+    held[1, pb.image_positions[1, -3:]] = True
+    calls = Calls(tiny_model)
+    calls(pb, SamplerConfig(16, 16, 16, prompt_cache_refresh=8), held=held)
+    expected = torch.where(held[..., None], tiny_model.mask_embedding(), pb.embeds)
+    assert calls.prompts and calls.cached  # the prompt reaches the model only in the full forwards
+    for prompt in calls.prompts:
+        for row in prompt:
+            assert any(torch.equal(row, e) for e in expected)
+
+
+def test_threshold_commits_in_parallel_and_cuts_model_calls(tiny_model, solid_images):
+    # make the first 8 of 16 answer positions confident (softmax ~0.98 on one ordinary token); the rest stay
+    # near uniform (~1/V), so the threshold commits those 8 at once and the others one per step
+    bias = torch.zeros(16, tiny_model.lm_config.vocab_size)
+    bias[:8, 100] = 12.0
+    orig, calls = tiny_model.forward_embeds, []
+    tiny_model.forward_embeds = lambda e, m=None, **kw: calls.append(1) or orig(e, m, **kw) + bias
+    pb = tiny_model.prompt_batch(QUESTIONS, solid_images)
+    snaps = []
+    try:
+        exact = generate(tiny_model, pb, SamplerConfig(16, 16, 16))
+        n_exact = len(calls)
+        fast = generate(tiny_model, pb, SamplerConfig(16, 16, 16, confidence_threshold=0.9),
+                        on_step=lambda ids, m: snaps.append(m.clone()))
+    finally:
+        del tiny_model.forward_embeds
+    assert n_exact == exact.steps_run == 16 and len(calls) - n_exact == fast.steps_run <= 9
+    assert ((~snaps[0]).sum(1) == 8).all() and (fast.ids[:, :8] == 100).all()
+    prev = snaps[0]
+    for mask in snaps[1:]:  # afterwards the scheduled token per running row
+        assert ((prev & ~mask).sum(1) == prev.any(1).long()).all()
+        prev = mask
+
+
+def test_bad_approximation_settings_are_named():
+    with pytest.raises(ValueError, match=r"confidence_threshold must be in \(0, 1\] \(1 = off\), got 1.5"):
+        SamplerConfig(confidence_threshold=1.5)
+    with pytest.raises(ValueError, match="confidence_threshold 0.9 needs remasking 'low_confidence'"):
+        SamplerConfig(confidence_threshold=0.9, remasking="random")
+    with pytest.raises(ValueError, match="prompt_cache_refresh must be >= 0 .*got -1"):
+        SamplerConfig(prompt_cache_refresh=-1)

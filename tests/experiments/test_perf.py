@@ -54,6 +54,39 @@ def test_quick_run_writes_every_field_and_passes(tmp_path):
     assert len(data["runs"]) == 1
 
 
+@pytest.mark.parametrize("refresh", [4, 1])
+def test_fast_product_reports_per_stage_figures_and_parity(tmp_path, refresh):
+    """--fast: a third side with the exact product's per-stage fields; refreshing the prompt cache every step is
+    exact decoding, so its answers all agree and its purification costs the exact product's FLOPs."""
+    out = tmp_path / "perf.json"
+    rc = perf.main(["--quick", "--samples", "4", "--model", "tiny", "--gen-length", "8", "--no-warm-up", "--fast",
+                    "--fast-cache-refresh", str(refresh), "--fast-threshold", "1", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert rc == 0
+    fast = data["fast"]
+    assert fast["sampler"] == {"prompt_cache_refresh": refresh, "confidence_threshold": 1.0}
+    for stage in perf.STAGES:
+        e = fast[stage]
+        assert e["product_sps"] > 0 and e["peak_mem_bytes"] > 0 and e["product_model_flops"] > 0, stage
+        assert e["speedup"] == pytest.approx(e["product_sps"] / data[stage]["reference_sps"])
+        assert e["speedup_vs_exact"] == pytest.approx(data[stage]["product_s"] / e["product_s"])
+    assert fast["saliency"]["shared_with_exact"] and fast["saliency"]["product_s"] == data["saliency"]["product_s"]
+    parity = fast["parity"]
+    assert parity["passed"] == (parity["agreement"] >= parity["tolerance"])
+    exact_flops, fast_flops = data["purification"]["product_model_flops"], fast["purification"]["product_model_flops"]
+    if refresh == 1:
+        assert parity["agreement"] == 1.0 and fast_flops == exact_flops
+    else:  # 8 steps: 2 full forwards and 6 over the 8 answer tokens alone
+        assert fast_flops < 0.6 * exact_flops
+        assert fast["purification"]["flops_saved_vs_exact"] == pytest.approx(1 - fast_flops / exact_flops)
+
+
+def test_bad_fast_settings_are_named(capsys):
+    with pytest.raises(SystemExit):
+        perf.main(["--fast", "--fast-threshold", "0"])
+    assert "confidence_threshold must be in (0, 1]" in capsys.readouterr().err
+
+
 def _stage(ref_s: float, prod_s: float) -> dict:
     return {"reference_s": ref_s, "product_s": prod_s, "reference_samples": 4, "product_samples": 8,
             "reference_sps": 4 / ref_s, "product_sps": 8 / prod_s, "speedup": (8 / prod_s) / (4 / ref_s),
