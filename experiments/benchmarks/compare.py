@@ -17,13 +17,12 @@ import torch
 
 from disp.batching import visual_counts
 from disp.config import FinetuneConfig
-from disp.data import parse_samples
 from disp.models.base import MDLM
 from disp.pipeline import VisionCache, finetune_samples, purify_samples, score_samples
 from experiments.benchmarks.fast import best_fast, fast_entries, run_fast
 from experiments.benchmarks.measure import FlopCounter, StagePeaks, _sync
 from experiments.benchmarks.reference import reference_finetune, reference_score_and_purify
-from experiments.benchmarks.workloads import Workload
+from experiments.benchmarks.workloads import Workload, finetune_purified, purified_samples
 
 STAGES = ("saliency", "purification", "finetune", "end_to_end")
 SALIENCY_RTOL = 1e-3  # float32: batching changes only the rounding
@@ -159,23 +158,13 @@ def run_workload(
             flops["reference"]["finetune"] = counter.take()
         peaks["reference"].update(mem.peaks)
         _restore_projector(model, projector0)
-        train = parse_samples(
-            [{k: r[k] for k in ("id", "image", "conversations")} for r in records], "purified"
-        )
+        train = purified_samples(records)
         log(f"product: fine-tuning on {len(train)} samples, {w.finetune.epochs} epoch(s) ...")
         with StagePeaks(dev) as mem:
             mem.switch("finetune")
             _sync(dev)
             t0 = time.perf_counter()
-            metrics = finetune_samples(
-                model,
-                train,
-                w.source,
-                w.finetune,
-                tmp / f"ft-{uuid.uuid4().hex[:8]}",
-                run_key=uuid.uuid4().hex,
-                cache=cache,
-            )
+            metrics = finetune_purified(w, train, tmp, cache)
             _sync(dev)
             seconds["product"]["finetune"] = time.perf_counter() - t0
             flops["product"]["finetune"] = counter.take()

@@ -11,15 +11,13 @@ cells by `experiments/fast_parity.py`; a random-weight workload has no backdoor 
 from __future__ import annotations
 
 import time
-import uuid
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from disp.data import parse_samples
-from disp.pipeline import VisionCache, finetune_samples, purify_samples
+from disp.pipeline import VisionCache, purify_samples
 from experiments.benchmarks.measure import FlopCounter, StagePeaks, _sync
-from experiments.benchmarks.workloads import Workload
+from experiments.benchmarks.workloads import Workload, finetune_purified, purified_samples
 
 # Defaults of `perf.py --fast`: the setting that kept CP and ASR w/t of exact in experiments/results/fast.
 FAST_SAMPLER = {"prompt_cache_refresh": 8}
@@ -57,21 +55,11 @@ def run_fast(
         flops["purification"] = counter.take()
         counter.backwards_per_grad_forward = 1
         restore()
-        train = parse_samples(
-            [{k: r[k] for k in ("id", "image", "conversations")} for r in records], "purified"
-        )
+        train = purified_samples(records)
         mem.switch("finetune")
         _sync(dev)
         t0 = time.perf_counter()
-        finetune_samples(
-            model,
-            train,
-            w.source,
-            w.finetune,
-            tmp / f"ft-fast-{uuid.uuid4().hex[:8]}",
-            run_key=uuid.uuid4().hex,
-            cache=cache,
-        )
+        finetune_purified(w, train, tmp, cache)
         _sync(dev)
         seconds["finetune"] = time.perf_counter() - t0
         flops["finetune"] = counter.take()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,10 +13,10 @@ from disp import models, shapes
 from disp.attacks import TriggerConfig, poison_dataset
 from disp.config import FinetuneConfig, PurifyConfig, SaliencyConfig, SamplerConfig
 from disp.constants import DEFAULT_SYSTEM_PROMPT
-from disp.data import ImageSource, Sample
+from disp.data import ImageSource, Sample, parse_samples
 from disp.models.base import MDLM
 from disp.models.tiny import LLADA_V_ANYRES, TINY_LM, TINY_VISION, write_tiny_checkpoint
-from disp.pipeline import load_dataset
+from disp.pipeline import VisionCache, finetune_samples, load_dataset
 
 # The CPU workload: the first shapes-base recipe's architecture (LM 128, SigLIP 96; the committed base is 192/128,
 # docs/reproduction.md), random weights. Kept so that the figures in docs/performance.md stay comparable.
@@ -70,6 +71,17 @@ class Workload:
     finetune: FinetuneConfig
     reference_samples: int  # the reference runs on the first this many samples
     description: dict[str, Any] = field(default_factory=dict)
+
+
+def purified_samples(records: list[dict]) -> list[Sample]:
+    """The purified records a product side wrote, as the samples its recovery trains on."""
+    return parse_samples([{k: r[k] for k in ("id", "image", "conversations")} for r in records], "purified")
+
+
+def finetune_purified(w: Workload, train: list[Sample], tmp: Path, cache: VisionCache) -> dict:
+    """The product's recovery of `w.model` on `train`, in a fresh run folder under `tmp`; its metrics."""
+    run = uuid.uuid4().hex
+    return finetune_samples(w.model, train, w.source, w.finetune, tmp / f"ft-{run[:8]}", run_key=run, cache=cache)
 
 
 def write_shapes_data(
