@@ -22,7 +22,6 @@ from api.schemas import (
     UploadComplete,
     UploadCreate,
     UploadOut,
-    checkpoint_kind,
 )
 from api.security import check_url_token, sign_url_token
 from api.services import files
@@ -55,7 +54,7 @@ def _out(upload: Upload) -> UploadOut:
 def create_upload(
     body: UploadCreate, session: SessionDep, settings: SettingsDep, storage: StorageDep, tenant: TenantDep
 ) -> UploadOut:
-    options = {"name": body.name, "kind": checkpoint_kind(body.kind), "base_model": body.base_model}
+    options = {"name": body.name, "kind": body.kind, "base_model": body.base_model}
     upload = files.create_upload(
         session=session,
         settings=settings,

@@ -170,8 +170,9 @@ def create_upload(
             refuse_pickle_name(filename)
         except ArchiveError as exc:
             raise archive_error(exc, "filename") from None
+        options["kind"] = checkpoint_kind(options.get("kind", "full"))
         options["base_model_id"] = resolve_checkpoint_kind(
-            session=session, kind=options.get("kind", "full"), base_model=options.get("base_model")
+            session=session, kind=options["kind"], base_model=options.get("base_model")
         )
     if size > settings.max_archive_bytes:
         raise ApiError(
