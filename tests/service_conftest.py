@@ -474,6 +474,20 @@ def wait_for(predicate, timeout: float, interval: float = 0.2, message: str = "c
     raise AssertionError(f"timed out after {timeout}s waiting for {message}")
 
 
+def wait_for_server(proc: subprocess.Popen, url: str, log_path: Path, timeout: float, message: str) -> None:
+    """Wait until GET `url` answers 200 from the server process `proc`; fail with its log if it exits."""
+    import httpx
+
+    def up() -> bool:
+        assert proc.poll() is None, log_path.read_text()
+        try:
+            return httpx.get(url).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_for(up, timeout, message=message)
+
+
 def crafted_checkpoint(src_dir: Path, path: Path, *, shard_name=None, drop=(), extra=None) -> Path:
     """A tar of `src_dir` as `ckpt/...` whose model.safetensors.index.json maps each tensor to
     `shard_name(shard)` (default: unchanged), leaving out the files in `drop` and adding `extra`."""

@@ -11,10 +11,9 @@ import sys
 import zipfile
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.service_conftest import free_port, wait_for
+from tests.service_conftest import free_port, wait_for_server
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -66,15 +65,8 @@ def served(tmp_path_factory):
     )
     url = f"http://127.0.0.1:{port}"
 
-    def ready():
-        assert proc.poll() is None, (tmp / "serve.log").read_text()
-        try:
-            return httpx.get(f"{url}/readyz").status_code == 200
-        except httpx.TransportError:
-            return False
-
     try:
-        wait_for(ready, 90, message="disp serve")
+        wait_for_server(proc, f"{url}/readyz", tmp / "serve.log", 90, "disp serve")
         made = disp("keys", "create", "--data-dir", str(data_dir), "--tenant", "cli", "--json")
         assert made.returncode == 0, made.stderr
         yield url, json.loads(made.stdout)["api_key"]

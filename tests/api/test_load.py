@@ -15,7 +15,7 @@ from collections import Counter
 import httpx
 import pytest
 
-from tests.service_conftest import ROOT, free_port, new_tenant, ready_inputs, wait_for
+from tests.service_conftest import ROOT, free_port, new_tenant, ready_inputs, wait_for_server
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -52,14 +52,7 @@ def server(service_env, tmp_path):
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
 
-    def up():
-        assert proc.poll() is None, (tmp_path / "api.log").read_text()
-        try:
-            return httpx.get(f"{base}/healthz").status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_for(up, 60, message="api server")
+    wait_for_server(proc, f"{base}/healthz", tmp_path / "api.log", 60, "api server")
     yield base
     proc.terminate()
     proc.wait(30)

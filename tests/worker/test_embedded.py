@@ -10,7 +10,7 @@ import sys
 import httpx
 import pytest
 
-from tests.service_conftest import ROOT, dataset_archive, free_port, wait_for
+from tests.service_conftest import ROOT, dataset_archive, free_port, wait_for_server
 
 pytestmark = pytest.mark.slow
 
@@ -38,14 +38,7 @@ def served(tmp_path):
         stderr=open(tmp_path / "serve.log", "wb"),
     )  # noqa: SIM115
 
-    def ready():
-        assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_for(ready, 60, message="disp serve")
+    wait_for_server(proc, f"http://127.0.0.1:{port}/readyz", tmp_path / "serve.log", 60, "disp serve")
     yield data_dir, f"http://127.0.0.1:{port}"
     proc.terminate()
     proc.wait(30)
