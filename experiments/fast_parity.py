@@ -1,6 +1,6 @@
 """Approximate purification against exact decoding, on the defense's own terms (issue 28).
 
-    python -m experiments.fast_parity [--base DIR] [--work DIR] [--json OUT] [--settings NAME ...]
+    python -m experiments.fast_parity [--base DIR] [--work DIR] [--json OUT] [--defense NAME] [--settings NAME ...]
 
 One cell (the quick cell's sizes, insertion behind the corner patch, `experiments.reproduce.ReproduceConfig.quick`)
 is built (or reused from `--work`), its training set scored once, then for each sampler setting of the
@@ -10,8 +10,10 @@ fraction of poisoned samples whose rewrite still carries the backdoor, recovery 
 backdoored projector, and CP / ASR w/o / ASR w/t of the recovered projector (evaluated with the cell's exact
 sampler). A setting counts (`parity`) when its ASR w/t and CP are within `TOLERANCE` of exact.
 
-The stages are those `disp.defend` runs for "disp" (`score_samples`, `purify_samples`, `finetune_samples`),
-called directly so that scoring, which no sampler setting changes, runs once.
+The stages are those `disp.defend` runs for the defense (`--defense`: the paper's "disp" or one of the runner's
+saliency variants, e.g. "disp_isolation_anchor"; `score_samples`, `purify_samples`, `finetune_samples` with the
+anchor on the samples whose answer the rewrite kept), called directly so that scoring, which no sampler setting
+changes, runs once.
 """
 
 from __future__ import annotations
@@ -28,14 +30,14 @@ import torch
 
 from disp.baselines import read_manifest
 from disp.cell import BASE_CHECKPOINT, evaluate_cell, prepare_cell
-from disp.data import parse_samples
+from disp.data import answers_kept, parse_samples
 from disp.metrics import attack_succeeded
 from disp.models import load
 from disp.pipeline import VisionCache, finetune_samples, load_dataset, purify_samples, score_samples
 from disp.shapes import config_of_checkpoint
 from experiments.benchmarks.measure import FlopCounter
 from experiments.environment import environment
-from experiments.reproduce import ReproduceConfig, defense_config
+from experiments.reproduce import VARIANTS, ReproduceConfig, defense_config
 
 # name -> SamplerConfig overrides of the purification's sampler
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -45,6 +47,12 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "threshold0.9": {"confidence_threshold": 0.9},
     "threshold0.7": {"confidence_threshold": 0.7},
     "threshold0.9+cache8": {"confidence_threshold": 0.9, "prompt_cache_refresh": 8},
+    "cache16": {"prompt_cache_refresh": 16},
+    "cache32": {"prompt_cache_refresh": 32},
+    "threshold0.99": {"confidence_threshold": 0.99},
+    "threshold0.999": {"confidence_threshold": 0.999},
+    "threshold0.99+cache8": {"confidence_threshold": 0.99, "prompt_cache_refresh": 8},
+    "threshold0.999+cache8": {"confidence_threshold": 0.999, "prompt_cache_refresh": 8},
 }
 TOLERANCE = 0.01  # ASR w/t and CP within 1 point of exact
 TARGET, TRIGGER = "insertion", "corner"
@@ -55,14 +63,16 @@ def _answer(record: dict) -> str:
 
 
 def run(
-    base: Path, work: Path, names: list[str], *, exact: dict | None = None, out: Path | None = None, log=print
+    base: Path, work: Path, names: list[str], *, defense: str = "disp", exact: dict | None = None,
+    out: Path | None = None, cfg: ReproduceConfig | None = None, log=print
 ) -> dict[str, Any]:
     """The cell, then every setting of `names` (exact first, unless `exact`, the exact row of an earlier run of
-    the same cell, is given); returns {"config", "rows", ...}, also written to `out` after every row."""
-    cfg = ReproduceConfig.quick(base=str(base))
+    the same cell, is given); returns {"config", "rows", ...}, also written to `out` after every row. `cfg`: the
+    cell's settings (default: the quick cell's)."""
+    cfg = cfg or ReproduceConfig.quick(base=str(base))
     shapes = config_of_checkpoint(base)
     cell = prepare_cell(work, base, TARGET, TRIGGER, cfg.poison_ratio, cfg, shapes, log=log)
-    dcfg = defense_config("disp", cfg)
+    dcfg = defense_config(defense, cfg)
     device = cfg.torch_device()
     model = load(base, projector=cell.backdoored, device=device)
     samples, source = load_dataset(cell.poisoned_json, cell.poisoned_json.parent)
@@ -87,6 +97,7 @@ def run(
         "base": str(base),
         "cell": f"{TARGET}/{TRIGGER}/p{cfg.poison_ratio:g}",
         "config": asdict(cfg),
+        "defense_name": defense,
         "defense": dcfg.to_dict(),
         "tolerance": TOLERANCE,
         "threads": torch.get_num_threads(),
@@ -107,9 +118,10 @@ def run(
             [{k: r[k] for k in ("id", "image", "conversations")} for r in records], "purified"
         )
         model.projector.load_state_dict(projector0)
-        ft_dir = work / "fast" / name
+        ft_dir = work / "fast" / defense / name
         t = time.perf_counter()
-        finetune_samples(model, train, source, dcfg.finetune, ft_dir, run_key=f"fast-{name}", cache=cache)
+        finetune_samples(model, train, source, dcfg.finetune, ft_dir, run_key=f"fast-{defense}-{name}",
+                         anchor=[answers_kept(r) for r in records], cache=cache)
         ft_seconds = time.perf_counter() - t
         model.projector.load_state_dict(projector0)
         ev = evaluate_cell(base, ft_dir / "projector.safetensors", cell, TARGET, cfg)
@@ -144,7 +156,7 @@ def run(
 
 def format_table(result: dict[str, Any]) -> str:
     lines = [
-        f"{result['cell']} on {Path(result['base']).name}",
+        f"{result['cell']} on {Path(result['base']).name}, {result.get('defense_name', 'disp')}",
         f"  {'setting':<22}{'agree':>7}{'bd-rate':>9}{'CP':>7}{'ASR w/o':>9}{'ASR w/t':>9}"
         f"{'purify s':>10}{'FLOPs x':>9}{'time x':>8}  parity",
     ]
@@ -165,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--work", type=Path, required=True, help="work directory (the cell is cached there)")
     p.add_argument("--json", type=Path, help="write the rows here (after every row)")
+    p.add_argument("--defense", default="disp", choices=["disp", *VARIANTS],
+                   help="the defense whose purification the settings change (default: the paper's disp)")
     p.add_argument(
         "--settings",
         nargs="+",
@@ -183,8 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         earlier = json.loads(args.exact_from.read_text())
         if earlier["base"] != str(args.base):
             p.error(f"--exact-from {args.exact_from} is of base {earlier['base']}, not {args.base}")
+        if earlier.get("defense_name", "disp") != args.defense:
+            p.error(f"--exact-from {args.exact_from} is of defense {earlier.get('defense_name', 'disp')}, "
+                    f"not {args.defense}")
         exact = earlier["rows"][0]
-    result = run(args.base, args.work, args.settings, exact=exact, out=args.json)
+    result = run(args.base, args.work, args.settings, defense=args.defense, exact=exact, out=args.json)
     print(format_table(result))
     return 0
 

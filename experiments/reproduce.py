@@ -24,7 +24,7 @@ from typing import Any
 from disp.baselines import read_manifest
 from disp.cell import BASE_CHECKPOINT, QUICK_CELL, CellConfig, evaluate_cell, prepare_cell
 from disp.cell import defense_config as cell_defense
-from disp.config import DefenseConfig
+from disp.config import DefenseConfig, SaliencyConfig
 from disp.defend import defend
 from disp.metrics import attack_succeeded
 from disp.shapes import ShapesConfig, config_of_checkpoint
@@ -71,6 +71,12 @@ class ReproduceConfig(CellConfig):
     anchor_weight: float = field(default=ANCHOR_WEIGHT, metadata={
         "help": "Feature-anchor weight of the disp_isolation_anchor variant's recovery (disp's, not the paper's; "
                 "chosen after two seed-1 cells on v3). Other defenses recover without it."})
+    split_groups: int = field(default=SaliencyConfig.split_groups, metadata={
+        "help": "First ranges of the disp_split variants' split_isolation (SaliencyConfig.split_groups)."})
+    split_beam: int = field(default=SaliencyConfig.split_beam, metadata={
+        "help": "Ranges halved per round by the disp_split variants (SaliencyConfig.split_beam)."})
+    split_budget: int = field(default=SaliencyConfig.split_budget, metadata={
+        "help": "Range forwards per sample of the disp_split variants (SaliencyConfig.split_budget)."})
     poison_sweep: tuple[float, ...] = field(default=(0.1, 0.2, 0.3, 0.4, 0.5),
                                             metadata={"help": "Poison ratios of Figure 3."})
     poison_sweep_defenses: tuple[str, ...] = field(default=("none", "disp", "random_drop", "pruning", "oracle_filter"),
@@ -107,6 +113,9 @@ def defense_config(defense: str, cfg: ReproduceConfig, mask_ratio: float | None 
     kind, saliency, purify, finetune = VARIANTS.get(defense, (defense, {}, {}, {}))
     if "anchor_weight" in finetune:
         finetune = {**finetune, "anchor_weight": cfg.anchor_weight}
+    if saliency.get("method") == "split_isolation":
+        saliency = {**saliency, "split_groups": cfg.split_groups, "split_beam": cfg.split_beam,
+                    "split_budget": cfg.split_budget}
     return cell_defense(cfg, kind, mask_ratio=mask_ratio, saliency=saliency, purify=purify, finetune=finetune)
 
 

@@ -187,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the fast product's SamplerConfig.confidence_threshold (default %(default)s; 1 = off)")
     ap.add_argument("--fast-strict", action="store_true", help="exit 1 when the fast product misses parity")
     ap.add_argument("--no-warm-up", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--model", choices=("shapes-base", "tiny"), default="shapes-base", help=argparse.SUPPRESS)
+    ap.add_argument("--model", choices=("shapes-base", "trained", "tiny"), default="shapes-base",
+                    help="CPU workload: shapes-base (random weights, the figures' default), trained (the shipped "
+                         "SHAPES base: a confident model, on which confidence-threshold decoding saves work)")
     ap.add_argument("--gen-length", type=int, default=32, help=argparse.SUPPRESS)  # = steps = block (tests)
     args = ap.parse_args(argv)
     if args.repeat < 1:

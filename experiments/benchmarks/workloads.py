@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,11 +86,12 @@ def finetune_purified(w: Workload, train: list[Sample], tmp: Path, cache: Vision
 
 
 def write_shapes_data(
-    root: Path, n: int, image_size: int = 48, seed: int = 0
+    root: Path, n: int, image_size: int = 48, seed: int = 0, config: shapes.ShapesConfig | None = None
 ) -> tuple[list[Sample], ImageSource]:
-    """n SHAPES training samples, 20% poisoned (insertion, corner trigger), as a dataset folder."""
+    """n SHAPES training samples, 20% poisoned (insertion, corner trigger), as a dataset folder (scenes of
+    `config`, default: the default scenes at `image_size`)."""
     paths = shapes.write_dataset(
-        root / "shapes", shapes.ShapesConfig(image_size=image_size), sizes={"train": n}, seed=seed
+        root / "shapes", config or shapes.ShapesConfig(image_size=image_size), sizes={"train": n}, seed=seed
     )
     samples, source = load_dataset(paths["train"], root / "shapes")
     res = poison_dataset(
@@ -116,7 +118,10 @@ def write_benchmark_checkpoint(out: Path, lm: dict | None = None, vision: dict |
 def cpu_workload(
     root: Path, n: int, epochs: int, device: str = "cpu", size: str = "shapes-base", gen_length: int = 32
 ) -> Workload:
-    """The main workload; `size` "tiny" takes `write_tiny_checkpoint`'s test shapes (for the tests)."""
+    """The main workload; `size` "tiny" takes `write_tiny_checkpoint`'s test shapes (for the tests), "trained"
+    the shipped SHAPES base (`disp.cell.BASE_CHECKPOINT`, trained weights) on scenes of its own settings."""
+    if size == "trained":
+        return trained_workload(root, n, epochs, device=device, gen_length=gen_length)
     lm, vision = (SHAPES_BASE_LM, SHAPES_BASE_VISION) if size == "shapes-base" else (TINY_LM, TINY_VISION)
     ckpt = write_benchmark_checkpoint(root / "model", lm, vision)
     model = models.load(ckpt, device=device)
@@ -135,6 +140,34 @@ def cpu_workload(
             "checkpoint": f"write_tiny_checkpoint(lm={size.upper().replace('-', '_')}_LM, ...)",
             "lm": lm,
             "vision": vision,
+            "vocab_size": model.lm_config.vocab_size,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        },
+    )
+
+
+def trained_workload(root: Path, n: int, epochs: int, device: str = "cpu", gen_length: int = 32) -> Workload:
+    """The shipped SHAPES base (trained: its first denoising step is confident, as a real model's is, which
+    the random-weight workload's is not) on n scenes of its own settings, 20% poisoned as above; the sampler,
+    saliency and fine-tuning settings of the random-weight workload."""
+    from disp.cell import BASE_CHECKPOINT
+
+    model = models.load(BASE_CHECKPOINT, device=device)
+    samples, source = write_shapes_data(root / "data", n, config=shapes.config_of_checkpoint(BASE_CHECKPOINT))
+    sampler = SamplerConfig(gen_length=gen_length, block_length=gen_length, steps=gen_length)
+    return Workload(
+        name="the shipped SHAPES base (trained weights)",
+        model=model,
+        samples=samples,
+        source=source,
+        saliency=SaliencyConfig(),
+        purify=PurifyConfig(sampler=sampler),
+        finetune=FinetuneConfig(epochs=epochs),
+        reference_samples=n,
+        description={
+            "checkpoint": "disp/assets/shapes-base",
+            "lm": {k: getattr(model.lm_config, k) for k in SHAPES_BASE_LM},
+            "vision": json.loads((BASE_CHECKPOINT / "config.json").read_text()).get("vision_config"),
             "vocab_size": model.lm_config.vocab_size,
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         },

@@ -202,3 +202,21 @@ def test_8b_path_runs_anyres(tmp_path):
     assert res["checks"]["answers_identical"] == "1/1"
     for stage in perf.STAGES:
         assert res[stage]["product_sps"] > 0 and res[stage]["reference_sps"] > 0
+
+
+def test_trained_workload_is_the_shipped_base_on_its_own_scenes(tmp_path):
+    """--model trained: the shipped SHAPES base, so a confidence threshold has confident steps to skip."""
+    from disp.cell import BASE_CHECKPOINT
+    from disp.shapes import config_of_checkpoint
+
+    out = tmp_path / "perf.json"
+    rc = perf.main(["--quick", "--samples", "4", "--model", "trained", "--gen-length", "8", "--no-warm-up", "--fast",
+                    "--fast-cache-refresh", "0", "--fast-threshold", "0.9", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert rc == 0, data["checks"]
+    assert data["workload"]["checkpoint"] == "disp/assets/shapes-base"
+    assert data["workload"]["lm"]["hidden_size"] == json.loads((BASE_CHECKPOINT / "config.json").read_text())["hidden_size"]
+    image = config_of_checkpoint(BASE_CHECKPOINT).image_size
+    assert data["workload"]["num_visual_tokens"] == (image // data["workload"]["vision"]["patch_size"]) ** 2
+    # a trained model commits several tokens per step above the threshold: fewer forwards than exact decoding
+    assert data["fast"]["purification"]["product_model_flops"] < data["purification"]["product_model_flops"]

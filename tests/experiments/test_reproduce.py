@@ -242,3 +242,13 @@ def test_committed_base_reads_tags():
 
     reading = probe.tag_reading(load(BASE_CHECKPOINT), n=16, sampler=ReproduceConfig().sampler)
     assert reading["tag_word_first"] >= 0.9 and reading["refusal_tag_refused"] >= 0.9, reading
+
+
+def test_split_settings_reach_the_split_variants_only():
+    cfg = ReproduceConfig(split_groups=4, split_beam=3, split_budget=24)
+    for name in ("disp_split", "disp_split_anchor"):
+        s = defense_config(name, cfg).saliency
+        assert (s.method, s.split_groups, s.split_beam, s.split_budget) == ("split_isolation", 4, 3, 24)
+    assert defense_config("disp_isolation", cfg).saliency == defense_config("disp_isolation", ReproduceConfig()).saliency
+    with pytest.raises(ValueError, match="split_budget must be >= split_groups"):
+        defense_config("disp_split", ReproduceConfig(split_groups=8, split_budget=4))
