@@ -2,8 +2,8 @@
 
 Everything but the projector is frozen. The vision tower runs once per image (its features are cached),
 so each step costs a projector pass and a language-model pass. AdamW with linear warm-up then cosine
-decay, gradient accumulation, bf16 autocast on GPU, a resumable state saved as safetensors after every
-epoch. An optional feature anchor (`FinetuneConfig.anchor_weight`, disp's, not the paper's) keeps the
+decay, gradient accumulation, bf16 autocast (GPU; opt-in on a CPU), a resumable state saved as safetensors
+after every epoch. An optional feature anchor (`FinetuneConfig.anchor_weight`, disp's, not the paper's) keeps the
 projector's outputs on chosen samples close to the starting projector's. Data order and diffusion noise are
 functions of (seed, epoch, step), so a resumed run ends with the same weights as an uninterrupted one.
 """
@@ -52,6 +52,12 @@ def vision_features(model: MDLM, images: Sequence[Image.Image], batch_size: int 
         out += [ImageFeatures(f.features.cpu(), f.size)
                 for f in model.tower(model.image_views(images[i : i + batch_size]))]
     return out
+
+
+def autocast(config: FinetuneConfig, device: torch.device) -> torch.autocast:
+    """bf16 autocast of a training step: on a GPU with `config.bf16`, on a CPU with `config.bf16_cpu`."""
+    enabled = config.bf16 if device.type == "cuda" else config.bf16_cpu and device.type == "cpu"
+    return torch.autocast("cuda" if device.type == "cuda" else "cpu", dtype=torch.bfloat16, enabled=enabled)
 
 
 def lr_at(step: int, total: int, config: FinetuneConfig) -> float:
@@ -136,7 +142,7 @@ def finetune_projector(model: MDLM, questions: Sequence[str | Sequence[str]], an
     start_epoch, steps, losses = 0, 0, []
     if state_dir is not None and (state_dir / "state.json").is_file():
         start_epoch, steps, losses = _load_state(state_dir, model, opt)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.bf16 and device.type == "cuda")
+    mixed = autocast(config, device)
     t0 = time.perf_counter()
     model.train()
     for epoch in range(start_epoch, config.epochs):
@@ -147,7 +153,7 @@ def finetune_projector(model: MDLM, questions: Sequence[str | Sequence[str]], an
                 raise Cancelled("fine-tuning cancelled")
             idx = order[mb * config.batch_size : (mb + 1) * config.batch_size]
             noise = torch.Generator(device=device).manual_seed(config.seed * 1_000_003 + epoch * per_epoch + mb)
-            with autocast:
+            with mixed:
                 feats = [features[i] for i in idx]
                 embeds = model.visual_tokens(feats)
                 batch = training_batch(model, [questions[i] for i in idx], [answers[i] for i in idx],

@@ -39,7 +39,9 @@ from experiments.benchmarks.measure import FlopCounter
 from experiments.environment import environment
 from experiments.reproduce import VARIANTS, ReproduceConfig, defense_config
 
-# name -> SamplerConfig overrides of the purification's sampler
+# name -> SamplerConfig overrides of the purification's sampler (and, under "finetune", FinetuneConfig overrides
+# of the recovery)
+BF16_CPU = {"finetune": {"bf16_cpu": True}}
 SETTINGS: dict[str, dict[str, Any]] = {
     "exact": {},
     "cache4": {"prompt_cache_refresh": 4},
@@ -53,6 +55,9 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "threshold0.999": {"confidence_threshold": 0.999},
     "threshold0.99+cache8": {"confidence_threshold": 0.99, "prompt_cache_refresh": 8},
     "threshold0.999+cache8": {"confidence_threshold": 0.999, "prompt_cache_refresh": 8},
+    "bf16": BF16_CPU,
+    "threshold0.99+cache8+bf16": {"confidence_threshold": 0.99, "prompt_cache_refresh": 8, **BF16_CPU},
+    "threshold0.99+bf16": {"confidence_threshold": 0.99, **BF16_CPU},
 }
 TOLERANCE = 0.01  # ASR w/t and CP within 1 point of exact
 TARGET, TRIGGER = "insertion", "corner"
@@ -105,7 +110,9 @@ def run(
         "rows": rows,
     }
     for name in ([] if exact else ["exact"]) + [n for n in names if n != "exact"]:
-        pcfg = replace(dcfg.purify, sampler=replace(dcfg.purify.sampler, **SETTINGS[name]))
+        sampler = {k: v for k, v in SETTINGS[name].items() if k != "finetune"}
+        ftcfg = replace(dcfg.finetune, **SETTINGS[name].get("finetune", {}))
+        pcfg = replace(dcfg.purify, sampler=replace(dcfg.purify.sampler, **sampler))
         counter = FlopCounter(model)
         with counter.counting():
             t = time.perf_counter()
@@ -120,14 +127,15 @@ def run(
         model.projector.load_state_dict(projector0)
         ft_dir = work / "fast" / defense / name
         t = time.perf_counter()
-        finetune_samples(model, train, source, dcfg.finetune, ft_dir, run_key=f"fast-{defense}-{name}",
+        finetune_samples(model, train, source, ftcfg, ft_dir, run_key=f"fast-{defense}-{name}",
                          anchor=[answers_kept(r) for r in records], cache=cache)
         ft_seconds = time.perf_counter() - t
         model.projector.load_state_dict(projector0)
         ev = evaluate_cell(base, ft_dir / "projector.safetensors", cell, TARGET, cfg)
         row = {
             "setting": name,
-            "sampler": SETTINGS[name],
+            "sampler": sampler,
+            "finetune": SETTINGS[name].get("finetune", {}),
             "agreement": sum(a == b for a, b in zip(answers, exact_answers, strict=True)) / len(answers),
             "purified_backdoor_rate": sum(attack_succeeded(TARGET, a) for a in bad) / len(bad),
             "cp": ev["cp"],

@@ -75,7 +75,8 @@ def run_workload(
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Reference then product on `w`; returns per-stage figures and the checks. `fast`: SamplerConfig
-    overrides of a third side, the fast product (`experiments/benchmarks/fast.py`), reported under "fast".
+    overrides of a third side, the fast product (`experiments/benchmarks/fast.py`), reported under "fast"; its
+    key "finetune", if any, holds FinetuneConfig overrides of that side's recovery.
 
     `official_quirks`: the reference reproduces the official code's two numerical quirks (see
     `experiments/benchmarks/reference.py`); the checks then measure their effect and are not enforced."""
@@ -172,7 +173,8 @@ def run_workload(
         _restore_projector(model, projector0)
         if fast is not None:
             log(f"fast product: purifying with {fast}, then fine-tuning ...")
-            fast_run = run_fast(w, tmp, sampler=fast, scores=scores, cache=cache, exact_records=records,
+            fast_run = run_fast(w, tmp, sampler={k: v for k, v in fast.items() if k != "finetune"},
+                                finetune=fast.get("finetune"), scores=scores, cache=cache, exact_records=records,
                                 counter=counter, workers=workers, restore=lambda: _restore_projector(model, projector0))
 
     # checks

@@ -21,6 +21,7 @@ from experiments.benchmarks.workloads import Workload, finetune_purified, purifi
 
 # Defaults of `perf.py --fast`: the setting that kept CP and ASR w/t of exact in experiments/results/fast.
 FAST_SAMPLER = {"prompt_cache_refresh": 8}
+FAST_FINETUNE: dict[str, Any] = {}  # FinetuneConfig overrides of the fast product's recovery
 AGREEMENT_TOLERANCE = 0.9  # parity: at least this fraction of purified answers identical to exact decoding
 
 
@@ -29,6 +30,7 @@ def run_fast(
     tmp: Path,
     *,
     sampler: dict[str, Any],
+    finetune: dict[str, Any] | None = None,
     scores: dict[str, list[float]],
     cache: VisionCache,
     exact_records: list[dict],
@@ -36,7 +38,8 @@ def run_fast(
     workers: int | None,
     restore,
 ) -> tuple[dict[str, float], dict[str, float], dict[str, int], dict[str, Any]]:
-    """Fast purification and fine-tuning on `w`; returns (seconds, flops, peak memory) per stage and parity.
+    """Fast purification (SamplerConfig overrides `sampler`) and fine-tuning (FinetuneConfig overrides `finetune`)
+    on `w`; returns (seconds, flops, peak memory) per stage and parity.
 
     `restore()` puts the projector back where the exact product started from, before and after fine-tuning."""
     model, dev = w.model, w.model.device
@@ -59,7 +62,7 @@ def run_fast(
         mem.switch("finetune")
         _sync(dev)
         t0 = time.perf_counter()
-        finetune_purified(w, train, tmp, cache)
+        finetune_purified(replace(w, finetune=replace(w.finetune, **(finetune or {}))), train, tmp, cache)
         _sync(dev)
         seconds["finetune"] = time.perf_counter() - t0
         flops["finetune"] = counter.take()
@@ -75,7 +78,8 @@ def run_fast(
         "tolerance": AGREEMENT_TOLERANCE,
         "measure": "fraction of purified answers identical to exact decoding",
     }
-    return seconds, flops, dict(mem.peaks), {"sampler": dict(sampler), "parity": parity}
+    return seconds, flops, dict(mem.peaks), {"sampler": dict(sampler), "finetune": dict(finetune or {}),
+                                             "parity": parity}
 
 
 def fast_entries(
@@ -125,9 +129,8 @@ def best_fast(runs: list[dict[str, Any]], result: dict[str, Any], peak_flops: fl
     flops = {st: first[st]["product_model_flops"] for st in stages}
     peaks = {st: max(r["fast"][st]["peak_mem_bytes"] for r in runs) for st in stages}
     parity = {**first["parity"], "passed": all(r["fast"]["parity"]["passed"] for r in runs)}
-    return fast_entries(
-        result, seconds, flops, peaks, {"sampler": first["sampler"], "parity": parity}, peak_flops
-    )
+    info = {"sampler": first["sampler"], "finetune": first.get("finetune", {}), "parity": parity}
+    return fast_entries(result, seconds, flops, peaks, info, peak_flops)
 
 
 # -- predicted figures at LLaDA-V's 8B shape, from the FLOP model and the H100 run of the exact product ------------

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 
 from experiments.benchmarks.compare import STAGES, best_of, passed, run_workload  # noqa: F401  (STAGES re-exported for the tests)
-from experiments.benchmarks.fast import FAST_SAMPLER
+from experiments.benchmarks.fast import FAST_FINETUNE, FAST_SAMPLER
 from experiments.benchmarks.measure import (  # noqa: F401  (some re-exported for the tests)
     FlopCounter,
     device_description,
@@ -108,7 +108,8 @@ def format_table(result: dict[str, Any], title: str) -> str:
     why = "official quirks" if c["official_quirks"] else "bf16"
     if "fast" in result:
         fast = result["fast"]
-        lines.append(f"  fast product {fast['sampler']} (saliency shared with the exact product):")
+        lines.append(f"  fast product {fast['sampler']}{', recovery ' + str(fast['finetune']) if fast.get('finetune') else ''}"
+                     " (saliency shared with the exact product):")
         lines.append(f"  {'stage':<13}{'fast/s':>12}{'vs ref':>9}{'vs exact':>10}{'FLOPs saved':>13}{'peak mem':>12}"
                      + (f"{'MFU':>8}" if mfu else ""))
         for stage in STAGES:
@@ -185,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="the fast product's SamplerConfig.prompt_cache_refresh (default %(default)s)")
     ap.add_argument("--fast-threshold", type=float, default=FAST_SAMPLER.get("confidence_threshold", 1.0),
                     help="the fast product's SamplerConfig.confidence_threshold (default %(default)s; 1 = off)")
+    ap.add_argument("--fast-bf16-cpu", action=argparse.BooleanOptionalAction,
+                    default=FAST_FINETUNE.get("bf16_cpu", False),
+                    help="the fast product's FinetuneConfig.bf16_cpu (recovery in bf16 autocast on a CPU; "
+                         "default %(default)s)")
     ap.add_argument("--fast-strict", action="store_true", help="exit 1 when the fast product misses parity")
     ap.add_argument("--no-warm-up", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", choices=("shapes-base", "trained", "tiny"), default="shapes-base",
@@ -206,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             SamplerConfig(**args.fast_sampler)
         except ValueError as err:
             ap.error(f"--fast-cache-refresh / --fast-threshold: {err}")
+        if args.fast_bf16_cpu:
+            args.fast_sampler["finetune"] = {"bf16_cpu": True}
     saved = (torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     if args.threads:
         torch.set_num_threads(args.threads)

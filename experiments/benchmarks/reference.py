@@ -52,6 +52,7 @@ from PIL import Image
 
 from disp.config import FinetuneConfig, PurifyConfig, SaliencyConfig, SamplerConfig
 from disp.constants import EOT_TOKEN
+from disp.finetune import autocast as finetune_autocast
 from disp.finetune import lr_at
 from disp.losses import training_batch
 from disp.models.base import MDLM, PromptBatch
@@ -287,7 +288,7 @@ def reference_finetune(
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     per_epoch = math.ceil(n / config.batch_size)
     total_steps = math.ceil(per_epoch / config.grad_accum) * config.epochs
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.bf16 and device.type == "cuda")
+    mixed = finetune_autocast(config, device)  # the product's rule, so both sides train alike
     steps, losses = 0, []
     model.train()
     for epoch in range(config.epochs):
@@ -300,7 +301,7 @@ def reference_finetune(
             noise = torch.Generator(device=device).manual_seed(
                 config.seed * 1_000_003 + epoch * per_epoch + mb
             )
-            with autocast:
+            with mixed:
                 rows = []
                 for i in idx:  # the dataset item: preprocess; the model: tower (frozen) then projector
                     views = model.image_views([images[i]])

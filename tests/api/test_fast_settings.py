@@ -50,3 +50,18 @@ def test_cli_flags_set_the_fast_sampler():
         8,
     )
     assert defense_config(parser.parse_args([])).purify.sampler.confidence_threshold == 1.0
+
+
+def test_bf16_recovery_on_a_cpu_is_a_job_setting_and_a_flag():
+    from api.schemas import DefenseSettings
+    from disp.cli_flags import add_defense_flags, defense_config
+    from disp.config import DefenseConfig
+
+    settings = DefenseSettings.model_validate({"finetune": {"bf16_cpu": True}})
+    assert DefenseConfig.from_dict(settings.model_dump()).finetune.bf16_cpu is True
+    field = DefenseSettings.model_json_schema()["$defs"]["FinetuneSettings"]["properties"]["bf16_cpu"]
+    assert field["default"] is False and "AVX512-BF16" in field["description"]
+    parser = argparse.ArgumentParser()
+    add_defense_flags(parser)
+    assert defense_config(parser.parse_args(["--bf16-cpu"])).finetune.bf16_cpu is True
+    assert defense_config(parser.parse_args([])).finetune.bf16_cpu is False

@@ -113,3 +113,20 @@ def test_bad_inputs_are_named(tiny_dir, solid_images):
         FinetuneConfig(anchor_weight=-0.5)
     with pytest.raises(ValueError, match="anchor has 2 flags for 4 samples"):
         finetune_projector(model, QS, ANS, vision_features(model, solid_images), FinetuneConfig(), anchor=[True] * 2)
+
+
+def test_bf16_on_a_cpu_is_opt_in_and_trains_only_the_projector(tiny_dir, solid_images):
+    """bf16_cpu: the same run in bf16 autocast; the projector trains (float32 weights), nothing else moves, and
+    the losses stay close to float32's while not being float32's."""
+    before = models.load(tiny_dir).state_dict()
+    cfg = FinetuneConfig(epochs=2, lr=1e-2, batch_size=2)
+    _, exact = _run(tiny_dir, solid_images, cfg)
+    model, mixed = _run(tiny_dir, solid_images, replace(cfg, bf16_cpu=True))
+    after = model.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed == {k for k in after if k.startswith("model.mm_projector.")}
+    assert all(after[k].dtype == before[k].dtype for k in changed)
+    assert mixed.epoch_losses != exact.epoch_losses
+    assert mixed.epoch_losses == pytest.approx(exact.epoch_losses, rel=5e-2)
+    _, again = _run(tiny_dir, solid_images, cfg)
+    assert again.epoch_losses == exact.epoch_losses  # off by default: float32, run to run identical

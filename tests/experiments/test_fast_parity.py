@@ -20,15 +20,15 @@ def _cfg(tiny_dir) -> ReproduceConfig:
 @pytest.mark.parametrize("defense", ["disp", "disp_isolation_anchor"])
 def test_rows_compare_each_setting_with_exact(tiny_dir, tmp_path, defense):
     out = tmp_path / "parity.json"
-    result = fast_parity.run(tiny_dir, tmp_path / "work", ["cache4", "threshold0.99+cache8"], defense=defense,
+    result = fast_parity.run(tiny_dir, tmp_path / "work", ["cache4", "threshold0.99+cache8+bf16"], defense=defense,
                              out=out, cfg=_cfg(tiny_dir), log=lambda _: None)
     rows = result["rows"]
-    assert [r["setting"] for r in rows] == ["exact", "cache4", "threshold0.99+cache8"]
+    assert [r["setting"] for r in rows] == ["exact", "cache4", "threshold0.99+cache8+bf16"]
     assert json.loads(out.read_text())["rows"] == rows and result["defense_name"] == defense
     exact = rows[0]
     assert exact["agreement"] == 1.0 and exact["flops_ratio"] == 1.0 and exact["parity"]
     for r in rows[1:]:
-        assert r["sampler"] == fast_parity.SETTINGS[r["setting"]]
+        assert {**r["sampler"], **({"finetune": r["finetune"]} if r["finetune"] else {})} == fast_parity.SETTINGS[r["setting"]]
         agree = sum(a == b for a, b in zip(r["answers"], exact["answers"], strict=True)) / len(r["answers"])
         assert r["agreement"] == pytest.approx(agree)
         assert r["flops_ratio"] == pytest.approx(exact["purification_flops"] / r["purification_flops"])
