@@ -224,7 +224,17 @@ def fingerprint(stage: Stage, config: DefenseConfig, inputs: dict, files: dict[s
                 before: Sequence[str]) -> str:
     """What a stage's output depends on: the run's inputs, its settings, the files it reads and the
     fingerprints of the stages before it."""
-    parts = [stage.name, inputs, {p: _setting(config, p) for p in stage.settings},
+    settings = {p: _setting(config, p) for p in stage.settings}
+    for path in stage.ignores:
+        head, _, field = path.rpartition(".")
+        owner = next((p for p in stage.settings if head == p or head.startswith(p + ".")), None)
+        if owner is None:
+            raise ValueError(f"stage {stage.name}: ignored field {path!r} is not inside its settings")
+        node = settings[owner]
+        for part in head[len(owner):].split(".")[1:]:
+            node = node[part]
+        node.pop(field)
+    parts = [stage.name, inputs, settings,
              {name: file_hash(path) for name, path in sorted(files.items())}, list(before)]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 

@@ -34,6 +34,8 @@ class Stage:
         settings: the `DefenseConfig` fields (dotted paths) its output depends on; with the files it reads,
             they make the fingerprint that lets a re-run skip the stage.
         summary: one line on what it does.
+        ignores: fields inside `settings` (dotted paths) its output does not depend on, left out of the
+            fingerprint.
     """
 
     name: str
@@ -42,6 +44,7 @@ class Stage:
     sharded: bool
     settings: tuple[str, ...]
     summary: str
+    ignores: tuple[str, ...] = ()
 
 
 SALIENCY_FILE, PURIFIED_FILE, PROJECTOR_FILE, REPORT_FILE = (
@@ -49,7 +52,9 @@ SALIENCY_FILE, PURIFIED_FILE, PROJECTOR_FILE, REPORT_FILE = (
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("scoring", (), SALIENCY_FILE, True, ("saliency", "purify.sampler", "purify.question"),
-          "saliency of every visual token of every sample (Eq. 3-8)"),
+          "saliency of every visual token of every sample (Eq. 3-8)",
+          # the first denoising step is a full forward whatever the decoding after it does
+          ignores=("purify.sampler.confidence_threshold", "purify.sampler.prompt_cache_refresh")),
     Stage("purifying", (SALIENCY_FILE,), PURIFIED_FILE, True, ("defense", "purify"),
           "every answer re-generated with the most salient visual tokens held masked (Eq. 9-11)"),
     Stage("filtering", (), PURIFIED_FILE, False, ("defense", "drop_ratio", "finetune.seed"),

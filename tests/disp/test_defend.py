@@ -167,3 +167,27 @@ def test_every_turn_and_text_only_record_survive_purification_and_training(tiny_
     run_stage("evaluating", out=report, files={"purified.json": tmp_path / "purified.json"}, **kw)
     summary = json.loads(report.read_text())["summary"]
     assert (summary["num_samples"], summary["num_text_only"], summary["num_train"]) == (12, 1, 12)
+
+
+def test_approximate_decoding_settings_leave_the_scoring_fingerprint_alone():
+    """The first denoising step is a full forward whatever decoding does after it, so the fast sampler settings
+    re-run purification but not scoring; any other sampler field (here the answer length) re-runs both."""
+    from dataclasses import replace as dc_replace
+
+    from disp.defend import fingerprint
+    from disp.stages import STAGES, Stage
+
+    def fp(stage: str, config: DefenseConfig) -> str:
+        return fingerprint(STAGES[stage], config, {}, {}, [])
+
+    exact = small_config()
+    sampler = dc_replace(exact.purify.sampler, confidence_threshold=0.99, prompt_cache_refresh=8)
+    fast = dc_replace(exact, purify=dc_replace(exact.purify, sampler=sampler))
+    assert fp("scoring", fast) == fp("scoring", exact)
+    assert fp("purifying", fast) != fp("purifying", exact)
+    longer = dc_replace(exact, purify=dc_replace(exact.purify, sampler=dc_replace(exact.purify.sampler, gen_length=16,
+                                                                                   block_length=16, steps=16)))
+    assert fp("scoring", longer) != fp("scoring", exact)
+    stray = Stage("x", (), "x.json", False, ("saliency",), "", ignores=("purify.sampler.steps",))
+    with pytest.raises(ValueError, match="ignored field 'purify.sampler.steps' is not inside its settings"):
+        fingerprint(stray, exact, {}, {}, [])
