@@ -156,24 +156,29 @@ def purification_flops(
     return full, cached
 
 
-def predict_8b(run: dict[str, Any], refresh: int, cached_mfu: float, prompt: int) -> dict[str, float]:
+def predict_8b(run: dict[str, Any], refresh: int, cached_mfu: float, prompt: int, steps: int = 32
+               ) -> dict[str, float]:
     """Seconds per sample of each stage of the fast product at the 8B shape: saliency and fine-tuning as the exact
     product measured them; purification's full forwards at the measured purification MFU, its cached forwards at
-    `cached_mfu` (an assumption: answer-only forwards are 256 tokens a batch, below the tensor cores' appetite)."""
+    `cached_mfu` (an assumption: answer-only forwards are 256 tokens a batch, below the tensor cores' appetite).
+    `steps`: forwards per answer (32 exact; fewer under a confidence threshold, which commits several tokens a
+    step)."""
     from experiments.benchmarks.workloads import LLADA_V_8B_LM, LLADA_V_VOCAB
 
     g = run["gpu_8b"]
     per = {s: g[s]["product_s"] / g[s]["product_samples"] for s in ("saliency", "purification", "finetune")}
     ref = g["end_to_end"]["reference_s"] / g["end_to_end"]["reference_samples"]
     peak = g["purification"]["product_achieved_flops_per_s"] / g["purification"]["product_mfu"]
-    full, cached = purification_flops(LLADA_V_8B_LM, LLADA_V_VOCAB, prompt, refresh=refresh)
+    full, cached = purification_flops(LLADA_V_8B_LM, LLADA_V_VOCAB, prompt, steps=steps, refresh=refresh)
     exact_full, _ = purification_flops(LLADA_V_8B_LM, LLADA_V_VOCAB, prompt)
     fast_pur = full / (g["purification"]["product_mfu"] * peak) + cached / (cached_mfu * peak)
     exact_pur = exact_full / (g["purification"]["product_mfu"] * peak)
     e2e = per["saliency"] + fast_pur + per["finetune"]
     return {
+        "bound_free_purification": ref / (per["saliency"] + per["finetune"]),
         "prompt_tokens": prompt,
         "refresh": refresh,
+        "steps": steps,
         "cached_mfu": cached_mfu,
         "purification_flops_exact": exact_full,
         "purification_flops_fast": full + cached,
@@ -227,6 +232,17 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['purification_speedup']:>5.1f}x{r['end_to_end_s_fast']:>11.3f}{r['end_to_end_s_reference']:>10.3f}"
                 f"{r['end_to_end_speedup']:>6.2f}x"
             )
+    print("\nwith a confidence threshold: forwards per answer (steps) as the threshold leaves them, refresh 0 and 8, "
+          "cached MFU 15%")
+    print(f"{'steps':>8}{'refresh':>8}{'purify x':>9}{'e2e fast s':>11}{'e2e x':>7}")
+    for steps in (32, 16, 8, 4, 2):
+        for refresh in (0, 8):
+            r = predict_8b(run, refresh, 0.15, 800, steps=steps)
+            print(f"{steps:>8}{refresh:>8}{r['purification_speedup']:>8.1f}x{r['end_to_end_s_fast']:>11.3f}"
+                  f"{r['end_to_end_speedup']:>6.2f}x")
+    r = predict_8b(run, 0, 0.15, 800)
+    print(f"bound: purification free, saliency and fine-tuning as measured: end to end "
+          f"{r['bound_free_purification']:.2f}x the reference")
     return 0
 
 
