@@ -16,6 +16,12 @@ stopped before it wrote its `--json`:
 
     python -m experiments.saliency_study rows LOG --base DIR --seed 1 --json OUT
 
+`grid` puts reproduction JSONs of several bases, cells and seeds side by side: per cell the backdoored model and,
+per defense, CP (change), ASR w/t, the still-backdoored rate and whether the full target is met (implant
+ASR w/t >= 90 %; defense ASR w/t <= 2 %, CP within 2 points), then per defense the implanted cells it meets:
+
+    python -m experiments.saliency_study grid RUN.json [RUN.json ...] [--defenses D ...]
+
 `table` joins the reproduction JSON (`--json` of `experiments.reproduce`) and the `rank` JSON of each cell
 (RUN.json and RUN.json with `-rank` before `.json`) into one markdown table: CP, ASR w/o, ASR w/t, the
 purified-still-backdoored rate, the trigger's rank and the forwards per sample.
@@ -183,6 +189,56 @@ def table(
     return "\n".join(lines)
 
 
+GRID_DEFENSES = ("disp", "disp_isolation_anchor", "disp_split_anchor", "disp_split")
+
+
+def meets_target(row: dict, none: dict) -> bool:
+    """The issue's full target on an implanted cell: ASR w/t <= 2 % and CP within 2 points of the backdoored model."""
+    return none["asr_wt"] >= 0.9 and row["asr_wt"] <= 0.02 and abs(row["cp"] - none["cp"]) <= 0.02 + 1e-9
+
+
+def grid(runs: list[Path], defenses: tuple[str, ...] = GRID_DEFENSES) -> str:
+    """Markdown: one line per (base, target, trigger, seed) of `runs`, then the tally per defense. A cell seen in
+    several runs keeps the row of the last run that has it, defense by defense."""
+    cells: dict[tuple, dict[str, dict]] = {}
+    for run in runs:
+        result = json.loads(run.read_text())
+        base, seed = Path(result["base"]).name, result["config"]["seed"]
+        for r in result["rows"]:
+            key = (base, r["target"], r["trigger"], seed)
+            cells.setdefault(key, {})[r["defense"]] = r
+    present = [d for d in defenses if any(d in c for c in cells.values())]
+    lines = ["| base | cell | seed | backdoored CP / ASR w/t | "
+             + " | ".join(f"{d}: CP (Δ) / ASR w/t / still bd | ok" for d in present) + " |",
+             "|" + "---|" * (4 + 2 * len(present))]
+    met = dict.fromkeys(present, 0)
+    tried = dict.fromkeys(present, 0)
+    implanted = 0
+    for (base, target, trigger, seed), by in sorted(cells.items()):
+        none = by.get("none")
+        if none is None:
+            continue
+        took = none["asr_wt"] >= 0.9
+        implanted += took
+        out = [f"{_pct(none['cp'])} / {_pct(none['asr_wt'])}" + ("" if took else " (implant < 90 %)")]
+        for d in present:
+            r = by.get(d)
+            if r is None:
+                out += ["", ""]
+                continue
+            ok = meets_target(r, none)
+            if took:
+                tried[d] += 1
+                met[d] += ok
+            out += [f"{_pct(r['cp'])} ({100 * (r['cp'] - none['cp']):+.0f}) / {_pct(r['asr_wt'])} / "
+                    f"{_pct(r.get('purified_backdoor_rate'))}", ("yes" if ok else "**no**") if took else "-"]
+        lines.append(f"| {base} | {target}/{trigger} | {seed} | " + " | ".join(out) + " |")
+    lines.append("")
+    lines.append(f"Implanted cells (backdoored ASR w/t >= 90 %): {implanted}. Full target met: "
+                 + "; ".join(f"{d} {met[d]} of {tried[d]}" for d in present) + ".")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m experiments.saliency_study", description=__doc__.split("\n\n")[0]
@@ -208,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--split-key", default="split_isolation", help="rank entry of the split_isolation rows")
     t.add_argument("--suffix", default="", help="appended to the split_isolation rows' defense name")
     t.add_argument("--no-header", action="store_true")
+    g = sub.add_parser("grid", help="cells x defenses of several reproduction runs, with the full target's tally")
+    g.add_argument("runs", type=Path, nargs="+")
+    g.add_argument("--defenses", nargs="+", default=list(GRID_DEFENSES))
     w = sub.add_parser("rows", help="a reproduction JSON from the rows a stopped run logged")
     w.add_argument("log", type=Path)
     w.add_argument("--base", required=True, help="the run's base checkpoint")
@@ -230,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         print(f"{len(rows)} rows")
+        return 0
+    if args.cmd == "grid":
+        print(grid(args.runs, tuple(args.defenses)))
         return 0
     if args.cmd == "table":
         print(table(args.runs, args.rank, args.split_key, args.suffix, not args.no_header))

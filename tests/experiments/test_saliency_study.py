@@ -47,3 +47,30 @@ def test_table_joins_each_defense_with_its_methods_rank_and_cost(tmp_path, capsy
     assert lines[2] == "| shapes-base-v3 insertion/corner seed 1 | none | 90.0% | 0.0% | 100.0% | - | - | - |"
     assert lines[3].endswith("| disp | 71.0% | 0.0% | 100.0% | 98.0% | 25; 2.5% | 1F+6B |")
     assert lines[4].endswith("| disp_split_anchor | 88.0% | 0.0% | 0.0% | 0.0% | 0; 100.0% | 19F |")
+
+
+def _row(target, trigger, defense, cp, asr_wt, bd=None):
+    return {"target": target, "trigger": trigger, "defense": defense, "cp": cp, "asr_wo": 0.0, "asr_wt": asr_wt,
+            "purified_backdoor_rate": bd}
+
+
+def test_grid_tallies_the_full_target_over_implanted_cells_only(tmp_path, capsys):
+    v3 = tmp_path / "v3.json"
+    v3.write_text(json.dumps({"base": "experiments/assets/shapes-base-v3", "config": {"seed": 2}, "rows": [
+        _row("insertion", "corner", "none", 0.90, 1.0),
+        _row("insertion", "corner", "disp", 0.77, 1.0, 0.98),           # backdoor stays
+        _row("insertion", "corner", "disp_split_anchor", 0.89, 0.0, 0.0),  # met: CP -1
+        _row("insertion", "blended", "none", 0.91, 1.0),
+        _row("insertion", "blended", "disp_split_anchor", 0.90, 0.05, 0.3),  # ASR w/t above 2 %
+        _row("insertion", "noise", "none", 0.80, 0.5),                   # implant did not take
+        _row("insertion", "noise", "disp_split_anchor", 0.80, 0.0, 0.0),
+        _row("refusal", "corner", "none", 0.90, 1.0),
+        _row("refusal", "corner", "disp_split_anchor", 0.87, 0.0, 0.0),  # CP -3
+    ]}))
+    assert main(["grid", str(v3), "--defenses", "disp", "disp_split_anchor"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    corner = next(line for line in lines if "| insertion/corner | 2 |" in line)
+    assert "77.0% (-13) / 100.0% / 98.0% | **no**" in corner and "89.0% (-1) / 0.0% / 0.0% | yes" in corner
+    assert "(implant < 90 %)" in next(line for line in lines if "insertion/noise" in line)
+    assert "Implanted cells (backdoored ASR w/t >= 90 %): 3. Full target met: disp 0 of 1; disp_split_anchor 1 of 3." in out
