@@ -88,6 +88,11 @@ def bidirectional_attention(q, k, v, key_mask: torch.Tensor | None) -> torch.Ten
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     # no mask when nothing is padded, so fused (flash) kernels stay eligible
     attn_mask = None if key_mask is None or bool(key_mask.all()) else key_mask[:, None, None, :]
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        # bf16 recovery on a CPU (FinetuneConfig.bf16_cpu): torch's CPU flash attention is several times slower
+        # in bf16 than in float32, backward most, so attention stays in the inputs' precision (float32)
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=attn_mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=False)
 
 
