@@ -93,12 +93,21 @@ class Cell:
     asr_triggered: Path
 
 
+# Fields added to a recorded settings dict after records were first written, with the value an older record
+# implies (what the code did before the field existed): {key in the record: {field: value}}.
+ADDED_FIELDS = {"implant": {"bf16_cpu": False}}
+
+
+def _with_added_fields(saved: dict) -> dict:
+    return {k: {**ADDED_FIELDS[k], **v} if k in ADDED_FIELDS and isinstance(v, dict) else v for k, v in saved.items()}
+
+
 def check_settings(root: Path, settings: dict, *, what: str) -> None:
     """Record in `root/settings.json` what a cached stage depends on, or refuse to reuse a cache that was made
     with other settings (its contents would be silently wrong). A cache without a record is refused too."""
     path = root / "settings.json"
     if path.is_file():
-        saved = json.loads(path.read_text())
+        saved = _with_added_fields(json.loads(path.read_text()))
         differ = sorted(k for k in settings.keys() | saved.keys() if saved.get(k) != settings.get(k))
         if differ:
             diff = "; ".join(f"{k}: {saved.get(k)!r}, now {settings.get(k)!r}" for k in differ)

@@ -39,3 +39,18 @@ def test_a_cache_without_a_settings_record_is_refused(tiny_dir, tmp_path):
     (old / "done.json").write_text("{}")  # a cache from before settings were recorded
     with pytest.raises(ValueError, match="data built without a settings record"):
         build_data(old, "insertion", tiny_dir, CellConfig(n_train=10), config_of_checkpoint(tiny_dir))
+
+
+def test_a_record_older_than_a_new_field_reads_as_that_fields_old_behaviour(tmp_path):
+    """FinetuneConfig.bf16_cpu came after cells were cached: a record without it is an implant in float32."""
+    from dataclasses import asdict
+
+    from disp.cell import check_settings
+    from disp.config import FinetuneConfig
+
+    implant = asdict(FinetuneConfig())
+    old = {k: v for k, v in implant.items() if k != "bf16_cpu"}
+    (tmp_path / "settings.json").write_text(json.dumps({"seed": 1, "implant": old}))
+    check_settings(tmp_path, {"seed": 1, "implant": implant}, what="an implant")  # accepted
+    with pytest.raises(ValueError, match="bf16_cpu"):
+        check_settings(tmp_path, {"seed": 1, "implant": {**implant, "bf16_cpu": True}}, what="an implant")
