@@ -178,12 +178,37 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def markdown(results: list[dict[str, Any]]) -> str:
+    """One markdown table of several runs: per (base, defense) cell its exact row then every setting, the last run
+    that has a setting giving its row; CP and ASR w/t with their change against the cell's exact row."""
+    cells: dict[tuple[str, str], dict[str, dict]] = {}
+    for result in results:
+        key = (Path(result["base"]).name, result.get("defense_name", "disp"))
+        for r in result["rows"]:
+            cells.setdefault(key, {})[r["setting"]] = r
+    lines = ["| base | defense | setting | answers = exact | still backdoored | CP (Δ) | ASR w/t (Δ) | purification "
+             "FLOPs saved | recovery s | parity (±1 pt) |", "|" + "---|" * 10]
+    for (base, defense), rows in cells.items():
+        exact = rows["exact"]
+        for name, r in [("exact", exact), *((n, r) for n, r in rows.items() if n != "exact")]:
+            d_cp, d_asr = 100 * (r["cp"] - exact["cp"]), 100 * (r["asr_wt"] - exact["asr_wt"])
+            ok = abs(d_cp) <= 100 * TOLERANCE + 1e-6 and abs(d_asr) <= 100 * TOLERANCE + 1e-6
+            lines.append(
+                f"| {base} | {defense} | {name} | {100 * r['agreement']:.1f} % | {100 * r['purified_backdoor_rate']:.1f} % "
+                f"| {100 * r['cp']:.0f} % ({d_cp:+.0f}) | {100 * r['asr_wt']:.1f} % ({d_asr:+.1f}) | "
+                f"{exact['purification_flops'] / r['purification_flops']:.1f}x | {r['finetune_s']:.1f} | "
+                f"{'—' if name == 'exact' else ('yes' if ok else '**no**')} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--base", type=Path, default=BASE_CHECKPOINT, help="base checkpoint (default: the shipped base)"
     )
-    p.add_argument("--work", type=Path, required=True, help="work directory (the cell is cached there)")
+    p.add_argument("--work", type=Path, help="work directory (the cell is cached there; required unless --table)")
+    p.add_argument("--table", type=Path, nargs="+",
+                   help="print one markdown table of these earlier --json results and exit")
     p.add_argument("--json", type=Path, help="write the rows here (after every row)")
     p.add_argument("--defense", default="disp", choices=["disp", *VARIANTS],
                    help="the defense whose purification the settings change (default: the paper's disp)")
@@ -200,6 +225,11 @@ def main(argv: list[str] | None = None) -> int:
         help="take the exact row from this earlier --json of the same cell instead of re-running it",
     )
     args = p.parse_args(argv)
+    if args.table:
+        print(markdown([json.loads(f.read_text()) for f in args.table]))
+        return 0
+    if args.work is None:
+        p.error("--work is required (unless --table)")
     exact = None
     if args.exact_from:
         earlier = json.loads(args.exact_from.read_text())

@@ -48,3 +48,23 @@ def test_exact_row_of_another_defense_is_refused(tiny_dir, tmp_path, capsys):
         fast_parity.main(["--base", str(tiny_dir), "--work", str(tmp_path), "--defense", "disp_isolation_anchor",
                           "--exact-from", str(earlier)])
     assert "is of defense disp, not disp_isolation_anchor" in capsys.readouterr().err
+
+
+def test_table_joins_runs_per_cell_with_changes_against_exact(tmp_path, capsys):
+    def row(setting, cp, asr, flops, agree=1.0):
+        return {"setting": setting, "agreement": agree, "purified_backdoor_rate": 0.0, "cp": cp, "asr_wt": asr,
+                "purification_flops": flops, "finetune_s": 10.0}
+
+    first = {"base": "x/shapes-base-v3", "defense_name": "disp",
+             "rows": [row("exact", 0.71, 1.0, 100.0), row("threshold0.99", 0.75, 1.0, 10.0, 0.9)]}
+    second = {"base": "x/shapes-base-v3", "defense_name": "disp",
+              "rows": [first["rows"][0], row("cache8", 0.70, 1.0, 40.0)]}
+    paths = []
+    for i, result in enumerate((first, second)):
+        paths.append(tmp_path / f"r{i}.json")
+        paths[-1].write_text(json.dumps(result))
+    assert fast_parity.main(["--table", *map(str, paths)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 + 3  # header, rule, exact + the two settings of the one cell
+    assert "| threshold0.99 | 90.0 % | 0.0 % | 75 % (+4) | 100.0 % (+0.0) | 10.0x | 10.0 | **no** |" in lines[3]
+    assert lines[4].endswith("| 70 % (-1) | 100.0 % (+0.0) | 2.5x | 10.0 | yes |")
