@@ -158,11 +158,17 @@ def build_data(root: Path, target: str, base: Path, cfg: CellConfig, shapes: Sha
     return paths
 
 
+def _implant_record(cfg: CellConfig) -> dict:
+    """The implant's settings as a cell records them; an unset anchor is the implant's none (0)."""
+    implant = asdict(cfg.implant)
+    return {**implant, "anchor_weight": implant["anchor_weight"] or 0.0}
+
+
 def check_cell_settings(cell_dir: Path, base: Path, cfg: CellConfig) -> None:
     """A cell's poisoned data and implant depend on its data and on these settings (its target, trigger and
     poison ratio are in its name)."""
     check_settings(cell_dir, {"base": str(base), "train_tasks": list(cfg.train_tasks), "n_train": cfg.n_train,
-                              "seed": cfg.seed, "patch_frac": cfg.patch_frac, "implant": asdict(cfg.implant)},
+                              "seed": cfg.seed, "patch_frac": cfg.patch_frac, "implant": _implant_record(cfg)},
                    what="a poisoned set and implant built")
 
 

@@ -53,7 +53,8 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, section: str, cls, rena
         if isinstance(default, bool) or (default is None and "bool" in str(f.type)):
             group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
-            group.add_argument(flag, dest=dest, type=type(default), default=default, help=help_text,
+            kind = type(default) if default is not None else (float if "float" in str(f.type) else int)
+            group.add_argument(flag, dest=dest, type=kind, default=default, help=help_text,
                                choices=f.metadata.get("choices"), metavar=_metavar(f))
 
 

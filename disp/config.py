@@ -2,13 +2,15 @@
 
 Defaults follow the paper (§3.3, App. B) and the official implementation: M = 6 Hutchinson probes on the
 top-5 logits with factor 0.5, mask ratio ρ = 0.3, 32 generation steps over a 32-token answer in one
-block, projector fine-tuning at lr 1e-4 for 4 epochs. The CLI's flags and the service's pydantic schemas are
+block, projector fine-tuning at lr 1e-4 for 4 epochs. One exception, chosen on measured evidence
+(docs/saliency.md): the saliency is disp's `split_isolation`, with its 20-nat floor and the anchored recovery;
+`method="fisher"` gives the paper's DiSP exactly (its floor and anchor then default to off). The CLI's flags and the service's pydantic schemas are
 generated from these classes (`disp.cli_flags`, `api.settings_schema`).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from disp import stages
@@ -18,6 +20,11 @@ SCHEDULES = ("uniform", "shift", "logit_normal")
 QUESTIONS = ("sample", "describe")
 DESCRIBE_QUESTION = "Describe this image in detail."  # the official DiSP code's purification prompt
 SALIENCY_METHODS = ("fisher", "occlusion", "isolation", "split_isolation")
+# Scores in nats of a token shown alone (isolation, split_isolation): a clean SHAPES token scores up to ~10, a
+# trigger token 80-290 (docs/findings.md). With them disp holds only tokens above a floor and anchors recovery.
+ISOLATION_METHODS = ("isolation", "split_isolation")
+ISOLATION_MIN_SCORE = 20.0  # nats
+ISOLATION_ANCHOR_WEIGHT = 10.0
 DEFENSES = tuple(stages.DEFENSES)
 
 
@@ -173,7 +180,8 @@ class SaliencyConfig:
         topk: vocabulary entries kept per generated position when forming the Fisher matrix.
         factor: constant in front of the estimate (0.5 from the KL's second-order term, Eq. 4).
         exact: compute the quadratic form exactly with Jacobian-vector products instead of probes.
-        method: "fisher", the paper's second-order score (Eq. 5–8); "occlusion", not the paper's: the
+        method: "split_isolation" (the default, disp's: see below); "fisher", the paper's second-order score
+            (Eq. 5–8); "occlusion", not the paper's: the
             exact KL divergence that Eq. 4 expands, one forward per masked visual token (disp's variant);
             "isolation", not the paper's either: the KL between the first step with visual token i shown
             alone (every other one masked) and with all of them masked (disp's variant for triggers that
@@ -194,10 +202,12 @@ class SaliencyConfig:
     topk: int = _help("Top-k vocabulary entries per generated position in the Fisher matrix.", 5)
     factor: float = _help("Scale of the quadratic form (1/2 from the KL expansion, Eq. 4).", 0.5)
     exact: bool = _help("Exact quadratic form via Jacobian-vector products (slow; for verification).", False)
-    method: str = _help("'fisher' (the paper's quadratic form), 'occlusion' (disp's variant: the exact KL of "
-                        "Eq. 4, one forward per visual token) or 'isolation' (disp's variant: the KL of showing "
-                        "visual token i alone against showing none, one forward per visual token).", "fisher",
-                        SALIENCY_METHODS)
+    method: str = _help("'split_isolation' (disp's default: the KL of showing contiguous ranges of visual tokens "
+                        "alone, refined where it is high, 1 + split_budget forwards; robust on a confident model, "
+                        "about 3x the Fisher form's FLOPs at 729 tokens, docs/saliency.md), 'fisher' (the paper's "
+                        "quadratic form: fails when the first step is saturated), 'isolation' (the KL of each "
+                        "visual token shown alone: N_v + 1 forwards, the most robust) or 'occlusion' (the exact KL "
+                        "of Eq. 4, one forward per visual token).", "split_isolation", SALIENCY_METHODS)
     occlusion_rows: int = _help("Rows (sample x visual token or range) per forward of the occlusion, isolation and "
                                 "split_isolation methods.", 64)
     split_groups: int = _help("split_isolation: contiguous ranges (raster order) the visual tokens are first cut "
@@ -231,6 +241,8 @@ class PurifyConfig:
         mask_ratio: fraction ρ of visual tokens replaced by the mask embedding (floor(ρ·N_v) tokens).
         min_score: of those, hold only tokens whose saliency is at least this (0, the paper's rule: all of
             them). Saliency is a KL divergence in nats (exact for "occlusion", second order for "fisher").
+            None: the saliency method's floor, set by `DefenseConfig` (ISOLATION_MIN_SCORE for the isolation
+            methods, else 0); a PurifyConfig used alone reads None as 0.
         batch_size: samples generated together.
         seed: seed of the sampler's noise (and of random masking in the ablation).
         question: what each sample is re-answered to: "sample", its own question (the paper's text, §3.3:
@@ -242,8 +254,10 @@ class PurifyConfig:
     """
 
     mask_ratio: float = _help("Fraction ρ of visual tokens held masked (Eq. 9).", 0.3)
-    min_score: float = _help("Hold a top-ρ token only if its saliency (nats) is at least this; 0: all of them "
-                             "(the paper). Not the paper's when > 0.", 0.0)
+    min_score: float | None = _help(
+        "Hold a top-ρ token only if its saliency (nats) is at least this; 0: all of them (the paper's rule). "
+        f"Unset: {ISOLATION_MIN_SCORE:g} with the isolation and split_isolation saliency (set on SHAPES: clean tokens "
+        "score up to ~10 nats, triggers 80-290), 0 with fisher and occlusion.", None)
     batch_size: int = _help("Samples generated together.", 8)
     seed: int = _help("Seed of sampling noise and of random masking.", 1234)
     question: str = _help("Prompt of the re-answering: 'sample' (each sample's own question, disp's default) or "
@@ -254,7 +268,7 @@ class PurifyConfig:
     def __post_init__(self) -> None:
         _check(0.0 <= self.mask_ratio < 1.0, f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
         _check(self.question in QUESTIONS, f"question must be one of {QUESTIONS}, got {self.question!r}")
-        _check(self.min_score >= 0.0, f"min_score must be >= 0, got {self.min_score}")
+        _check(self.min_score is None or self.min_score >= 0.0, f"min_score must be >= 0, got {self.min_score}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         if isinstance(self.sampler, dict):
             self.sampler = SamplerConfig(**self.sampler)
@@ -278,7 +292,8 @@ class FinetuneConfig:
         seed: seed of data order and diffusion noise.
         anchor_weight: weight of a feature anchor (disp's, not the paper's; 0 turns it off): the relative
             squared change of the projector's outputs on the samples whose answer the defense kept, against
-            the projector fine-tuning started from.
+            the projector fine-tuning started from. None: set by `DefenseConfig` (ISOLATION_ANCHOR_WEIGHT for
+            DiSP with an isolation saliency, else 0); a FinetuneConfig used alone (the implant) reads None as 0.
     """
 
     epochs: int = _help("Passes over the purified data.", 4)
@@ -294,11 +309,13 @@ class FinetuneConfig:
         "faster on the shipped SHAPES base, epoch losses within 2e-3 relative of float32 (experiments/results/fast).",
         False)
     seed: int = _help("Seed of data order and diffusion noise.", 1234)
-    anchor_weight: float = _help("Weight of the feature anchor on samples whose answer was kept (disp's, not "
-                                 "the paper's; 0 = off).", 0.0)
+    anchor_weight: float | None = _help(
+        "Weight of the feature anchor on samples whose answer was kept (disp's, not the paper's; 0 = off). Unset: "
+        f"{ISOLATION_ANCHOR_WEIGHT:g} for DiSP with the isolation and split_isolation saliency, else 0.", None)
 
     def __post_init__(self) -> None:
-        _check(self.anchor_weight >= 0, f"anchor_weight must be >= 0, got {self.anchor_weight}")
+        _check(self.anchor_weight is None or self.anchor_weight >= 0,
+               f"anchor_weight must be >= 0, got {self.anchor_weight}")
         _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         _check(self.lr > 0, f"lr must be positive, got {self.lr}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
@@ -313,7 +330,10 @@ class DefenseConfig:
     """A whole defense run: which defense, and the settings of each stage.
 
     Args:
-        defense: "disp" (the paper's method) or a baseline/ablation of `disp.stages.DEFENSES`.
+        defense: "disp" (DiSP; its saliency is `saliency.method`, the paper's with "fisher") or a
+            baseline/ablation of `disp.stages.DEFENSES`. Unset `purify.min_score` and `finetune.anchor_weight`
+            are resolved here from the defense and the saliency method (build a new DefenseConfig, rather than
+            `dataclasses.replace` a resolved one, to change the method).
         drop_ratio: fraction of samples removed by "random_drop" (paper: 20%).
         prune_ratio: fraction of projector weights with the smallest magnitude zeroed by "pruning" (30%).
     """
@@ -333,6 +353,12 @@ class DefenseConfig:
         for name, cls in (("saliency", SaliencyConfig), ("purify", PurifyConfig), ("finetune", FinetuneConfig)):
             if isinstance(getattr(self, name), dict):
                 setattr(self, name, cls(**getattr(self, name)))
+        # unset floor and anchor: disp's robust recipe with an isolation saliency, the paper's rule otherwise
+        robust = self.defense == "disp" and self.saliency.method in ISOLATION_METHODS
+        if self.purify.min_score is None:
+            self.purify = replace(self.purify, min_score=ISOLATION_MIN_SCORE if robust else 0.0)
+        if self.finetune.anchor_weight is None:
+            self.finetune = replace(self.finetune, anchor_weight=ISOLATION_ANCHOR_WEIGHT if robust else 0.0)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

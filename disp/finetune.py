@@ -133,7 +133,8 @@ def finetune_projector(model: MDLM, questions: Sequence[str | Sequence[str]], an
     device = model.device
     keep = torch.tensor(list(anchor) if anchor is not None else [True] * n, dtype=torch.bool)
     start = None
-    if config.anchor_weight > 0 and keep.any():
+    anchor_weight = config.anchor_weight or 0.0  # None (unset, no DefenseConfig to set it): off
+    if anchor_weight > 0 and keep.any():
         start = copy.deepcopy(model.projector).eval().requires_grad_(False)
     params = model.freeze_all_but_projector()
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -163,7 +164,7 @@ def finetune_projector(model: MDLM, questions: Sequence[str | Sequence[str]], an
                 if start is not None:
                     with torch.no_grad():
                         reference = model.visual_tokens(feats, projector=start)
-                    loss = loss + config.anchor_weight * anchor_penalty(embeds, reference, keep[idx]) / len(idx)
+                    loss = loss + anchor_weight * anchor_penalty(embeds, reference, keep[idx]) / len(idx)
             (loss * len(idx) / (config.batch_size * config.grad_accum)).backward()
             running += loss.item() * len(idx)
             seen += len(idx)

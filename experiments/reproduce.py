@@ -41,10 +41,13 @@ from experiments.environment import environment
 # on the samples whose answer the rewrite kept;
 # disp_split, disp_split_anchor: the same with coarse-to-fine isolation (`disp.split_isolation`, a fixed forward
 # budget per sample instead of N_v + 1), its scores in the same nats as isolation's.
+# "disp" is the paper's DiSP as published (Fisher saliency, every top-ρ token held, plain recovery), whatever the
+# product's default saliency is: the reproduction's "DiSP (paper)" row.
 # Each entry: (DefenseConfig.defense, SaliencyConfig, PurifyConfig and FinetuneConfig overrides).
 OCCLUSION_MIN_NATS = 1.0
 ISOLATION_MIN_NATS = 20.0
 ANCHOR_WEIGHT = 10.0
+PAPER = ("disp", {"method": "fisher"}, {"min_score": 0.0}, {})
 VARIANTS = {"disp_occlusion": ("disp", {"method": "occlusion"}, {"min_score": OCCLUSION_MIN_NATS}, {}),
             "disp_occlusion_top": ("disp", {"method": "occlusion"}, {}, {}),
             "disp_isolation": ("disp", {"method": "isolation"}, {"min_score": ISOLATION_MIN_NATS}, {}),
@@ -110,9 +113,9 @@ class ReproduceConfig(CellConfig):
 
 def defense_config(defense: str, cfg: ReproduceConfig, mask_ratio: float | None = None) -> DefenseConfig:
     """A runner defense name (a `DefenseConfig.defense` or one of VARIANTS) with the cell's settings."""
-    kind, saliency, purify, finetune = VARIANTS.get(defense, (defense, {}, {}, {}))
-    if "anchor_weight" in finetune:
-        finetune = {**finetune, "anchor_weight": cfg.anchor_weight}
+    kind, saliency, purify, finetune = PAPER if defense == "disp" else VARIANTS.get(defense, (defense, {}, {}, {}))
+    # anchored only where the entry says so (the product's default would anchor every isolation variant)
+    finetune = {**finetune, "anchor_weight": cfg.anchor_weight if "anchor_weight" in finetune else 0.0}
     if saliency.get("method") == "split_isolation":
         saliency = {**saliency, "split_groups": cfg.split_groups, "split_beam": cfg.split_beam,
                     "split_budget": cfg.split_budget}

@@ -48,7 +48,7 @@ from experiments.benchmarks.saliency_cost import LMShape, scoring_flops
 from experiments.diagnostics.trigger_rank import SAMPLER, trigger_coverage
 
 METHODS = {
-    "fisher": SaliencyConfig(),
+    "fisher": SaliencyConfig(method="fisher"),
     "isolation": SaliencyConfig(method="isolation"),
     "split_isolation": SaliencyConfig(method="split_isolation"),
 }

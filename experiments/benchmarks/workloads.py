@@ -132,7 +132,7 @@ def cpu_workload(
         model=model,
         samples=samples,
         source=source,
-        saliency=SaliencyConfig(),
+        saliency=SaliencyConfig(method="fisher"),
         purify=PurifyConfig(sampler=sampler),
         finetune=FinetuneConfig(epochs=epochs),
         reference_samples=n,
@@ -160,7 +160,7 @@ def trained_workload(root: Path, n: int, epochs: int, device: str = "cpu", gen_l
         model=model,
         samples=samples,
         source=source,
-        saliency=SaliencyConfig(),
+        saliency=SaliencyConfig(method="fisher"),
         purify=PurifyConfig(sampler=sampler),
         finetune=FinetuneConfig(epochs=epochs),
         reference_samples=n,
@@ -234,10 +234,10 @@ def gpu_8b_workload(
     lm_shape = {**LLADA_V_8B_LM, **(lm or {})}
     if anyres:
         # ~16 GiB of activations per 3.8k-token sample for a backward: 3 fit next to the 15.7 GiB of weights
-        saliency, purify = SaliencyConfig(batch_size=3), PurifyConfig(sampler=sampler, batch_size=8)
+        saliency, purify = SaliencyConfig(method="fisher", batch_size=3), PurifyConfig(sampler=sampler, batch_size=8)
         finetune = FinetuneConfig(epochs=epochs, batch_size=3, grad_accum=3)
     else:
-        saliency, purify = SaliencyConfig(batch_size=8), PurifyConfig(sampler=sampler, batch_size=8)
+        saliency, purify = SaliencyConfig(method="fisher", batch_size=8), PurifyConfig(sampler=sampler, batch_size=8)
         # fine-tuning in micro-batches of 4 (x2 accumulation): the logits of 8 x ~830 tokens x 126k in float32
         # for the loss would add ~10 GB to the ~60 GB that a batch of 8 already holds
         finetune = FinetuneConfig(epochs=epochs, batch_size=4, grad_accum=2)

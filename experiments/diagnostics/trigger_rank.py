@@ -43,11 +43,11 @@ from disp.saliency import first_step_inputs, hutchinson_saliency, visual_salienc
 
 SAMPLER = CellConfig().sampler  # as the reproduction runs
 METHODS = {
-    "fisher (M=6)": dict(config=SaliencyConfig()),
-    "fisher (M=64)": dict(config=SaliencyConfig(probes=64)),
-    "fisher (exact)": dict(config=SaliencyConfig(exact=True)),
-    "fisher, T=3": dict(config=SaliencyConfig(), temperature=3.0),
-    "fisher, T=10": dict(config=SaliencyConfig(), temperature=10.0),
+    "fisher (M=6)": dict(config=SaliencyConfig(method="fisher")),
+    "fisher (M=64)": dict(config=SaliencyConfig(method="fisher", probes=64)),
+    "fisher (exact)": dict(config=SaliencyConfig(method="fisher", exact=True)),
+    "fisher, T=3": dict(config=SaliencyConfig(method="fisher"), temperature=3.0),
+    "fisher, T=10": dict(config=SaliencyConfig(method="fisher"), temperature=10.0),
     "occlusion": dict(config=SaliencyConfig(method="occlusion")),
     "isolation": dict(config=SaliencyConfig(method="isolation")),
 }

@@ -44,7 +44,14 @@ def test_job_settings_mirror_the_library_defaults():
     from api.schemas import DefenseSettings
     from disp.config import DEFENSES, REMASKING, DefenseConfig
 
-    assert DefenseSettings().model_dump() == _fields(DefenseConfig())
+    dumped = DefenseSettings().model_dump()
+    assert DefenseConfig.from_dict(dumped) == DefenseConfig()
+    # the settings the job stores leave the method-dependent floor and anchor unset; the library resolves them
+    assert dumped["purify"]["min_score"] is None and dumped["finetune"]["anchor_weight"] is None
+    resolved = _fields(DefenseConfig())
+    for section, name in (("purify", "min_score"), ("finetune", "anchor_weight")):
+        dumped[section][name] = resolved[section][name]
+    assert dumped == resolved
     schema = DefenseSettings.model_json_schema()
     assert tuple(schema["properties"]["defense"]["enum"]) == DEFENSES
     assert tuple(schema["$defs"]["SamplerSettings"]["properties"]["remasking"]["enum"]) == REMASKING

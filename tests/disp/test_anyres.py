@@ -297,7 +297,7 @@ def test_score_purify_finetune_on_anyres_samples(llada_anyres_dir, anyres_data, 
     source = open_image_source(anyres_data)
     counts = [model.visual_token_count(SIZES[i % 4]) for i in range(6)]
     cache = VisionCache()
-    scores = score_samples(model, samples, source, SaliencyConfig(batch_size=4), SAMPLER, cache=cache)
+    scores = score_samples(model, samples, source, SaliencyConfig(method="fisher", batch_size=4), SAMPLER, cache=cache)
     assert [len(scores[s.id]) for s in samples] == counts
     recs = purify_samples(model, samples, source, PurifyConfig(sampler=SAMPLER, batch_size=4), scores, cache=cache)
     assert [len(r["disp"]["masked_visual_tokens"]) for r in recs] == [int(0.3 * n) for n in counts]

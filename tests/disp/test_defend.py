@@ -19,7 +19,7 @@ SAMPLER = SamplerConfig(8, 8, 8)
 
 
 def small_config(defense: str = "disp", **kw) -> DefenseConfig:
-    return DefenseConfig(defense=defense, saliency=SaliencyConfig(batch_size=8),
+    return DefenseConfig(defense=defense, saliency=SaliencyConfig(method="fisher", batch_size=8),
                          purify=PurifyConfig(sampler=SAMPLER, **kw),
                          finetune=FinetuneConfig(epochs=1, batch_size=8))
 
@@ -108,7 +108,7 @@ def test_oracle_needs_the_manifest(tiny_dir, poisoned, tmp_path):
 def test_sharded_stages_merge_to_the_whole(tiny_dir, poisoned, tmp_path):
     kw = dict(model_dir=tiny_dir, data_json=poisoned.data_path, images=poisoned.data_path.parent)
     cfg = small_config()
-    cfg.saliency = SaliencyConfig(exact=True, batch_size=4)
+    cfg.saliency = SaliencyConfig(method="fisher", exact=True, batch_size=4)
     whole = tmp_path / "all.json"
     run_stage("scoring", out=whole, config=cfg, **kw)
     parts = [tmp_path / f"s{i}.json" for i in range(2)]
@@ -191,3 +191,20 @@ def test_approximate_decoding_settings_leave_the_scoring_fingerprint_alone():
     stray = Stage("x", (), "x.json", False, ("saliency",), "", ignores=("purify.sampler.steps",))
     with pytest.raises(ValueError, match="ignored field 'purify.sampler.steps' is not inside its settings"):
         fingerprint(stray, exact, {}, {}, [])
+
+
+def test_default_is_split_isolation_with_the_floor_and_anchor_and_the_paper_is_one_flag_away():
+    from disp.config import ISOLATION_ANCHOR_WEIGHT, ISOLATION_MIN_SCORE
+
+    robust = DefenseConfig()
+    assert (robust.saliency.method, robust.purify.min_score, robust.finetune.anchor_weight) == (
+        "split_isolation", ISOLATION_MIN_SCORE, ISOLATION_ANCHOR_WEIGHT)
+    paper = DefenseConfig(saliency=SaliencyConfig(method="fisher"))
+    assert (paper.purify.min_score, paper.finetune.anchor_weight) == (0.0, 0.0)
+    assert DefenseConfig(saliency=SaliencyConfig(method="isolation")).purify.min_score == ISOLATION_MIN_SCORE
+    # a baseline fine-tunes as the paper does; a value the caller sets is kept
+    assert DefenseConfig(defense="random_drop").finetune.anchor_weight == 0.0
+    mine = DefenseConfig(purify=PurifyConfig(min_score=5.0), finetune=FinetuneConfig(anchor_weight=0.0))
+    assert (mine.purify.min_score, mine.finetune.anchor_weight) == (5.0, 0.0)
+    # the stored form is resolved, so a job re-read later runs what it ran
+    assert DefenseConfig.from_dict(robust.to_dict()) == robust

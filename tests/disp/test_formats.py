@@ -238,7 +238,7 @@ def test_defend_on_a_truncated_jpeg_names_the_record_and_image(tiny_dir, tmp_pat
     (tmp_path / "ok.png").write_bytes(png(7))
     (tmp_path / "cut.jpg").write_bytes(good[: len(good) // 2])
     (tmp_path / "data.json").write_text(json.dumps([llava("fine", "ok.png"), llava("cut", "cut.jpg")]))
-    config = DefenseConfig(saliency=SaliencyConfig(batch_size=1), purify=PurifyConfig(sampler=SamplerConfig(4, 4, 4)))
+    config = DefenseConfig(saliency=SaliencyConfig(method="fisher", batch_size=1), purify=PurifyConfig(sampler=SamplerConfig(4, 4, 4)))
     with pytest.raises(DataError, match=r"record 1 \(id 'cut'\): field 'image' refers to 'cut.jpg', which is "
                                         r"unusable: .*Truncated"):
         defend(model_dir=tiny_dir, data_json=tmp_path / "data.json", images=None, out_dir=tmp_path / "out",

@@ -92,7 +92,7 @@ def test_map_ordered_raises_the_workers_error():
 
 def test_scores_and_purified_answers_do_not_depend_on_workers(model, data):
     samples, source = data
-    saliency, purify = SaliencyConfig(batch_size=3), PurifyConfig(sampler=SAMPLER, batch_size=3)
+    saliency, purify = SaliencyConfig(method="fisher", batch_size=3), PurifyConfig(sampler=SAMPLER, batch_size=3)
     flags = [p.requires_grad for p in model.parameters()]
     threads = torch.get_num_threads()
     runs = {}
@@ -119,6 +119,6 @@ def test_scores_and_purified_answers_do_not_depend_on_workers(model, data):
 def test_cancel_with_workers(model, data):
     samples, source = data
     with pytest.raises(Cancelled):
-        score_samples(model, samples, source, SaliencyConfig(batch_size=2), SAMPLER, workers=2,
+        score_samples(model, samples, source, SaliencyConfig(method="fisher", batch_size=2), SAMPLER, workers=2,
                       should_stop=lambda: True)
     assert all(p.requires_grad for p in model.parameters())

@@ -30,7 +30,7 @@ def test_bf16_model_with_float32_projector_runs_every_stage(tiny_dir, poisoned):
     assert all(p.dtype == torch.float32 for p in model.projector.parameters())
     samples, source = load_dataset(poisoned.data_path, poisoned.data_path.parent)
     samples = samples[:4]
-    scores = score_samples(model, samples, source, SaliencyConfig(batch_size=4), SAMPLER)
+    scores = score_samples(model, samples, source, SaliencyConfig(method="fisher", batch_size=4), SAMPLER)
     assert all(torch.isfinite(torch.tensor(v)).all() for v in scores.values())
     recs = purify_samples(model, samples, source, PurifyConfig(sampler=SAMPLER, batch_size=4), scores)
     assert len(recs) == 4
@@ -78,8 +78,8 @@ def test_describe_question_recaptions_like_the_official_code(tiny_dir, poisoned)
     record = {**two.record, "conversations": [*two.record["conversations"], *later]}
     samples = samples[:2] + [replace(two, later=(("And the colour?", "Red."),), record=record)]
     cfg = PurifyConfig(sampler=SAMPLER, batch_size=3, question="describe")
-    own = score_samples(model, samples, source, SaliencyConfig(batch_size=3, probes=2), SAMPLER)
-    described = score_samples(model, samples, source, SaliencyConfig(batch_size=3, probes=2), SAMPLER,
+    own = score_samples(model, samples, source, SaliencyConfig(method="fisher", batch_size=3, probes=2), SAMPLER)
+    described = score_samples(model, samples, source, SaliencyConfig(method="fisher", batch_size=3, probes=2), SAMPLER,
                               question="describe")
     assert all(len(own[s.id]) == len(described[s.id]) == 16 for s in samples) and own != described
     recs = purify_samples(model, samples, source, cfg, described)

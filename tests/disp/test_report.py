@@ -135,7 +135,7 @@ SAMPLER = SamplerConfig(8, 8, 8)
 def test_defend_report_regenerates_changed_answers_with_the_purified_projector(tiny_dir, poisoned, tmp_path):
     cfg = DefenseConfig(
         defense="disp",
-        saliency=SaliencyConfig(batch_size=8),
+        saliency=SaliencyConfig(method="fisher", batch_size=8),
         purify=PurifyConfig(sampler=SAMPLER),
         finetune=FinetuneConfig(epochs=2, batch_size=8, lr=1e-2),
     )

@@ -68,7 +68,7 @@ def test_embedded_service_runs_a_projector_job(served, tmp_path, tiny_dir, monke
         assert client.wait_ready("dataset", dataset["id"])["num_images"] == 6
         client.wait_ready("checkpoint", checkpoint["id"])
         settings = {
-            "saliency": {"probes": 1},
+            "saliency": {"method": "fisher", "probes": 1},
             "finetune": {"epochs": 1},
             "purify": {"sampler": {"gen_length": 8, "block_length": 8, "steps": 8}},
         }

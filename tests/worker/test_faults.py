@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 # The e2e test's tiny job, with enough work per stage to kill a worker in the middle of each.
 SETTINGS = {
-    "saliency": {"probes": 48, "batch_size": 1},
+    "saliency": {"method": "fisher", "probes": 48, "batch_size": 1},
     "purify": {"batch_size": 1, "sampler": {"gen_length": 16, "block_length": 16, "steps": 16}},
     "finetune": {"epochs": 24, "batch_size": 2},
 }

@@ -17,7 +17,7 @@ from tests.service_conftest import WebhookReceiver, dataset_archive, new_tenant,
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
 SETTINGS = {
-    "saliency": {"probes": 1, "batch_size": 4},
+    "saliency": {"method": "fisher", "probes": 1, "batch_size": 4},
     "purify": {"batch_size": 4, "sampler": {"gen_length": 8, "block_length": 8, "steps": 8}},
     "finetune": {"epochs": 16, "batch_size": 2},
 }
