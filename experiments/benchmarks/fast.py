@@ -79,7 +79,7 @@ def run_fast(
         "tolerance": AGREEMENT_TOLERANCE,
         "measure": "fraction of purified answers identical to exact decoding",
     }
-    return seconds, flops, dict(mem.peaks), {"sampler": dict(sampler), "finetune": dict(finetune or {}),
+    return seconds, flops, dict(mem.peaks), {"sampler": dict(sampler), "recovery": dict(finetune or {}),
                                              "parity": parity}
 
 
@@ -130,7 +130,7 @@ def best_fast(runs: list[dict[str, Any]], result: dict[str, Any], peak_flops: fl
     flops = {st: first[st]["product_model_flops"] for st in stages}
     peaks = {st: max(r["fast"][st]["peak_mem_bytes"] for r in runs) for st in stages}
     parity = {**first["parity"], "passed": all(r["fast"]["parity"]["passed"] for r in runs)}
-    info = {"sampler": first["sampler"], "finetune": first.get("finetune", {}), "parity": parity}
+    info = {"sampler": first["sampler"], "recovery": first.get("recovery", {}), "parity": parity}
     return fast_entries(result, seconds, flops, peaks, info, peak_flops)
 
 

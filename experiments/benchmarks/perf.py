@@ -108,7 +108,7 @@ def format_table(result: dict[str, Any], title: str) -> str:
     why = "official quirks" if c["official_quirks"] else "bf16"
     if "fast" in result:
         fast = result["fast"]
-        lines.append(f"  fast product {fast['sampler']}{', recovery ' + str(fast['finetune']) if fast.get('finetune') else ''}"
+        lines.append(f"  fast product {fast['sampler']}{', recovery ' + str(fast['recovery']) if fast.get('recovery') else ''}"
                      " (saliency shared with the exact product):")
         lines.append(f"  {'stage':<13}{'fast/s':>12}{'vs ref':>9}{'vs exact':>10}{'FLOPs saved':>13}{'peak mem':>12}"
                      + (f"{'MFU':>8}" if mfu else ""))

@@ -65,6 +65,7 @@ def test_fast_product_reports_per_stage_figures_and_parity(tmp_path, refresh):
     assert rc == 0
     fast = data["fast"]
     assert fast["sampler"] == {"prompt_cache_refresh": refresh, "confidence_threshold": 1.0}
+    assert fast["recovery"] == {"bf16_cpu": True}  # the fast product's default recovery, beside its stage figures
     for stage in perf.STAGES:
         e = fast[stage]
         assert e["product_sps"] > 0 and e["peak_mem_bytes"] > 0 and e["product_model_flops"] > 0, stage
