@@ -115,6 +115,17 @@ def write_benchmark_checkpoint(out: Path, lm: dict | None = None, vision: dict |
     )
 
 
+def _shapes_workload(name: str, model: MDLM, data: tuple[list[Sample], ImageSource], n: int, epochs: int,
+                     gen_length: int, description: dict[str, Any]) -> Workload:
+    """A SHAPES workload: the paper's sampler over `gen_length` tokens in one block, the Fisher saliency (what
+    the reference computes), `epochs` of recovery."""
+    sampler = SamplerConfig(gen_length=gen_length, block_length=gen_length, steps=gen_length)
+    return Workload(name=name, model=model, samples=data[0], source=data[1], saliency=SaliencyConfig(method="fisher"),
+                    purify=PurifyConfig(sampler=sampler), finetune=FinetuneConfig(epochs=epochs), reference_samples=n,
+                    description={**description, "vocab_size": model.lm_config.vocab_size,
+                                 "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")})
+
+
 def cpu_workload(
     root: Path, n: int, epochs: int, device: str = "cpu", size: str = "shapes-base", gen_length: int = 32
 ) -> Workload:
@@ -123,27 +134,11 @@ def cpu_workload(
     if size == "trained":
         return trained_workload(root, n, epochs, device=device, gen_length=gen_length)
     lm, vision = (SHAPES_BASE_LM, SHAPES_BASE_VISION) if size == "shapes-base" else (TINY_LM, TINY_VISION)
-    ckpt = write_benchmark_checkpoint(root / "model", lm, vision)
-    model = models.load(ckpt, device=device)
-    samples, source = write_shapes_data(root / "data", n)
-    sampler = SamplerConfig(gen_length=gen_length, block_length=gen_length, steps=gen_length)
-    return Workload(
-        name=f"{size} architecture (random weights)",
-        model=model,
-        samples=samples,
-        source=source,
-        saliency=SaliencyConfig(method="fisher"),
-        purify=PurifyConfig(sampler=sampler),
-        finetune=FinetuneConfig(epochs=epochs),
-        reference_samples=n,
-        description={
-            "checkpoint": f"write_tiny_checkpoint(lm={size.upper().replace('-', '_')}_LM, ...)",
-            "lm": lm,
-            "vision": vision,
-            "vocab_size": model.lm_config.vocab_size,
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        },
-    )
+    model = models.load(write_benchmark_checkpoint(root / "model", lm, vision), device=device)
+    return _shapes_workload(f"{size} architecture (random weights)", model, write_shapes_data(root / "data", n), n,
+                            epochs, gen_length,
+                            {"checkpoint": f"write_tiny_checkpoint(lm={size.upper().replace('-', '_')}_LM, ...)",
+                             "lm": lm, "vision": vision})
 
 
 def trained_workload(root: Path, n: int, epochs: int, device: str = "cpu", gen_length: int = 32) -> Workload:
@@ -153,25 +148,11 @@ def trained_workload(root: Path, n: int, epochs: int, device: str = "cpu", gen_l
     from disp.cell import BASE_CHECKPOINT
 
     model = models.load(BASE_CHECKPOINT, device=device)
-    samples, source = write_shapes_data(root / "data", n, config=shapes.config_of_checkpoint(BASE_CHECKPOINT))
-    sampler = SamplerConfig(gen_length=gen_length, block_length=gen_length, steps=gen_length)
-    return Workload(
-        name="the shipped SHAPES base (trained weights)",
-        model=model,
-        samples=samples,
-        source=source,
-        saliency=SaliencyConfig(method="fisher"),
-        purify=PurifyConfig(sampler=sampler),
-        finetune=FinetuneConfig(epochs=epochs),
-        reference_samples=n,
-        description={
-            "checkpoint": "disp/assets/shapes-base",
-            "lm": {k: getattr(model.lm_config, k) for k in SHAPES_BASE_LM},
-            "vision": json.loads((BASE_CHECKPOINT / "config.json").read_text()).get("vision_config"),
-            "vocab_size": model.lm_config.vocab_size,
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        },
-    )
+    data = write_shapes_data(root / "data", n, config=shapes.config_of_checkpoint(BASE_CHECKPOINT))
+    return _shapes_workload("the shipped SHAPES base (trained weights)", model, data, n, epochs, gen_length,
+                            {"checkpoint": "disp/assets/shapes-base",
+                             "lm": {k: getattr(model.lm_config, k) for k in SHAPES_BASE_LM},
+                             "vision": json.loads((BASE_CHECKPOINT / "config.json").read_text()).get("vision_config")})
 
 
 def build_llada_v_8b_shape(
