@@ -22,7 +22,7 @@ def field_help(f, default=MISSING) -> str:
     since argparse formats help strings with %."""
     text = f.metadata.get("help", "")
     if default is not MISSING:
-        text = f"{text} (default: {default})"
+        text = f"{text} (default: {'unset' if default is None else default})"
     return text.replace("%", "%%")
 
 
