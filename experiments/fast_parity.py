@@ -30,12 +30,19 @@ import torch
 
 from disp.baselines import read_manifest
 from disp.cell import BASE_CHECKPOINT, evaluate_cell, prepare_cell
-from disp.data import answers_kept, parse_samples
 from disp.metrics import attack_succeeded
 from disp.models import load
-from disp.pipeline import VisionCache, finetune_samples, load_dataset, purify_samples, score_samples
+from disp.pipeline import (
+    VisionCache,
+    finetune_samples,
+    kept_answers,
+    load_dataset,
+    purify_samples,
+    score_samples,
+)
 from disp.shapes import config_of_checkpoint
 from experiments.benchmarks.measure import FlopCounter
+from experiments.benchmarks.workloads import purified_samples
 from experiments.environment import environment
 from experiments.reproduce import VARIANTS, ReproduceConfig, defense_config
 
@@ -121,14 +128,12 @@ def run(
         answers = [_answer(r) for r in records]
         exact_answers = exact_answers or answers
         bad = [_answer(r) for r in records if r["id"] in poisoned]
-        train = parse_samples(
-            [{k: r[k] for k in ("id", "image", "conversations")} for r in records], "purified"
-        )
+        train = purified_samples(records)
         model.projector.load_state_dict(projector0)
         ft_dir = work / "fast" / defense / name
         t = time.perf_counter()
         finetune_samples(model, train, source, ftcfg, ft_dir, run_key=f"fast-{defense}-{name}",
-                         anchor=[answers_kept(r) for r in records], cache=cache)
+                         anchor=kept_answers(records), cache=cache)
         ft_seconds = time.perf_counter() - t
         model.projector.load_state_dict(projector0)
         ev = evaluate_cell(base, ft_dir / "projector.safetensors", cell, TARGET, cfg)

@@ -72,11 +72,12 @@ def run_workload(
     official_quirks: bool = False,
     workers: int | None = 1,
     fast: dict[str, Any] | None = None,
+    fast_recovery: dict[str, Any] | None = None,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Reference then product on `w`; returns per-stage figures and the checks. `fast`: SamplerConfig
-    overrides of a third side, the fast product (`experiments/benchmarks/fast.py`), reported under "fast"; its
-    key "finetune", if any, holds FinetuneConfig overrides of that side's recovery.
+    overrides of a third side, the fast product (`experiments/benchmarks/fast.py`), reported under "fast";
+    `fast_recovery`: FinetuneConfig overrides of that side's recovery.
 
     `official_quirks`: the reference reproduces the official code's two numerical quirks (see
     `experiments/benchmarks/reference.py`); the checks then measure their effect and are not enforced."""
@@ -172,10 +173,10 @@ def run_workload(
         peaks["product"].update(mem.peaks)
         _restore_projector(model, projector0)
         if fast is not None:
-            log(f"fast product: purifying with {fast}, then fine-tuning ...")
-            fast_run = run_fast(w, tmp, sampler={k: v for k, v in fast.items() if k != "finetune"},
-                                finetune=fast.get("finetune"), scores=scores, cache=cache, exact_records=records,
-                                counter=counter, workers=workers, restore=lambda: _restore_projector(model, projector0))
+            log(f"fast product: purifying with {fast}, then fine-tuning with {fast_recovery or {}} ...")
+            fast_run = run_fast(w, tmp, sampler=fast, finetune=fast_recovery, scores=scores, cache=cache,
+                                exact_records=records, counter=counter, workers=workers,
+                                restore=lambda: _restore_projector(model, projector0))
 
     # checks
     prod_answers = [r["conversations"][1]["value"] for r in records[:n_ref]]

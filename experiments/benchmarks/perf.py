@@ -211,8 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             SamplerConfig(**args.fast_sampler)
         except ValueError as err:
             ap.error(f"--fast-cache-refresh / --fast-threshold: {err}")
-        if args.fast_bf16_cpu:
-            args.fast_sampler["finetune"] = {"bf16_cpu": True}
+    args.fast_recovery = {"bf16_cpu": True} if args.fast and args.fast_bf16_cpu else None
     saved = (torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -237,6 +236,7 @@ def _repeated(w: Workload, tmp: Path, device: torch.device, args: argparse.Names
             official_quirks=args.official_quirks,
             workers=args.workers,
             fast=args.fast_sampler,
+            fast_recovery=args.fast_recovery,
         )
         for r in range(args.repeat)
     ])
