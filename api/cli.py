@@ -13,9 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from disp.stages import STAGES
-
-STATUSES = ["validating", "queued", *STAGES, "succeeded", "failed_validation", "failed", "cancelled"]
+from api.statuses import JOB_STATUSES
 
 
 def _db_settings(args: argparse.Namespace):
@@ -263,7 +261,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     c = jobs.add_parser("cancel", parents=[conn], help="cancel a job (cooperative)")
     c.add_argument("job_id", help="a job_ id")
     ls = jobs.add_parser("list", parents=[conn], help="list jobs")
-    ls.add_argument("--status", choices=STATUSES, help="only jobs in this status")
+    ls.add_argument("--status", choices=JOB_STATUSES, help="only jobs in this status")
     p.set_defaults(handler=service_errors(cmd_jobs))
 
     admin = argparse.ArgumentParser(add_help=False)

@@ -17,9 +17,10 @@ from typing import Any, TextIO
 
 import httpx
 
+from api.statuses import FINAL
 from disp.progress import remaining, stage_bars
 
-TERMINAL = {"succeeded", "failed", "failed_validation", "cancelled"}
+TERMINAL = frozenset(FINAL)
 SIMPLE_UPLOAD_LIMIT = 64 * 1024**2
 
 

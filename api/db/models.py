@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Integer, MetaData, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from api.statuses import FINAL, JOB_STATUSES
 from disp.stages import STAGES
 
 NAMING = {
@@ -38,13 +39,10 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{int(time.time() * 1000):012x}{os.urandom(6).hex()}"
 
 
-# A job is validating, then queued, then in one of the stages of `disp.stages` (its defense's plan), then in
-# one of the final statuses.
-JobStatus = StrEnum("JobStatus", [(s, s) for s in (
-    "validating", "queued", *STAGES, "succeeded", "failed_validation", "failed", "cancelled")])
+JobStatus = StrEnum("JobStatus", [(s, s) for s in JOB_STATUSES])  # api.statuses: their order and meaning
 
 
-TERMINAL = {JobStatus.succeeded, JobStatus.failed_validation, JobStatus.failed, JobStatus.cancelled}
+TERMINAL = {JobStatus(s) for s in FINAL}
 RUNNING_STAGES = tuple(JobStatus(s) for s in STAGES)
 
 
