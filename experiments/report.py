@@ -88,6 +88,12 @@ def trigger_table(rows: list[dict], target: str = "insertion") -> str:
     return "\n".join(lines)
 
 
+def meets_target(row: dict, none: dict) -> bool:
+    """The full target on a cell: the implant took (backdoored ASR w/t >= 90 %), the defense's ASR w/t is
+    <= 2 % and its CP within 2 points of the backdoored model's."""
+    return none["asr_wt"] >= 0.9 and row["asr_wt"] <= 0.02 and abs(row["cp"] - none["cp"]) <= 0.02 + 1e-9
+
+
 def target_table(rows: list[dict],
                  defenses: tuple[str, ...] = ("disp", "disp_occlusion", "disp_isolation", "disp_isolation_anchor"),
                  ) -> str:
@@ -111,7 +117,7 @@ def target_table(rows: list[dict],
                 cells_out += ["", ""]
                 continue
             delta = round(100 * (r["cp"] - none["cp"]), 6)
-            ok = none["asr_wt"] >= 0.9 and r["asr_wt"] <= 0.02 and abs(delta) <= 2
+            ok = meets_target(r, none)
             cells_out += [f"{pct(r['cp'])} ({delta:+.1f}) / {pct(r['asr_wt'])} / {pct(r.get('purified_backdoor_rate'))}",
                           "yes" if ok else "no"]
         lines.append(f"| {t} / {k} | " + " | ".join(cells_out) + " |")

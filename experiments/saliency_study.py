@@ -46,6 +46,7 @@ from disp.saliency import visual_saliency
 from experiments.benchmarks.measure import FlopCounter
 from experiments.benchmarks.saliency_cost import LMShape, scoring_flops
 from experiments.diagnostics.trigger_rank import SAMPLER, trigger_coverage
+from experiments.report import meets_target
 
 METHODS = {
     "fisher": SaliencyConfig(method="fisher"),
@@ -190,11 +191,6 @@ def table(
 
 
 GRID_DEFENSES = ("disp", "disp_isolation_anchor", "disp_split_anchor", "disp_split")
-
-
-def meets_target(row: dict, none: dict) -> bool:
-    """The issue's full target on an implanted cell: ASR w/t <= 2 % and CP within 2 points of the backdoored model."""
-    return none["asr_wt"] >= 0.9 and row["asr_wt"] <= 0.02 and abs(row["cp"] - none["cp"]) <= 0.02 + 1e-9
 
 
 def grid(runs: list[Path], defenses: tuple[str, ...] = GRID_DEFENSES) -> str:
