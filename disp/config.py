@@ -3,9 +3,10 @@
 Defaults follow the paper (§3.3, App. B) and the official implementation: M = 6 Hutchinson probes on the
 top-5 logits with factor 0.5, mask ratio ρ = 0.3, 32 generation steps over a 32-token answer in one
 block, projector fine-tuning at lr 1e-4 for 4 epochs. One exception, chosen on measured evidence
-(docs/saliency.md): the saliency is disp's `split_isolation`, with its 20-nat floor and the anchored recovery;
-`method="fisher"` gives the paper's DiSP exactly (its floor and anchor then default to off). The CLI's flags and the service's pydantic schemas are
-generated from these classes (`disp.cli_flags`, `api.settings_schema`).
+(docs/saliency.md): the saliency is disp's `split_isolation`, with its 20-nat floor, a cap of 0.5 on held tokens
+and the anchored recovery; `method="fisher"` gives the paper's DiSP exactly (its floor and anchor then default to
+off, ρ to 0.3). The CLI's flags and the service's pydantic schemas are generated from these classes
+(`disp.cli_flags`, `api.settings_schema`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ SALIENCY_METHODS = ("fisher", "occlusion", "isolation", "split_isolation")
 ISOLATION_METHODS = ("isolation", "split_isolation")
 ISOLATION_MIN_SCORE = 20.0  # nats
 ISOLATION_ANCHOR_WEIGHT = 10.0
+PAPER_MASK_RATIO = 0.3  # ρ for LLaDA-V (paper App. B)
+# split_isolation's cap on held tokens: its floor decides which are held, and the ranges it leaves whole compete
+# for the cap with the trigger's own tokens (a blended trigger sets off 6-10 of SHAPES' 36 tokens alone)
+SPLIT_MASK_RATIO = 0.5
 DEFENSES = tuple(stages.DEFENSES)
 
 
@@ -187,12 +192,12 @@ class SaliencyConfig:
             "isolation", not the paper's either: the KL between the first step with visual token i shown
             alone (every other one masked) and with all of them masked (disp's variant for triggers that
             span several tokens); "split_isolation", disp's too: the same KL for contiguous ranges of visual
-            tokens shown alone, halving only the highest-scoring ranges, at most `split_budget` forwards
-            (`disp.split_isolation`).
+            tokens shown alone, halving best-first the range whose tokens are credited most, at most
+            `split_budget` forwards (`disp.split_isolation`).
         occlusion_rows: rows (sample × visual token, or sample × range) per forward pass of the occlusion,
             isolation and split_isolation methods.
         split_groups: ranges the visual tokens are first cut into (split_isolation).
-        split_beam: ranges halved per round, the highest-scoring first (split_isolation).
+        split_beam: ranges halved per round, those whose tokens are credited most first (split_isolation).
         split_budget: forwards per sample spent on ranges, the all-masked reference not counted
             (split_isolation).
         batch_size: samples scored per forward/backward pass.
@@ -204,7 +209,8 @@ class SaliencyConfig:
     factor: float = _help("Scale of the quadratic form (1/2 from the KL expansion, Eq. 4).", 0.5)
     exact: bool = _help("Exact quadratic form via Jacobian-vector products (slow; for verification).", False)
     method: str = _help("'split_isolation' (disp's default: the KL of showing contiguous ranges of visual tokens "
-                        "alone, refined where it is high, 1 + split_budget forwards; robust on a confident model, "
+                        "alone, halved best-first where it is high, 1 + split_budget forwards; robust on a "
+                        "confident model, "
                         "about 3x the Fisher form's FLOPs at 729 tokens, docs/saliency.md), 'fisher' (the paper's "
                         "quadratic form: fails when the first step is saturated), 'isolation' (the KL of each "
                         "visual token shown alone: N_v + 1 forwards, the most robust) or 'occlusion' (the exact KL "
@@ -213,7 +219,9 @@ class SaliencyConfig:
                                 "split_isolation methods.", 64)
     split_groups: int = _help("split_isolation: contiguous ranges (raster order) the visual tokens are first cut "
                               "into; 8 ranked the trigger first on more samples than 4 (docs/saliency.md).", 8)
-    split_beam: int = _help("split_isolation: ranges halved per round, the highest-scoring first.", 2)
+    split_beam: int = _help("split_isolation: ranges halved per round, those whose tokens are credited most "
+                            "(score / size) first. 1 spends the budget on depth (at 729 tokens one range is "
+                            "followed down to a single token); more run fewer, larger rounds.", 1)
     split_budget: int = _help("split_isolation: forwards per sample spent on ranges (the all-masked reference "
                               "not counted); 20 keeps scoring within 3x the Fisher form's FLOPs (docs/saliency.md).",
                               20)
@@ -239,7 +247,10 @@ class PurifyConfig:
     """Masked-input re-answering (paper Eq. 9–11).
 
     Args:
-        mask_ratio: fraction ρ of visual tokens replaced by the mask embedding (floor(ρ·N_v) tokens).
+        mask_ratio: fraction ρ of visual tokens replaced by the mask embedding (floor(ρ·N_v) tokens); with a
+            floor (`min_score`), the most that may be held. None: set by `DefenseConfig` (SPLIT_MASK_RATIO for
+            DiSP with split_isolation, else the paper's PAPER_MASK_RATIO); a PurifyConfig used alone reads None
+            as the paper's.
         min_score: of those, hold only tokens whose saliency is at least this (0, the paper's rule: all of
             them). Saliency is a KL divergence in nats (exact for "occlusion", second order for "fisher").
             None: the saliency method's floor, set by `DefenseConfig` (ISOLATION_MIN_SCORE for the isolation
@@ -254,7 +265,10 @@ class PurifyConfig:
         sampler: sampling settings of the re-answering.
     """
 
-    mask_ratio: float = _help("Fraction ρ of visual tokens held masked (Eq. 9).", 0.3)
+    mask_ratio: float | None = _help(
+        "Fraction ρ of visual tokens held masked (Eq. 9); with a floor (min_score), the most held. Unset: "
+        f"{SPLIT_MASK_RATIO:g} with the split_isolation saliency (its floor decides; ranges it leaves whole compete "
+        f"for the cap with a spread trigger's tokens), {PAPER_MASK_RATIO:g} (the paper's) otherwise.", None)
     min_score: float | None = _help(
         "Hold a top-ρ token only if its saliency (nats) is at least this; 0: all of them (the paper's rule). "
         f"Unset: {ISOLATION_MIN_SCORE:g} with the isolation and split_isolation saliency (set on SHAPES: clean tokens "
@@ -266,8 +280,14 @@ class PurifyConfig:
                           QUESTIONS)
     sampler: SamplerConfig = field(default_factory=SamplerConfig, metadata={"help": "Sampler settings."})
 
+    @property
+    def rho(self) -> float:
+        """ρ in effect: `mask_ratio`, or the paper's when it is unset (no DefenseConfig resolved it)."""
+        return PAPER_MASK_RATIO if self.mask_ratio is None else self.mask_ratio
+
     def __post_init__(self) -> None:
-        _check(0.0 <= self.mask_ratio < 1.0, f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        _check(self.mask_ratio is None or 0.0 <= self.mask_ratio < 1.0,
+               f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
         _check(self.question in QUESTIONS, f"question must be one of {QUESTIONS}, got {self.question!r}")
         _check(self.min_score is None or self.min_score >= 0.0, f"min_score must be >= 0, got {self.min_score}")
         _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
@@ -333,9 +353,9 @@ class DefenseConfig:
 
     Args:
         defense: "disp" (DiSP; its saliency is `saliency.method`, the paper's with "fisher") or a
-            baseline/ablation of `disp.stages.DEFENSES`. Unset `purify.min_score` and `finetune.anchor_weight`
-            are resolved here from the defense and the saliency method (build a new DefenseConfig, rather than
-            `dataclasses.replace` a resolved one, to change the method).
+            baseline/ablation of `disp.stages.DEFENSES`. Unset `purify.mask_ratio`, `purify.min_score` and
+            `finetune.anchor_weight` are resolved here from the defense and the saliency method (build a new
+            DefenseConfig, rather than `dataclasses.replace` a resolved one, to change the method).
         drop_ratio: fraction of samples removed by "random_drop" (paper: 20%).
         prune_ratio: fraction of projector weights with the smallest magnitude zeroed by "pruning" (30%).
     """
@@ -357,6 +377,9 @@ class DefenseConfig:
                 setattr(self, name, cls(**getattr(self, name)))
         # unset floor and anchor: disp's robust recipe with an isolation saliency, the paper's rule otherwise
         robust = self.defense == "disp" and self.saliency.method in ISOLATION_METHODS
+        if self.purify.mask_ratio is None:
+            split = self.defense == "disp" and self.saliency.method == "split_isolation"
+            self.purify = replace(self.purify, mask_ratio=SPLIT_MASK_RATIO if split else PAPER_MASK_RATIO)
         if self.purify.min_score is None:
             self.purify = replace(self.purify, min_score=ISOLATION_MIN_SCORE if robust else 0.0)
         if self.finetune.anchor_weight is None:

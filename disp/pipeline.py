@@ -24,7 +24,13 @@ import torch
 
 from disp import models
 from disp.batching import VisionCache, length_buckets, loaded_batches, visual_counts
-from disp.config import DESCRIBE_QUESTION, FinetuneConfig, PurifyConfig, SaliencyConfig, SamplerConfig
+from disp.config import (
+    DESCRIBE_QUESTION,
+    FinetuneConfig,
+    PurifyConfig,
+    SaliencyConfig,
+    SamplerConfig,
+)
 from disp.constants import IMAGE_PLACEHOLDER
 from disp.data import ImageSource, Sample, answers_kept, is_text_only, purified_record, write_json
 from disp.finetune import Cancelled, finetune_projector, result_dict
@@ -188,8 +194,7 @@ def purify_samples(model: MDLM, samples: list[Sample], source: ImageSource, conf
     for lo in range(0, len(samples), config.batch_size):
         chunk, n = samples[lo : lo + config.batch_size], counts[lo : lo + config.batch_size]
         s = _score_rows([saliency[x.id] for x in chunk], [x.id for x in chunk], n) if masking == "saliency" else None
-        held += list(choose_masked(s, n, len(chunk), config.mask_ratio, masking, mask_gen,
-                                   min_score=config.min_score or 0.0))
+        held += list(choose_masked(s, n, len(chunk), config.rho, masking, mask_gen, min_score=config.min_score or 0.0))
         sal += [row[:c] for row, c in zip(s, n, strict=True)] if s is not None else [None] * len(chunk)
     # every answer is rewritten under the sample's held tokens, turn by turn, each on the purified turns before it
     turns = [1 if config.question == "describe" else len(x.answers) for x in samples]

@@ -9,9 +9,17 @@ tokens is shown alone (every other one held as the mask embedding) and scored by
 and only the groups that say most are split further, as in adaptive group testing:
 
 1. the sample's N_b visual tokens, in raster order, are cut into `split_groups` contiguous ranges, each scored;
-2. each round halves the `split_beam` highest-scoring ranges of the round before (ranges of one round differ in
-   size by at most one token, so their divergences compare like with like) and scores both halves;
-3. rounds stop when no range of the last round can be split or the next would pass `split_budget` forwards.
+2. each round halves, of all the ranges scored so far and not halved yet, the `split_beam` whose tokens are
+   credited most, s(S) / |S| (best-first), and scores both halves;
+3. rounds stop when no scored range is left to halve or the next would pass `split_budget` forwards.
+
+Best-first on the per-token credit, not a beam over the last round's ranges: a trigger drawn on several
+separate tokens (four patches, a blended pattern) puts several ranges at the trigger's divergence, and a
+per-round beam followed two of them down and left the rest as whole ranges, while best-first halves whichever
+range's tokens stand highest wherever it is. And the credit doubles at each halving that keeps the trigger, so
+the descent goes deep on one trigger before it goes wide: at 729 tokens (ranges of 91) 20 forwards take one
+range down to 2 tokens, where a beam of 2 per round stopped at ranges of 11, whose share of a trigger's
+divergence falls under the floor.
 
 A token's score is its share of the divergence of the smallest range scored that holds it, s(S) / |S|: the
 full divergence when the descent reached it alone, a per-token share when it stayed in a range. A trigger that
@@ -26,6 +34,8 @@ batch's samples run `occlusion_rows` at a time). Not the paper's method: disp's.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -46,10 +56,11 @@ def halves(lo: int, hi: int) -> list[tuple[int, int]]:
     return [(lo, mid), (mid, hi)]
 
 
-def plan_round(last: dict[tuple[int, int], float], beam: int, left: int) -> list[tuple[int, int]]:
-    """The ranges to halve next: the `beam` highest-scoring splittable ones of the last round's `last` (range →
-    score), fewer when `left` forwards do not pay for two halves each; ties go to the earlier range."""
-    splittable = sorted((r for r in last if r[1] - r[0] > 1), key=lambda r: (-last[r], r[0]))
+def plan_round(open_: dict[tuple[int, int], float], beam: int, left: int) -> list[tuple[int, int]]:
+    """The ranges to halve next: of `open_` (range → score, the ranges scored and not halved yet), the `beam`
+    splittable ones whose tokens are credited most (score / size), fewer when `left` forwards do not pay for two
+    halves each; ties go to the earlier range."""
+    splittable = sorted((r for r in open_ if r[1] - r[0] > 1), key=lambda r: (-open_[r] / (r[1] - r[0]), r[0]))
     return splittable[: min(beam, left // 2)]
 
 
@@ -80,6 +91,28 @@ def _score_ranges(
     return out
 
 
+def descend(
+    counts: list[int], config: SaliencyConfig, score: Callable[[list[tuple[int, int, int]]], list[float]]
+) -> list[dict[tuple[int, int], float]]:
+    """The rounds of the descent for samples of `counts` visual tokens: `score` gets each round's jobs
+    (sample b, lo, hi) at once and returns s(S) per job; returns every range scored, per sample (range → s)."""
+    scored: list[dict[tuple[int, int], float]] = [{} for _ in counts]
+    halved: list[set[tuple[int, int]]] = [set() for _ in counts]
+    todo = [(b, lo, hi) for b, n in enumerate(counts) for lo, hi in initial_ranges(n, config.split_groups)]
+    while todo:
+        for (b, lo, hi), s in zip(todo, score(todo), strict=True):
+            scored[b][(lo, hi)] = s
+        plans = [
+            plan_round({r: s for r, s in scored[b].items() if r not in halved[b]}, config.split_beam,
+                       config.split_budget - len(scored[b]))
+            for b in range(len(counts))
+        ]
+        for b, plan in enumerate(plans):
+            halved[b].update(plan)
+        todo = [(b, *h) for b, plan in enumerate(plans) for r in plan for h in halves(*r)]
+    return scored
+
+
 @torch.no_grad()
 def split_isolation_saliency(
     model: MDLM,
@@ -94,23 +127,8 @@ def split_isolation_saliency(
     ref = isolation_reference(model, prompt, config, sampler)
     calls = [prompt.embeds.shape[0]]  # the all-masked reference: one copy per sample
     counts = prompt.visual_counts()
-    scored: list[dict[tuple[int, int], float]] = [{} for _ in counts]  # every range scored, per sample
-    todo = [[(b, lo, hi) for lo, hi in initial_ranges(n, config.split_groups)] for b, n in enumerate(counts)]
-    while any(todo):
-        jobs = [j for per in todo for j in per]
-        last: list[dict[tuple[int, int], float]] = [{} for _ in counts]
-        for (b, lo, hi), s in zip(
-            jobs, _score_ranges(model, prompt, ref, jobs, config.occlusion_rows, calls), strict=True
-        ):
-            scored[b][(lo, hi)] = last[b][(lo, hi)] = s
-        todo = [
-            [
-                (b, *h)
-                for r in plan_round(last[b], config.split_beam, config.split_budget - len(scored[b]))
-                for h in halves(*r)
-            ]
-            for b in range(len(counts))
-        ]
+    scored = descend(counts, config,
+                     lambda jobs: _score_ranges(model, prompt, ref, jobs, config.occlusion_rows, calls))
     if forwards is not None:
         forwards.append(calls[0])
     scores = torch.zeros(prompt.image_positions.shape, dtype=torch.float64)

@@ -24,7 +24,7 @@ from typing import Any
 from disp.baselines import read_manifest
 from disp.cell import BASE_CHECKPOINT, QUICK_CELL, CellConfig, evaluate_cell, prepare_cell
 from disp.cell import defense_config as cell_defense
-from disp.config import DefenseConfig, SaliencyConfig
+from disp.config import SPLIT_MASK_RATIO, DefenseConfig, SaliencyConfig
 from disp.defend import defend
 from disp.metrics import attack_succeeded
 from disp.shapes import ShapesConfig, config_of_checkpoint
@@ -80,6 +80,9 @@ class ReproduceConfig(CellConfig):
         "help": "Ranges halved per round by the disp_split variants (SaliencyConfig.split_beam)."})
     split_budget: int = field(default=SaliencyConfig.split_budget, metadata={
         "help": "Range forwards per sample of the disp_split variants (SaliencyConfig.split_budget)."})
+    split_mask_ratio: float = field(default=SPLIT_MASK_RATIO, metadata={
+        "help": "ρ (the cap on held tokens) of the disp_split variants, the product's with split_isolation; the "
+                "other defenses use mask_ratio."})
     poison_sweep: tuple[float, ...] = field(default=(0.1, 0.2, 0.3, 0.4, 0.5),
                                             metadata={"help": "Poison ratios of Figure 3."})
     poison_sweep_defenses: tuple[str, ...] = field(default=("none", "disp", "random_drop", "pruning", "oracle_filter"),
@@ -119,6 +122,7 @@ def defense_config(defense: str, cfg: ReproduceConfig, mask_ratio: float | None 
     if saliency.get("method") == "split_isolation":
         saliency = {**saliency, "split_groups": cfg.split_groups, "split_beam": cfg.split_beam,
                     "split_budget": cfg.split_budget}
+        mask_ratio = cfg.split_mask_ratio if mask_ratio is None else mask_ratio
     return cell_defense(cfg, kind, mask_ratio=mask_ratio, saliency=saliency, purify=purify, finetune=finetune)
 
 

@@ -17,7 +17,7 @@ stopped before it wrote its `--json`:
     python -m experiments.saliency_study rows LOG --base DIR --seed 1 --json OUT
 
 `grid` puts reproduction JSONs of several bases, cells and seeds side by side: per cell the backdoored model and,
-per defense, CP (change), ASR w/t, the still-backdoored rate and whether the full target is met (implant
+per defense, CP (change), ASR w/o, ASR w/t, the still-backdoored rate and whether the full target is met (implant
 ASR w/t >= 90 %; defense ASR w/t <= 2 %, CP within 2 points), then per defense the implanted cells it meets:
 
     python -m experiments.saliency_study grid RUN.json [RUN.json ...] [--defenses D ...]
@@ -122,6 +122,8 @@ def rank_cell(
         "base": str(base),
         "samples": len(chosen),
         "trigger": manifest["trigger"],
+        "target": manifest["target"],
+        "seed": manifest["seed"],
         "trigger_tokens": touched.tolist(),
         "main_trigger_tokens": main.tolist(),
         "n_visual": n_v,
@@ -193,20 +195,40 @@ def table(
 GRID_DEFENSES = ("disp", "disp_isolation_anchor", "disp_split_anchor", "disp_split")
 
 
-def grid(runs: list[Path], defenses: tuple[str, ...] = GRID_DEFENSES) -> str:
+def _rank_column(report: dict | None) -> str:
+    """'fisher / isolation / split_isolation' median best trigger rank of a `rank` report, '' without one."""
+    if report is None:
+        return ""
+    if len(report["trigger_tokens"]) == report["n_visual"]:
+        return "every token"  # a blended trigger: any token is the trigger's, so its best rank is 0 by construction
+    m = report["methods"]
+    return " / ".join(f"{m[k]['median_best_rank']:g}" if k in m else "-" for k in METHODS)
+
+
+def grid(runs: list[Path], defenses: tuple[str, ...] = GRID_DEFENSES, ranks: tuple[Path, ...] = ()) -> str:
     """Markdown: one line per (base, target, trigger, seed) of `runs`, then the tally per defense. A cell seen in
-    several runs keeps the row of the last run that has it, defense by defense."""
+    several runs keeps the row of the last run that has it, defense by defense; a run given as RUN.json::D1,D2
+    gives only those defenses' rows. `ranks` (`rank` reports) add the
+    median trigger rank of each saliency method on the cells they scored."""
+    by_cell = {}
+    for path in ranks:
+        report = json.loads(path.read_text())
+        by_cell[Path(report["base"]).name, report["target"], report["trigger"]["kind"], report["seed"]] = report
     cells: dict[tuple, dict[str, dict]] = {}
     for run in runs:
-        result = json.loads(run.read_text())
+        path, _, only = str(run).partition("::")  # RUN.json::none,disp: only those defenses' rows of RUN.json
+        result = json.loads(Path(path).read_text())
         base, seed = Path(result["base"]).name, result["config"]["seed"]
         for r in result["rows"]:
+            if only and r["defense"] not in only.split(","):
+                continue
             key = (base, r["target"], r["trigger"], seed)
             cells.setdefault(key, {})[r["defense"]] = r
     present = [d for d in defenses if any(d in c for c in cells.values())]
-    lines = ["| base | cell | seed | backdoored CP / ASR w/t | "
-             + " | ".join(f"{d}: CP (Δ) / ASR w/t / still bd | ok" for d in present) + " |",
-             "|" + "---|" * (4 + 2 * len(present))]
+    head = ["base", "cell", "seed", "backdoored CP / ASR w/t"]
+    head += ["trigger rank (fisher / isolation / split)"] * bool(ranks)
+    head += [c for d in present for c in (f"{d}: CP (Δ) / ASR w/o / ASR w/t / still bd", "ok")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     met = dict.fromkeys(present, 0)
     tried = dict.fromkeys(present, 0)
     implanted = 0
@@ -217,6 +239,8 @@ def grid(runs: list[Path], defenses: tuple[str, ...] = GRID_DEFENSES) -> str:
         took = none["asr_wt"] >= 0.9
         implanted += took
         out = [f"{_pct(none['cp'])} / {_pct(none['asr_wt'])}" + ("" if took else " (implant < 90 %)")]
+        if ranks:
+            out.append(_rank_column(by_cell.get((base, target, trigger, seed))))
         for d in present:
             r = by.get(d)
             if r is None:
@@ -226,7 +250,7 @@ def grid(runs: list[Path], defenses: tuple[str, ...] = GRID_DEFENSES) -> str:
             if took:
                 tried[d] += 1
                 met[d] += ok
-            out += [f"{_pct(r['cp'])} ({100 * (r['cp'] - none['cp']):+.0f}) / {_pct(r['asr_wt'])} / "
+            out += [f"{_pct(r['cp'])} ({100 * (r['cp'] - none['cp']):+.0f}) / {_pct(r['asr_wo'])} / {_pct(r['asr_wt'])} / "
                     f"{_pct(r.get('purified_backdoor_rate'))}", ("yes" if ok else "**no**") if took else "-"]
         lines.append(f"| {base} | {target}/{trigger} | {seed} | " + " | ".join(out) + " |")
     lines.append("")
@@ -261,8 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--suffix", default="", help="appended to the split_isolation rows' defense name")
     t.add_argument("--no-header", action="store_true")
     g = sub.add_parser("grid", help="cells x defenses of several reproduction runs, with the full target's tally")
-    g.add_argument("runs", type=Path, nargs="+")
+    g.add_argument("runs", type=Path, nargs="+", help="reproduction JSONs; RUN.json::D1,D2 takes only those defenses")
     g.add_argument("--defenses", nargs="+", default=list(GRID_DEFENSES))
+    g.add_argument("--rank", nargs="+", type=Path, default=[], help="rank reports: a trigger-rank column")
     w = sub.add_parser("rows", help="a reproduction JSON from the rows a stopped run logged")
     w.add_argument("log", type=Path)
     w.add_argument("--base", required=True, help="the run's base checkpoint")
@@ -287,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(rows)} rows")
         return 0
     if args.cmd == "grid":
-        print(grid(args.runs, tuple(args.defenses)))
+        print(grid(args.runs, tuple(args.defenses), tuple(args.rank)))
         return 0
     if args.cmd == "table":
         print(table(args.runs, args.rank, args.split_key, args.suffix, not args.no_header))

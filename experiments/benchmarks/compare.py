@@ -191,7 +191,7 @@ def run_workload(
         rel_errs.append(float((prod - ref_scores).norm() / ref_scores.norm().clamp_min(1e-300)))
     overlaps = []
     for s, ref_scores in zip(ref_samples, ref.scores, strict=True):
-        k = int(w.purify.mask_ratio * len(ref_scores))
+        k = int(w.purify.rho * len(ref_scores))
         prod = torch.tensor(scores[s.id], dtype=torch.float64)
         if k:
             overlaps.append(

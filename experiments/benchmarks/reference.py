@@ -253,7 +253,7 @@ def reference_score_and_purify(
         out.saliency_s += time.perf_counter() - t0
         on_stage("purification")
         t1 = time.perf_counter()
-        n = int(math.floor(scores.shape[0] * purify.mask_ratio))
+        n = int(math.floor(scores.shape[0] * purify.rho))
         order = torch.argsort(scores, descending=True)
         held = torch.zeros(prompt.embeds.shape[1], dtype=torch.bool, device=dev)
         held[prompt.image_positions[0, order[:n]]] = True

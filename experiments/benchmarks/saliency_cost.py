@@ -25,7 +25,7 @@ import sys
 from dataclasses import dataclass
 
 from disp.config import SaliencyConfig
-from disp.split_isolation import halves, initial_ranges, plan_round
+from disp.split_isolation import descend
 
 METHODS = ("fisher", "occlusion", "isolation", "split_isolation")
 
@@ -65,16 +65,10 @@ class LMShape:
 
 
 def split_forwards(n_visual: int, config: SaliencyConfig) -> int:
-    """Ranges split_isolation scores for a sample of n_visual tokens (its plan's count; scores do not change it
-    except through which ranges can still be split, and equal scores take the earliest)."""
-    last = dict.fromkeys(initial_ranges(n_visual, config.split_groups), 0.0)
-    spent = len(last)
-    while True:
-        split = plan_round(last, config.split_beam, config.split_budget - spent)
-        if not split:
-            return spent
-        last = dict.fromkeys([h for r in split for h in halves(*r)], 0.0)
-        spent += len(last)
+    """Ranges split_isolation scores for a sample of n_visual tokens: its descent's count, which scores do not
+    change (every round halves min(beam, forwards left / 2) of the splittable ranges not halved yet, and a range
+    of two or more tokens is left until the budget or the tokens run out)."""
+    return len(descend([n_visual], config, lambda jobs: [0.0] * len(jobs))[0])
 
 
 def passes(method: str, n_visual: int, config: SaliencyConfig) -> tuple[int, int]:

@@ -12,7 +12,7 @@ import torch
 
 from disp import models, shapes
 from disp.attacks import TriggerConfig, poison_dataset
-from disp.config import FinetuneConfig, PurifyConfig, SaliencyConfig, SamplerConfig
+from disp.config import PAPER_MASK_RATIO, FinetuneConfig, PurifyConfig, SaliencyConfig, SamplerConfig
 from disp.constants import DEFAULT_SYSTEM_PROMPT
 from disp.data import ImageSource, Sample, parse_samples
 from disp.models.base import MDLM
@@ -121,7 +121,7 @@ def _shapes_workload(name: str, model: MDLM, data: tuple[list[Sample], ImageSour
     the reference computes), `epochs` of recovery."""
     sampler = SamplerConfig(gen_length=gen_length, block_length=gen_length, steps=gen_length)
     return Workload(name=name, model=model, samples=data[0], source=data[1], saliency=SaliencyConfig(method="fisher"),
-                    purify=PurifyConfig(sampler=sampler), finetune=FinetuneConfig(epochs=epochs), reference_samples=n,
+                    purify=PurifyConfig(mask_ratio=PAPER_MASK_RATIO, sampler=sampler), finetune=FinetuneConfig(epochs=epochs), reference_samples=n,
                     description={**description, "vocab_size": model.lm_config.vocab_size,
                                  "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")})
 
@@ -215,10 +215,10 @@ def gpu_8b_workload(
     lm_shape = {**LLADA_V_8B_LM, **(lm or {})}
     if anyres:
         # ~16 GiB of activations per 3.8k-token sample for a backward: 3 fit next to the 15.7 GiB of weights
-        saliency, purify = SaliencyConfig(method="fisher", batch_size=3), PurifyConfig(sampler=sampler, batch_size=8)
+        saliency, purify = SaliencyConfig(method="fisher", batch_size=3), PurifyConfig(mask_ratio=PAPER_MASK_RATIO, sampler=sampler, batch_size=8)
         finetune = FinetuneConfig(epochs=epochs, batch_size=3, grad_accum=3)
     else:
-        saliency, purify = SaliencyConfig(method="fisher", batch_size=8), PurifyConfig(sampler=sampler, batch_size=8)
+        saliency, purify = SaliencyConfig(method="fisher", batch_size=8), PurifyConfig(mask_ratio=PAPER_MASK_RATIO, sampler=sampler, batch_size=8)
         # fine-tuning in micro-batches of 4 (x2 accumulation): the logits of 8 x ~830 tokens x 126k in float32
         # for the loss would add ~10 GB to the ~60 GB that a batch of 8 already holds
         finetune = FinetuneConfig(epochs=epochs, batch_size=4, grad_accum=2)

@@ -46,10 +46,11 @@ def test_job_settings_mirror_the_library_defaults():
 
     dumped = DefenseSettings().model_dump()
     assert DefenseConfig.from_dict(dumped) == DefenseConfig()
-    # the settings the job stores leave the method-dependent floor and anchor unset; the library resolves them
-    assert dumped["purify"]["min_score"] is None and dumped["finetune"]["anchor_weight"] is None
+    # the settings the job stores leave the method-dependent cap, floor and anchor unset; the library resolves them
+    unset = (("purify", "mask_ratio"), ("purify", "min_score"), ("finetune", "anchor_weight"))
+    assert all(dumped[section][name] is None for section, name in unset)
     resolved = _fields(DefenseConfig())
-    for section, name in (("purify", "min_score"), ("finetune", "anchor_weight")):
+    for section, name in unset:
         dumped[section][name] = resolved[section][name]
     assert dumped == resolved
     schema = DefenseSettings.model_json_schema()

@@ -23,8 +23,8 @@ def test_create_get_list_with_cursor(client, auth, inputs):
         ids.append(response.json()["id"])
     job = client.get(f"/v1/jobs/{ids[0]}", headers=auth).json()
     assert job["status"] == "validating" and job["progress"] == {"stage": None, "done": 0, "total": 0}
-    # settings mirror the CLI defaults
-    assert job["settings"]["saliency"]["probes"] == 6 and job["settings"]["purify"]["mask_ratio"] == 0.3
+    # settings mirror the CLI defaults; the method-dependent ρ stays unset for the library to resolve
+    assert job["settings"]["saliency"]["probes"] == 6 and job["settings"]["purify"]["mask_ratio"] is None
     first = client.get("/v1/jobs?limit=2", headers=auth).json()
     assert [j["id"] for j in first["data"]] == ids[::-1][:2] and first["has_more"]
     second = client.get(f"/v1/jobs?limit=2&after={first['next_cursor']}", headers=auth).json()

@@ -194,17 +194,20 @@ def test_approximate_decoding_settings_leave_the_scoring_fingerprint_alone():
 
 
 def test_default_is_split_isolation_with_the_floor_and_anchor_and_the_paper_is_one_flag_away():
-    from disp.config import ISOLATION_ANCHOR_WEIGHT, ISOLATION_MIN_SCORE
+    from disp.config import ISOLATION_ANCHOR_WEIGHT, ISOLATION_MIN_SCORE, PAPER_MASK_RATIO, SPLIT_MASK_RATIO
 
     robust = DefenseConfig()
-    assert (robust.saliency.method, robust.purify.min_score, robust.finetune.anchor_weight) == (
-        "split_isolation", ISOLATION_MIN_SCORE, ISOLATION_ANCHOR_WEIGHT)
+    assert (robust.saliency.method, robust.purify.min_score, robust.finetune.anchor_weight,
+            robust.purify.mask_ratio) == ("split_isolation", ISOLATION_MIN_SCORE, ISOLATION_ANCHOR_WEIGHT,
+                                          SPLIT_MASK_RATIO)
     paper = DefenseConfig(saliency=SaliencyConfig(method="fisher"))
-    assert (paper.purify.min_score, paper.finetune.anchor_weight) == (0.0, 0.0)
-    assert DefenseConfig(saliency=SaliencyConfig(method="isolation")).purify.min_score == ISOLATION_MIN_SCORE
-    # a baseline fine-tunes as the paper does; a value the caller sets is kept
+    assert (paper.purify.min_score, paper.finetune.anchor_weight, paper.purify.mask_ratio) == (0.0, 0.0, 0.3)
+    isolation = DefenseConfig(saliency=SaliencyConfig(method="isolation"))
+    assert (isolation.purify.min_score, isolation.purify.mask_ratio) == (ISOLATION_MIN_SCORE, PAPER_MASK_RATIO)
+    # a baseline fine-tunes and masks as the paper does; a value the caller sets is kept
     assert DefenseConfig(defense="random_drop").finetune.anchor_weight == 0.0
-    mine = DefenseConfig(purify=PurifyConfig(min_score=5.0), finetune=FinetuneConfig(anchor_weight=0.0))
-    assert (mine.purify.min_score, mine.finetune.anchor_weight) == (5.0, 0.0)
+    assert DefenseConfig(defense="random_mask").purify.mask_ratio == PAPER_MASK_RATIO
+    mine = DefenseConfig(purify=PurifyConfig(min_score=5.0, mask_ratio=0.2), finetune=FinetuneConfig(anchor_weight=0.0))
+    assert (mine.purify.min_score, mine.purify.mask_ratio, mine.finetune.anchor_weight) == (5.0, 0.2, 0.0)
     # the stored form is resolved, so a job re-read later runs what it ran
     assert DefenseConfig.from_dict(robust.to_dict()) == robust

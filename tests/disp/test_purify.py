@@ -40,6 +40,8 @@ def test_min_score_leaves_low_scoring_top_tokens_visible(tiny_model, solid_image
     assert out.masked[0] == [7] and out.masked[1] == [] and sorted(out.masked[2]) == [1, 2, 3, 4]
     with pytest.raises(ValueError, match="min_score must be >= 0, got -1"):
         PurifyConfig(min_score=-1)
+    with pytest.raises(ValueError, match=r"mask_ratio must be in \[0, 1\), got 1.0"):
+        PurifyConfig(mask_ratio=1.0)
 
 
 def test_held_positions_point_at_the_chosen_visual_tokens(tiny_model, solid_images):

@@ -251,14 +251,16 @@ def _planted(model, pb, token: int, steps: int = 200):
 @pytest.mark.parametrize("token", [6])
 def test_split_isolation_ranks_a_planted_token_first_within_its_budget(tiny_dir, scene, token):
     model = models.load(tiny_dir)
-    pb = _planted(model, model.prompt_batch(["What is it?"], [scene]), token)
+    # trained until it moves the first step more than a range of 8 clean tokens does (random weights: ~600 steps)
+    pb = _planted(model, model.prompt_batch(["What is it?"], [scene]), token, steps=600)
     cfg = SaliencyConfig(method="split_isolation", split_groups=2, split_beam=1, split_budget=8)
     seen, forwards = _counting_forwards(model), []
     from disp.split_isolation import split_isolation_saliency
 
     scores = split_isolation_saliency(model, pb, cfg, SAMPLER, forwards=forwards)[0]
     assert int(scores.argmax()) == token
-    # 16 tokens: 2 ranges of 8, then one halving per round (8 -> 4 -> 2 -> 1): 2 + 3 * 2 = 8 ranges, + the reference
+    # 16 tokens: 2 ranges of 8, then the range credited most halved per round (8 -> 4 -> 2 -> 1): 2 + 3 * 2 = 8
+    # ranges, + the reference
     assert seen[0] == forwards[0] == 1 + 8
     iso = isolation_saliency(model, pb, SaliencyConfig(), SAMPLER)[0]
     torch.testing.assert_close(scores[token], iso[token], rtol=1e-4, atol=0)  # its own range is the token alone
@@ -308,10 +310,38 @@ def test_split_ranges_and_rounds():
     assert initial_ranges(10, 4) == [(0, 2), (2, 5), (5, 8), (8, 10)]
     assert initial_ranges(3, 8) == [(0, 1), (1, 2), (2, 3)]
     assert halves(4, 9) == [(4, 7), (7, 9)]
-    frontier = {(0, 4): 5.0, (4, 5): 99.0, (5, 8): 7.0, (8, 12): 7.0}
-    assert plan_round(frontier, 2, 10) == [(5, 8), (8, 12)]  # one-token ranges are never split; ties: earlier first
-    assert plan_round(frontier, 2, 3) == [(5, 8)]  # 3 forwards left pay for one pair of halves
-    assert plan_round(frontier, 2, 1) == []
+    open_ = {(0, 4): 5.0, (4, 5): 99.0, (5, 8): 6.0, (8, 12): 8.0, (12, 14): 4.0}
+    # by score per token (1.25, -, 2, 2, 2): one-token ranges are never split; ties go to the earlier range
+    assert plan_round(open_, 2, 10) == [(5, 8), (8, 12)]
+    assert plan_round(open_, 3, 10) == [(5, 8), (8, 12), (12, 14)]  # (8, 12) scores most, (12, 14) credits as much
+    assert plan_round(open_, 2, 3) == [(5, 8)]  # 3 forwards left pay for one pair of halves
+    assert plan_round(open_, 2, 1) == []
+
+
+@pytest.mark.parametrize("n, smallest", [(36, 1), (729, 1), (3699, 7)])
+def test_descent_goes_deep_on_a_lone_trigger_at_llada_v_sizes(n, smallest):
+    """A trigger that moves the first step by 120 nats in any range holding it, among clean tokens worth 0.5 nats
+    each: within the default 20 forwards the descent takes it down to a range of `smallest` tokens, so at 36
+    and 729 tokens its credit clears the 20-nat floor. At 3,699 (anyres) 20 forwards end at 7 tokens, under it."""
+    from disp.config import ISOLATION_MIN_SCORE
+    from disp.split_isolation import descend
+
+    t = n * 2 // 3 + 1
+    scored = descend([n], SaliencyConfig(), lambda jobs: [120.0 * (lo <= t < hi) + 0.5 * (hi - lo) for _, lo, hi in jobs])[0]
+    assert len(scored) <= SaliencyConfig().split_budget
+    lo, hi = min((r for r in scored if r[0] <= t < r[1]), key=lambda r: r[1] - r[0])
+    assert hi - lo == smallest
+    assert (scored[lo, hi] / (hi - lo) >= ISOLATION_MIN_SCORE) == (n < 3699)
+
+
+def test_descent_follows_several_triggers():
+    """Four separate trigger tokens in 36 (the four-patch trigger): best-first reaches each of them alone."""
+    from disp.split_isolation import descend
+
+    triggers = {3, 14, 22, 33}
+    scored = descend([36], SaliencyConfig(split_budget=40),
+                     lambda jobs: [120.0 * any(lo <= t < hi for t in triggers) + 0.5 * (hi - lo) for _, lo, hi in jobs])[0]
+    assert {lo for lo, hi in scored if hi - lo == 1 and scored[lo, hi] > 100} == triggers
 
 
 def test_bad_split_settings_are_named():

@@ -250,5 +250,11 @@ def test_split_settings_reach_the_split_variants_only():
         s = defense_config(name, cfg).saliency
         assert (s.method, s.split_groups, s.split_beam, s.split_budget) == ("split_isolation", 4, 3, 24)
     assert defense_config("disp_isolation", cfg).saliency == defense_config("disp_isolation", ReproduceConfig()).saliency
+    # the split variants hold up to split_mask_ratio (the product's cap with split_isolation), unless a sweep sets ρ
+    cap = ReproduceConfig(split_mask_ratio=0.4)
+    assert defense_config("disp_split_anchor", cap).purify.mask_ratio == 0.4
+    assert defense_config("disp_split_anchor", cap, mask_ratio=0.7).purify.mask_ratio == 0.7
+    assert defense_config("disp_isolation_anchor", cap).purify.mask_ratio == cap.mask_ratio == 0.3
+    assert defense_config("disp", cap).purify.mask_ratio == 0.3
     with pytest.raises(ValueError, match="split_budget must be >= split_groups"):
         defense_config("disp_split", ReproduceConfig(split_groups=8, split_budget=4))

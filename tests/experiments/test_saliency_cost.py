@@ -35,8 +35,10 @@ def test_model_matches_the_counted_flops_of_a_scoring_pass(tiny_model, method):
 
 def test_split_isolation_forwards_follow_its_plan_and_budget():
     cfg = SaliencyConfig(split_groups=4, split_beam=2, split_budget=20)
-    assert split_forwards(36, cfg) == 18  # 4 x 9 -> 4 x (4-5) -> 4 x (2-3) -> 4 x (1-2) -> 2 x 1
+    assert split_forwards(36, cfg) == 20  # 4 ranges of 9, then 8 halvings: the budget
     assert split_forwards(729, cfg) == split_forwards(3699, cfg) == 20  # the budget, whatever N_v
+    assert split_forwards(5, cfg) == 6  # 4 ranges (1, 1, 2, 1): one halving is all there is
+    assert split_forwards(36, SaliencyConfig(split_groups=8, split_beam=2, split_budget=21)) == 20  # pairs only
     assert passes("fisher", 729, cfg) == (1, 6) and passes("isolation", 729, cfg) == (730, 0)
     with pytest.raises(ValueError, match="method must be one of .*got 'kl'"):
         passes("kl", 36, cfg)
