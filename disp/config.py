@@ -375,10 +375,11 @@ class DefenseConfig:
         for name, cls in (("saliency", SaliencyConfig), ("purify", PurifyConfig), ("finetune", FinetuneConfig)):
             if isinstance(getattr(self, name), dict):
                 setattr(self, name, cls(**getattr(self, name)))
-        # unset floor and anchor: disp's robust recipe with an isolation saliency, the paper's rule otherwise
-        robust = self.defense == "disp" and self.saliency.method in ISOLATION_METHODS
+        # unset cap, floor and anchor: disp's robust recipe with an isolation saliency, the paper's rule otherwise
+        disp = self.defense == "disp"
+        robust = disp and self.saliency.method in ISOLATION_METHODS
         if self.purify.mask_ratio is None:
-            split = self.defense == "disp" and self.saliency.method == "split_isolation"
+            split = disp and self.saliency.method == "split_isolation"
             self.purify = replace(self.purify, mask_ratio=SPLIT_MASK_RATIO if split else PAPER_MASK_RATIO)
         if self.purify.min_score is None:
             self.purify = replace(self.purify, min_score=ISOLATION_MIN_SCORE if robust else 0.0)

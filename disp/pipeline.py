@@ -24,13 +24,7 @@ import torch
 
 from disp import models
 from disp.batching import VisionCache, length_buckets, loaded_batches, visual_counts
-from disp.config import (
-    DESCRIBE_QUESTION,
-    FinetuneConfig,
-    PurifyConfig,
-    SaliencyConfig,
-    SamplerConfig,
-)
+from disp.config import DESCRIBE_QUESTION, FinetuneConfig, PurifyConfig, SaliencyConfig, SamplerConfig
 from disp.constants import IMAGE_PLACEHOLDER
 from disp.data import ImageSource, Sample, answers_kept, is_text_only, purified_record, write_json
 from disp.finetune import Cancelled, finetune_projector, result_dict

@@ -18,7 +18,7 @@ separate tokens (four patches, a blended pattern) puts several ranges at the tri
 per-round beam followed two of them down and left the rest as whole ranges, while best-first halves whichever
 range's tokens stand highest wherever it is. And the credit doubles at each halving that keeps the trigger, so
 the descent goes deep on one trigger before it goes wide: at 729 tokens (ranges of 91) 20 forwards take one
-range down to 2 tokens, where a beam of 2 per round stopped at ranges of 11, whose share of a trigger's
+range down to a single token, where a beam of 2 per round stopped at ranges of 11, whose share of a trigger's
 divergence falls under the floor.
 
 A token's score is its share of the divergence of the smallest range scored that holds it, s(S) / |S|: the

@@ -208,8 +208,8 @@ def _rank_column(report: dict | None) -> str:
 def grid(runs: list[Path], defenses: tuple[str, ...] = GRID_DEFENSES, ranks: tuple[Path, ...] = ()) -> str:
     """Markdown: one line per (base, target, trigger, seed) of `runs`, then the tally per defense. A cell seen in
     several runs keeps the row of the last run that has it, defense by defense; a run given as RUN.json::D1,D2
-    gives only those defenses' rows. `ranks` (`rank` reports) add the
-    median trigger rank of each saliency method on the cells they scored."""
+    gives only those defenses' rows. `ranks` (`rank` reports) add the median trigger rank of each saliency
+    method on the cells they scored."""
     by_cell = {}
     for path in ranks:
         report = json.loads(path.read_text())
@@ -217,10 +217,11 @@ def grid(runs: list[Path], defenses: tuple[str, ...] = GRID_DEFENSES, ranks: tup
     cells: dict[tuple, dict[str, dict]] = {}
     for run in runs:
         path, _, only = str(run).partition("::")  # RUN.json::none,disp: only those defenses' rows of RUN.json
+        keep = set(only.split(",")) if only else None
         result = json.loads(Path(path).read_text())
         base, seed = Path(result["base"]).name, result["config"]["seed"]
         for r in result["rows"]:
-            if only and r["defense"] not in only.split(","):
+            if keep is not None and r["defense"] not in keep:
                 continue
             key = (base, r["target"], r["trigger"], seed)
             cells.setdefault(key, {})[r["defense"]] = r
